@@ -1,0 +1,40 @@
+//! Map names and capacities. A name carries a `_Vn` suffix that is bumped whenever the
+//! layout of its key or value changes, so a new agent never reads an old layout from a pin.
+//! Kernel map names are at most 15 bytes.
+
+/// Service frontends and their backend slots: [`crate::lb::Lb4Key`] -> [`crate::lb::Lb4Service`].
+pub const LB4_SERVICES: &str = "KP_LB4_SVC_V1";
+/// Backends by id: `u32` -> [`crate::lb::Lb4Backend`].
+pub const LB4_BACKENDS: &str = "KP_LB4_BE_V1";
+/// Reverse NAT by index: `u16` -> [`crate::lb::Lb4RevNat`].
+pub const LB4_REVERSE_NAT: &str = "KP_LB4_RNAT_V1";
+/// Addresses of this node that accept nodePorts: `u32` (be) -> `u32` (flags, unused: 1).
+pub const LB4_NODEPORT_ADDRS: &str = "KP_LB4_NPA_V1";
+/// Connection tracking for translated packet flows (LRU).
+pub const CT4: &str = "KP_CT4_V1";
+/// Reverse translation of reply packets (LRU).
+pub const NAT4_REV: &str = "KP_NAT4_REV_V1";
+/// Socket-level reverse translation for `recvmsg4`/`getpeername4` (LRU).
+pub const SOCK4_REV: &str = "KP_SOCK4_REV_V1";
+/// Node-wide settings, one entry: [`crate::config::Lb4Config`].
+pub const LB4_CONFIG: &str = "KP_LB4_CFG_V1";
+
+pub const LB4_SERVICES_MAX: u32 = 65_536;
+pub const LB4_BACKENDS_MAX: u32 = 65_536;
+pub const LB4_REVERSE_NAT_MAX: u32 = 65_536;
+pub const LB4_NODEPORT_ADDRS_MAX: u32 = 256;
+pub const CT4_MAX: u32 = 262_144;
+pub const NAT4_REV_MAX: u32 = 262_144;
+pub const SOCK4_REV_MAX: u32 = 262_144;
+
+/// Every map the agent pins, in the order a clean-up may remove them.
+pub const ALL: [&str; 8] = [
+    LB4_SERVICES,
+    LB4_BACKENDS,
+    LB4_REVERSE_NAT,
+    LB4_NODEPORT_ADDRS,
+    CT4,
+    NAT4_REV,
+    SOCK4_REV,
+    LB4_CONFIG,
+];

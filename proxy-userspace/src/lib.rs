@@ -1,0 +1,4 @@
+//! kproxy's userspace agent as a library, so tests and tools can use its parts.
+
+/// The eBPF object built by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy"));

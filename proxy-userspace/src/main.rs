@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", kproxy::EBPF_OBJECT.len());
+}
