@@ -1,0 +1,258 @@
+//! Access to the load-balancing maps: the pinned kernel maps, and an in-memory twin for
+//! tests of the writer's order and idempotency.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData},
+};
+use proxy_common::{
+    config::Lb4Config,
+    lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
+    maps as names,
+    sock::{Sock4RevKey, Sock4RevValue},
+};
+
+/// The operations the map writer needs.
+pub trait LbMaps {
+    fn services(&self) -> anyhow::Result<Vec<(Lb4Key, Lb4Service)>>;
+    fn backends(&self) -> anyhow::Result<Vec<(u32, Lb4Backend)>>;
+    fn rev_nats(&self) -> anyhow::Result<Vec<(u16, Lb4RevNat)>>;
+    fn nodeport_addresses(&self) -> anyhow::Result<Vec<u32>>;
+
+    fn put_service(&mut self, key: Lb4Key, value: Lb4Service) -> anyhow::Result<()>;
+    fn del_service(&mut self, key: Lb4Key) -> anyhow::Result<()>;
+    fn put_backend(&mut self, id: u32, value: Lb4Backend) -> anyhow::Result<()>;
+    fn del_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    fn put_rev_nat(&mut self, index: u16, value: Lb4RevNat) -> anyhow::Result<()>;
+    fn del_rev_nat(&mut self, index: u16) -> anyhow::Result<()>;
+    fn put_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()>;
+    fn del_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()>;
+}
+
+/// The pinned kernel maps.
+pub struct PinnedMaps {
+    services: HashMap<MapData, Lb4Key, Lb4Service>,
+    backends: HashMap<MapData, u32, Lb4Backend>,
+    rev_nat: HashMap<MapData, u16, Lb4RevNat>,
+    nodeport_addrs: HashMap<MapData, u32, u32>,
+    sock_rev: HashMap<MapData, Sock4RevKey, Sock4RevValue>,
+    config: Array<MapData, Lb4Config>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> anyhow::Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl PinnedMaps {
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: take(ebpf, names::LB4_SERVICES)?,
+            backends: take(ebpf, names::LB4_BACKENDS)?,
+            rev_nat: take(ebpf, names::LB4_REVERSE_NAT)?,
+            nodeport_addrs: take(ebpf, names::LB4_NODEPORT_ADDRS)?,
+            sock_rev: take(ebpf, names::SOCK4_REV)?,
+            config: take(ebpf, names::LB4_CONFIG)?,
+        })
+    }
+
+    pub fn set_config(&mut self, config: Lb4Config) -> anyhow::Result<()> {
+        self.config
+            .set(0, config, 0)
+            .with_context(|| format!("writing {}", names::LB4_CONFIG))
+    }
+
+    /// Whether the socket with this cookie was sent to `address:port` by the socket hooks.
+    pub fn socket_was_translated(&self, cookie: u64, address: Ipv4Addr, port: u16) -> bool {
+        let key = Sock4RevKey {
+            cookie,
+            address: u32::from_ne_bytes(address.octets()),
+            port: port.to_be(),
+            _pad: 0,
+        };
+        self.sock_rev.get(&key, 0).is_ok()
+    }
+}
+
+fn collect<K: Copy, V: Copy>(
+    iter: impl Iterator<Item = Result<(K, V), aya::maps::MapError>>,
+    name: &str,
+) -> anyhow::Result<Vec<(K, V)>> {
+    iter.collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {name}"))
+}
+
+impl LbMaps for PinnedMaps {
+    fn services(&self) -> anyhow::Result<Vec<(Lb4Key, Lb4Service)>> {
+        collect(self.services.iter(), names::LB4_SERVICES)
+    }
+    fn backends(&self) -> anyhow::Result<Vec<(u32, Lb4Backend)>> {
+        collect(self.backends.iter(), names::LB4_BACKENDS)
+    }
+    fn rev_nats(&self) -> anyhow::Result<Vec<(u16, Lb4RevNat)>> {
+        collect(self.rev_nat.iter(), names::LB4_REVERSE_NAT)
+    }
+    fn nodeport_addresses(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(
+            collect(self.nodeport_addrs.iter(), names::LB4_NODEPORT_ADDRS)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect(),
+        )
+    }
+    fn put_service(&mut self, key: Lb4Key, value: Lb4Service) -> anyhow::Result<()> {
+        self.services
+            .insert(key, value, 0)
+            .with_context(|| format!("writing {}", names::LB4_SERVICES))
+    }
+    fn del_service(&mut self, key: Lb4Key) -> anyhow::Result<()> {
+        ignore_missing(self.services.remove(&key), names::LB4_SERVICES)
+    }
+    fn put_backend(&mut self, id: u32, value: Lb4Backend) -> anyhow::Result<()> {
+        self.backends
+            .insert(id, value, 0)
+            .with_context(|| format!("writing {}", names::LB4_BACKENDS))
+    }
+    fn del_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        ignore_missing(self.backends.remove(&id), names::LB4_BACKENDS)
+    }
+    fn put_rev_nat(&mut self, index: u16, value: Lb4RevNat) -> anyhow::Result<()> {
+        self.rev_nat
+            .insert(index, value, 0)
+            .with_context(|| format!("writing {}", names::LB4_REVERSE_NAT))
+    }
+    fn del_rev_nat(&mut self, index: u16) -> anyhow::Result<()> {
+        ignore_missing(self.rev_nat.remove(&index), names::LB4_REVERSE_NAT)
+    }
+    fn put_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()> {
+        self.nodeport_addrs
+            .insert(address_be, 1, 0)
+            .with_context(|| format!("writing {}", names::LB4_NODEPORT_ADDRS))
+    }
+    fn del_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()> {
+        ignore_missing(
+            self.nodeport_addrs.remove(&address_be),
+            names::LB4_NODEPORT_ADDRS,
+        )
+    }
+}
+
+/// Deleting what is already gone is success: the writer is idempotent.
+fn ignore_missing(result: Result<(), aya::maps::MapError>, name: &str) -> anyhow::Result<()> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("deleting from {name}")),
+    }
+}
+
+/// One write to the maps, as the in-memory twin records it.
+#[cfg(test)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutService(Lb4Key, Lb4Service),
+    DelService(Lb4Key),
+    PutBackend(u32, Lb4Backend),
+    DelBackend(u32),
+    PutRevNat(u16, Lb4RevNat),
+    DelRevNat(u16),
+    PutNodeportAddress(u32),
+    DelNodeportAddress(u32),
+}
+
+/// In-memory maps that record every operation, with an optional capacity for the services map.
+#[cfg(test)]
+#[derive(Default)]
+pub struct MemoryMaps {
+    pub services: std::collections::BTreeMap<Lb4Key, Lb4Service>,
+    pub backends: std::collections::BTreeMap<u32, Lb4Backend>,
+    pub rev_nat: std::collections::BTreeMap<u16, Lb4RevNat>,
+    pub nodeport: std::collections::BTreeSet<u32>,
+    pub ops: Vec<Op>,
+    /// Fail the n-th write from now (for error-recovery tests).
+    pub fail_at: Option<usize>,
+}
+
+#[cfg(test)]
+impl MemoryMaps {
+    fn step(&mut self, op: Op) -> anyhow::Result<()> {
+        if let Some(n) = self.fail_at.as_mut() {
+            if *n == 0 {
+                self.fail_at = None;
+                anyhow::bail!("injected failure at {op:?}");
+            }
+            *n -= 1;
+        }
+        self.ops.push(op);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl LbMaps for MemoryMaps {
+    fn services(&self) -> anyhow::Result<Vec<(Lb4Key, Lb4Service)>> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn backends(&self) -> anyhow::Result<Vec<(u32, Lb4Backend)>> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn rev_nats(&self) -> anyhow::Result<Vec<(u16, Lb4RevNat)>> {
+        Ok(self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn nodeport_addresses(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(self.nodeport.iter().copied().collect())
+    }
+    fn put_service(&mut self, key: Lb4Key, value: Lb4Service) -> anyhow::Result<()> {
+        self.step(Op::PutService(key, value))?;
+        self.services.insert(key, value);
+        Ok(())
+    }
+    fn del_service(&mut self, key: Lb4Key) -> anyhow::Result<()> {
+        self.step(Op::DelService(key))?;
+        self.services.remove(&key);
+        Ok(())
+    }
+    fn put_backend(&mut self, id: u32, value: Lb4Backend) -> anyhow::Result<()> {
+        self.step(Op::PutBackend(id, value))?;
+        self.backends.insert(id, value);
+        Ok(())
+    }
+    fn del_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        self.step(Op::DelBackend(id))?;
+        self.backends.remove(&id);
+        Ok(())
+    }
+    fn put_rev_nat(&mut self, index: u16, value: Lb4RevNat) -> anyhow::Result<()> {
+        self.step(Op::PutRevNat(index, value))?;
+        self.rev_nat.insert(index, value);
+        Ok(())
+    }
+    fn del_rev_nat(&mut self, index: u16) -> anyhow::Result<()> {
+        self.step(Op::DelRevNat(index))?;
+        self.rev_nat.remove(&index);
+        Ok(())
+    }
+    fn put_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()> {
+        self.step(Op::PutNodeportAddress(address_be))?;
+        self.nodeport.insert(address_be);
+        Ok(())
+    }
+    fn del_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()> {
+        self.step(Op::DelNodeportAddress(address_be))?;
+        self.nodeport.remove(&address_be);
+        Ok(())
+    }
+}

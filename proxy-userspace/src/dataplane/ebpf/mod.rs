@@ -1,0 +1,138 @@
+//! The eBPF dataplane: socket-level load balancing on a cgroup, XDP (or tc) on the devices,
+//! driven through pinned maps.
+
+pub mod attach;
+pub mod cleanup;
+pub mod maps;
+pub mod sock_destroy;
+pub mod writer;
+
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{Ebpf, EbpfLoader};
+use proxy_common::config::{
+    CFG_FLAG_READY, CFG_FLAG_XDP_FIB_FORWARD, Lb4Config, SNAT_PORT_MAX, SNAT_PORT_MIN,
+};
+
+use self::{maps::PinnedMaps, writer::MapWriter};
+use super::{ApplyStats, Dataplane};
+use crate::desired::{DesiredState, Protocol};
+
+/// How the eBPF dataplane is set up on this node.
+#[derive(Clone, Debug)]
+pub struct EbpfSettings {
+    pub bpf_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub devices: Vec<String>,
+    pub xdp_fib_forward: bool,
+}
+
+pub struct EbpfDataplane {
+    // Kept alive: dropping it would unload programs whose links are not pinned.
+    _ebpf: Ebpf,
+    settings: EbpfSettings,
+    writer: MapWriter<PinnedMaps>,
+    ready: bool,
+    pub attachments: Vec<attach::Attachment>,
+}
+
+impl EbpfDataplane {
+    /// Loads the programs, adopts or creates the pinned maps under the bpf root, and attaches
+    /// the programs (replacing the links a previous agent pinned, without a gap).
+    pub fn start(settings: EbpfSettings) -> anyhow::Result<Self> {
+        crate::bpffs::ensure_root(&settings.bpf_root)
+            .with_context(|| format!("preparing --bpf-root {}", settings.bpf_root.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&settings.bpf_root)
+            .load(crate::EBPF_OBJECT)
+            .context("loading the eBPF object (maps and programs)")?;
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
+            tracing::debug!("kernel-side logging not enabled: {e}");
+        }
+        let attachments = attach::attach_all(&mut ebpf, &settings)?;
+        let maps = PinnedMaps::take(&mut ebpf)?;
+        let writer = MapWriter::new(maps);
+        for dev in &settings.devices {
+            set_accept_local(dev);
+        }
+        Ok(Self {
+            _ebpf: ebpf,
+            settings,
+            writer,
+            ready: false,
+            attachments,
+        })
+    }
+
+    pub fn bpf_root(&self) -> &Path {
+        &self.settings.bpf_root
+    }
+
+    fn write_config(&mut self) -> anyhow::Result<()> {
+        let mut flags = 0;
+        if self.ready {
+            flags |= CFG_FLAG_READY;
+        }
+        if self.settings.xdp_fib_forward {
+            flags |= CFG_FLAG_XDP_FIB_FORWARD;
+        }
+        self.writer.maps_mut().set_config(Lb4Config {
+            flags,
+            snat_port_min: SNAT_PORT_MIN,
+            snat_port_max: SNAT_PORT_MAX,
+        })
+    }
+}
+
+/// A packet SNATed to the node's own address may be passed to the kernel's stack (when
+/// XDP cannot forward it itself); without accept_local the stack drops it as a martian.
+fn set_accept_local(device: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{device}/accept_local");
+    if let Err(e) = std::fs::write(&path, "1") {
+        tracing::warn!(device, "could not set accept_local: {e}");
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
+        let outcome = self.writer.apply(desired, full)?;
+        if !self.ready {
+            self.ready = true;
+        }
+        self.write_config()?;
+        let gone: HashSet<(Ipv4Addr, u16)> = outcome
+            .removed_backends
+            .iter()
+            .filter(|b| b.protocol == Protocol::Udp)
+            .map(|b| (b.address, b.port))
+            .collect();
+        if !gone.is_empty() {
+            let maps = self.writer.maps();
+            let destroyed = sock_destroy::destroy_udp_sockets(
+                &self.settings.cgroup_root,
+                &gone,
+                |cookie, addr, port| maps.socket_was_translated(cookie, addr, port),
+            );
+            match destroyed {
+                Ok(n) if n > 0 => {
+                    tracing::info!(
+                        sockets = n,
+                        "closed connected UDP sockets of removed backends"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("closing UDP sockets of removed backends: {e:#}"),
+            }
+        }
+        Ok(outcome.stats)
+    }
+}

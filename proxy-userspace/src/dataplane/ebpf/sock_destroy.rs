@@ -1,0 +1,239 @@
+//! Closing connected UDP sockets whose backend went away (the socket-level twin of
+//! kube-proxy's stale UDP conntrack flush).
+//!
+//! A UDP socket that `connect()`ed to a cluster IP was translated once, at connect time, to
+//! a backend; without help it would keep sending to that backend after it is gone (the DNS
+//! blackhole). For every process in the agent's cgroup tree, we visit its network namespace
+//! and destroy (SOCK_DESTROY over NETLINK_SOCK_DIAG, as `ss -K` does) the UDP sockets connected
+//! to a removed backend that our socket hooks translated. The application sees ECONNABORTED
+//! and reconnects, which the hook then sends to a live backend.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    fs::File,
+    io,
+    net::Ipv4Addr,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_HDR_LEN: usize = 16;
+const REQ_LEN: usize = 56; // struct inet_diag_req_v2
+const MSG_MIN_LEN: usize = 72; // struct inet_diag_msg
+
+/// The network namespaces of every process in `cgroup_root` and below, deduplicated.
+fn namespaces_of_cgroup(cgroup_root: &Path) -> Vec<PathBuf> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    let mut dirs = vec![cgroup_root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter(|l| !l.is_empty()) {
+                let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                if let Ok(meta) = std::fs::metadata(&ns) {
+                    if seen.insert((meta.dev(), meta.ino())) {
+                        out.push(ns);
+                    }
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out
+}
+
+/// Destroys the UDP sockets connected to any of `targets` that `was_translated(cookie,
+/// address, port)` accepts, in every network namespace of the cgroup tree. Returns how many.
+pub fn destroy_udp_sockets(
+    cgroup_root: &Path,
+    targets: &HashSet<(Ipv4Addr, u16)>,
+    was_translated: impl Fn(u64, Ipv4Addr, u16) -> bool + Sync,
+) -> anyhow::Result<usize> {
+    let namespaces = namespaces_of_cgroup(cgroup_root);
+    let mut total = 0;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = namespaces
+            .iter()
+            .map(|ns| {
+                let was_translated = &was_translated;
+                scope.spawn(move || -> io::Result<usize> {
+                    // setns affects only this thread.
+                    let f = File::open(ns)?;
+                    // SAFETY: setns on a valid namespace fd.
+                    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    destroy_in_current_netns(targets, was_translated)
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(Ok(n)) => total += n,
+                Ok(Err(e)) => tracing::debug!("socket scan in a namespace failed: {e}"),
+                Err(_) => tracing::warn!("socket scan thread panicked"),
+            }
+        }
+    });
+    Ok(total)
+}
+
+struct DiagSocket(i32);
+
+impl Drop for DiagSocket {
+    fn drop(&mut self) {
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+impl DiagSocket {
+    fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2).
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(fd))
+    }
+
+    fn send(&self, msg: &[u8]) -> io::Result<()> {
+        // SAFETY: sending our own buffer to the kernel (nl_pid 0).
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        let rc = unsafe {
+            libc::sendto(
+                self.0,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: receiving into our own buffer.
+        let rc = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc as usize)
+        }
+    }
+}
+
+fn request(msg_type: u16, flags: u16, sockid: &[u8; 48]) -> Vec<u8> {
+    let len = NLMSG_HDR_LEN + REQ_LEN;
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&msg_type.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    m.push(libc::AF_INET as u8); // sdiag_family
+    m.push(libc::IPPROTO_UDP as u8); // sdiag_protocol
+    m.push(0); // idiag_ext
+    m.push(0); // pad
+    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // idiag_states: all
+    m.extend_from_slice(sockid);
+    m
+}
+
+/// One UDP socket from a dump: its `inet_diag_sockid` (48 bytes) and what we match on.
+struct DumpedSocket {
+    sockid: [u8; 48],
+    dst: Ipv4Addr,
+    dport: u16,
+    cookie: u64,
+}
+
+fn dump_udp(sock: &DiagSocket) -> io::Result<Vec<DumpedSocket>> {
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    sock.send(&request(SOCK_DIAG_BY_FAMILY, flags, &[0; 48]))?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = sock.recv(&mut buf)?;
+        let mut off = 0;
+        while off + NLMSG_HDR_LEN <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
+            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or_default());
+            if len < NLMSG_HDR_LEN || off + len > n {
+                return Ok(out);
+            }
+            if ty == libc::NLMSG_DONE as u16 || ty == libc::NLMSG_ERROR as u16 {
+                return Ok(out);
+            }
+            let body = &buf[off + NLMSG_HDR_LEN..off + len];
+            if body.len() >= MSG_MIN_LEN {
+                let mut sockid = [0u8; 48];
+                sockid.copy_from_slice(&body[4..52]);
+                let dport = u16::from_be_bytes([sockid[2], sockid[3]]);
+                let dst = Ipv4Addr::new(sockid[20], sockid[21], sockid[22], sockid[23]);
+                let lo = u32::from_ne_bytes(sockid[40..44].try_into().unwrap_or_default());
+                let hi = u32::from_ne_bytes(sockid[44..48].try_into().unwrap_or_default());
+                out.push(DumpedSocket {
+                    sockid,
+                    dst,
+                    dport,
+                    cookie: (u64::from(hi) << 32) | u64::from(lo),
+                });
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+fn destroy_in_current_netns(
+    targets: &HashSet<(Ipv4Addr, u16)>,
+    was_translated: &(impl Fn(u64, Ipv4Addr, u16) -> bool + Sync),
+) -> io::Result<usize> {
+    let sock = DiagSocket::open()?;
+    let victims: Vec<DumpedSocket> = dump_udp(&sock)?
+        .into_iter()
+        .filter(|s| targets.contains(&(s.dst, s.dport)) && was_translated(s.cookie, s.dst, s.dport))
+        .collect();
+    let mut destroyed = 0;
+    for v in victims {
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+        sock.send(&request(SOCK_DESTROY, flags, &v.sockid))?;
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf)?;
+        // NLMSG_ERROR with error 0 is the ack.
+        if n >= NLMSG_HDR_LEN + 4 {
+            let err = i32::from_ne_bytes(buf[16..20].try_into().unwrap_or_default());
+            if err == 0 {
+                destroyed += 1;
+                tracing::debug!(backend = %v.dst, port = v.dport, "destroyed a connected UDP socket");
+            } else {
+                tracing::debug!(
+                    "SOCK_DESTROY failed: {}",
+                    io::Error::from_raw_os_error(-err)
+                );
+            }
+        }
+    }
+    Ok(destroyed)
+}

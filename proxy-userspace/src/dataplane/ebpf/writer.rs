@@ -1,0 +1,683 @@
+//! Writes a [`DesiredState`] into the load-balancing maps, changing only what differs.
+//!
+//! Order (Cilium's): backends -> backend slots -> reverse NAT -> frontend master entries
+//! (with `count`) -> removed masters -> removed slots -> removed reverse NAT -> removed
+//! backends. A frontend that shrinks gets its lower `count` before its surplus slots go, and
+//! a backend is deleted only after no slot names it, so a reader never follows a slot to
+//! nothing. The writer is idempotent; after an error it re-reads the maps (a full sync)
+//! instead of trusting its record.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use proxy_common::{
+    lb::{
+        BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP,
+        SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT,
+    },
+    maps as names,
+};
+
+use super::maps::LbMaps;
+use crate::{
+    dataplane::ApplyStats,
+    desired::{DesiredState, Frontend, FrontendKind, Protocol},
+};
+
+/// A backend address that no frontend uses any more.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemovedBackend {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Default)]
+pub struct ApplyOutcome {
+    pub stats: ApplyStats,
+    /// Backend addresses gone from every frontend (their flows must move elsewhere).
+    pub removed_backends: Vec<RemovedBackend>,
+}
+
+/// Map capacities the writer respects (the kernel maps' `max_entries`).
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub services: usize,
+    pub backends: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            services: names::LB4_SERVICES_MAX as usize,
+            backends: names::LB4_BACKENDS_MAX as usize,
+        }
+    }
+}
+
+/// What the maps hold, as far as the writer knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Contents {
+    services: BTreeMap<Lb4Key, Lb4Service>,
+    backends: BTreeMap<u32, Lb4Backend>,
+    rev_nat: BTreeMap<u16, Lb4RevNat>,
+    nodeport: BTreeSet<u32>,
+}
+
+impl Contents {
+    fn read(maps: &impl LbMaps) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: maps.services()?.into_iter().collect(),
+            backends: maps.backends()?.into_iter().collect(),
+            rev_nat: maps.rev_nats()?.into_iter().collect(),
+            nodeport: maps.nodeport_addresses()?.into_iter().collect(),
+        })
+    }
+}
+
+pub struct MapWriter<M> {
+    maps: M,
+    /// None after an error or before the first apply: re-read the maps.
+    known: Option<Contents>,
+    capacity: Capacity,
+}
+
+fn be_addr(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn addr_from_be(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}
+
+fn protocol_from_number(n: u8) -> Option<Protocol> {
+    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+        .into_iter()
+        .find(|p| p.number() == n)
+}
+
+fn frontend_flags(kind: FrontendKind) -> u16 {
+    match kind {
+        FrontendKind::ClusterIp => SVC_FLAG_CLUSTER_IP,
+        FrontendKind::NodePort => SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL,
+        FrontendKind::ExternalIp | FrontendKind::LoadBalancer => SVC_FLAG_EXTERNAL,
+    }
+}
+
+/// Hands out the lowest numbers not in use, never one the maps still hold.
+struct Allocator<T> {
+    used: BTreeSet<T>,
+    cursor: T,
+    max: T,
+}
+
+impl<T: Copy + Ord + From<u8> + std::ops::Add<Output = T>> Allocator<T> {
+    fn new(used: BTreeSet<T>, max: T) -> Self {
+        Self {
+            used,
+            cursor: T::from(1),
+            max,
+        }
+    }
+
+    fn next(&mut self) -> Option<T> {
+        while self.used.contains(&self.cursor) {
+            if self.cursor >= self.max {
+                return None;
+            }
+            self.cursor = self.cursor + T::from(1);
+        }
+        let v = self.cursor;
+        self.used.insert(v);
+        Some(v)
+    }
+}
+
+impl<M: LbMaps> MapWriter<M> {
+    pub fn new(maps: M) -> Self {
+        Self::with_capacity(maps, Capacity::default())
+    }
+
+    pub fn with_capacity(maps: M, capacity: Capacity) -> Self {
+        Self {
+            maps,
+            known: None,
+            capacity,
+        }
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// Makes the maps hold exactly `desired` (minus frontends that do not fit, which are
+    /// reported in `stats.rejected`).
+    pub fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyOutcome> {
+        let known = match self.known.take() {
+            Some(k) if !full => k,
+            _ => Contents::read(&self.maps)?,
+        };
+        let mut outcome = ApplyOutcome::default();
+        let target = self.target(desired, &known, &mut outcome.stats.rejected);
+        let mut known = known;
+        let result = self.write(&target, &mut known, &mut outcome);
+        // Keep the record only when every write succeeded; otherwise re-read next time.
+        if result.is_ok() {
+            self.known = Some(known);
+        }
+        result.map(|()| outcome)
+    }
+
+    /// Computes the map contents for `desired`, keeping the reverse-NAT indexes and backend
+    /// ids that the maps already use for the same frontends and backends.
+    fn target(
+        &self,
+        desired: &DesiredState,
+        known: &Contents,
+        rejected: &mut Vec<String>,
+    ) -> Contents {
+        let mut index_of: HashMap<Lb4Key, u16> = HashMap::new();
+        for (k, v) in &known.services {
+            if k.backend_slot == 0 {
+                index_of.insert(*k, v.rev_nat_index);
+            }
+        }
+        let mut used_indexes: BTreeSet<u16> = known.rev_nat.keys().copied().collect();
+        used_indexes.extend(index_of.values().copied());
+        used_indexes.insert(0);
+        let mut indexes = Allocator::new(used_indexes, u16::MAX);
+
+        let mut id_of: HashMap<(u16, u32, u16, u8), u32> = HashMap::new();
+        for (id, b) in &known.backends {
+            id_of.insert((b.rev_nat_index, b.address, b.port, b.proto), *id);
+        }
+        let mut used_ids: BTreeSet<u32> = known.backends.keys().copied().collect();
+        used_ids.insert(0);
+        let mut ids = Allocator::new(used_ids, u32::MAX);
+
+        let mut target = Contents::default();
+        for f in &desired.frontends {
+            if target.services.len() + 1 + f.backends.len() > self.capacity.services {
+                rejected.push(format!(
+                    "service {} frontend {}:{}/{}: not programmed: map {} is full ({} entries)",
+                    f.service,
+                    f.address,
+                    f.port,
+                    f.protocol.as_str(),
+                    names::LB4_SERVICES,
+                    self.capacity.services
+                ));
+                continue;
+            }
+            if target.backends.len() + f.backends.len() > self.capacity.backends {
+                rejected.push(format!(
+                    "service {} frontend {}:{}/{}: not programmed: map {} is full ({} entries)",
+                    f.service,
+                    f.address,
+                    f.port,
+                    f.protocol.as_str(),
+                    names::LB4_BACKENDS,
+                    self.capacity.backends
+                ));
+                continue;
+            }
+            let master_key =
+                Lb4Key::new(be_addr(f.address), f.port.to_be(), f.protocol.number(), 0);
+            let Some(index) = index_of
+                .get(&master_key)
+                .copied()
+                .or_else(|| indexes.next())
+            else {
+                rejected.push(format!(
+                    "service {}: not programmed: no free reverse-NAT index",
+                    f.service
+                ));
+                continue;
+            };
+            self.target_frontend(f, master_key, index, &id_of, &mut ids, &mut target);
+        }
+        target.nodeport = desired
+            .nodeport_addresses
+            .iter()
+            .map(|a| be_addr(*a))
+            .collect();
+        target
+    }
+
+    fn target_frontend(
+        &self,
+        f: &Frontend,
+        master_key: Lb4Key,
+        index: u16,
+        id_of: &HashMap<(u16, u32, u16, u8), u32>,
+        ids: &mut Allocator<u32>,
+        target: &mut Contents,
+    ) {
+        let flags = frontend_flags(f.kind);
+        let proto = f.protocol.number();
+        let mut slots = 0u16;
+        for b in &f.backends {
+            let identity = (index, be_addr(b.address), b.port.to_be(), proto);
+            let Some(id) = id_of.get(&identity).copied().or_else(|| ids.next()) else {
+                continue;
+            };
+            target.backends.insert(
+                id,
+                Lb4Backend {
+                    address: identity.1,
+                    port: identity.2,
+                    proto,
+                    flags: if b.is_local { BACKEND_FLAG_LOCAL } else { 0 },
+                    rev_nat_index: index,
+                    _pad: 0,
+                },
+            );
+            slots += 1;
+            target.services.insert(
+                Lb4Key {
+                    backend_slot: slots,
+                    ..master_key
+                },
+                Lb4Service {
+                    backend_id: id,
+                    count: 0,
+                    rev_nat_index: index,
+                    flags,
+                    _pad: 0,
+                },
+            );
+        }
+        target.rev_nat.insert(
+            index,
+            Lb4RevNat {
+                address: master_key.address,
+                port: master_key.dport,
+                _pad: 0,
+            },
+        );
+        target.services.insert(
+            master_key,
+            Lb4Service {
+                backend_id: 0,
+                count: slots,
+                rev_nat_index: index,
+                flags,
+                _pad: 0,
+            },
+        );
+    }
+
+    fn write(
+        &mut self,
+        target: &Contents,
+        known: &mut Contents,
+        outcome: &mut ApplyOutcome,
+    ) -> anyhow::Result<()> {
+        let maps = &mut self.maps;
+        let stats = &mut outcome.stats;
+        for (id, b) in &target.backends {
+            if known.backends.get(id) != Some(b) {
+                maps.put_backend(*id, *b)?;
+                known.backends.insert(*id, *b);
+                stats.writes += 1;
+            }
+        }
+        for slots_first in [true, false] {
+            for (k, v) in &target.services {
+                if (k.backend_slot != 0) == slots_first && known.services.get(k) != Some(v) {
+                    maps.put_service(*k, *v)?;
+                    known.services.insert(*k, *v);
+                    stats.writes += 1;
+                }
+            }
+            if slots_first {
+                for (i, r) in &target.rev_nat {
+                    if known.rev_nat.get(i) != Some(r) {
+                        maps.put_rev_nat(*i, *r)?;
+                        known.rev_nat.insert(*i, *r);
+                        stats.writes += 1;
+                    }
+                }
+            }
+        }
+        for masters_first in [true, false] {
+            let stale: Vec<Lb4Key> = known
+                .services
+                .keys()
+                .filter(|k| {
+                    (k.backend_slot == 0) == masters_first && !target.services.contains_key(k)
+                })
+                .copied()
+                .collect();
+            for k in stale {
+                maps.del_service(k)?;
+                known.services.remove(&k);
+                stats.deletes += 1;
+            }
+        }
+        let stale: Vec<u16> = known
+            .rev_nat
+            .keys()
+            .filter(|i| !target.rev_nat.contains_key(i))
+            .copied()
+            .collect();
+        for i in stale {
+            maps.del_rev_nat(i)?;
+            known.rev_nat.remove(&i);
+            stats.deletes += 1;
+        }
+        let still_used: BTreeSet<(u32, u16, u8)> = target
+            .backends
+            .values()
+            .map(|b| (b.address, b.port, b.proto))
+            .collect();
+        let stale: Vec<(u32, Lb4Backend)> = known
+            .backends
+            .iter()
+            .filter(|(id, _)| !target.backends.contains_key(id))
+            .map(|(id, b)| (*id, *b))
+            .collect();
+        let mut removed = BTreeSet::new();
+        for (id, b) in stale {
+            maps.del_backend(id)?;
+            known.backends.remove(&id);
+            stats.deletes += 1;
+            if !still_used.contains(&(b.address, b.port, b.proto)) {
+                if let Some(protocol) = protocol_from_number(b.proto) {
+                    removed.insert(RemovedBackend {
+                        address: addr_from_be(b.address),
+                        port: u16::from_be(b.port),
+                        protocol,
+                    });
+                }
+            }
+        }
+        outcome.removed_backends = removed.into_iter().collect();
+        for a in &target.nodeport {
+            if !known.nodeport.contains(a) {
+                maps.put_nodeport_address(*a)?;
+                known.nodeport.insert(*a);
+                stats.writes += 1;
+            }
+        }
+        let stale: Vec<u32> = known
+            .nodeport
+            .difference(&target.nodeport)
+            .copied()
+            .collect();
+        for a in stale {
+            maps.del_nodeport_address(a)?;
+            known.nodeport.remove(&a);
+            stats.deletes += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        dataplane::ebpf::maps::{MemoryMaps, Op},
+        desired::{Backend, ServicePortName},
+    };
+
+    fn frontend(ip: &str, port: u16, proto: Protocol, backends: &[(&str, u16)]) -> Frontend {
+        Frontend {
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: format!("svc-{port}"),
+                port: String::new(),
+                protocol: proto,
+            },
+            kind: if ip == "0.0.0.0" {
+                FrontendKind::NodePort
+            } else {
+                FrontendKind::ClusterIp
+            },
+            address: ip.parse().unwrap(),
+            port,
+            protocol: proto,
+            backends: backends
+                .iter()
+                .map(|(a, p)| Backend {
+                    address: a.parse().unwrap(),
+                    port: *p,
+                    is_local: true,
+                })
+                .collect(),
+        }
+    }
+
+    fn state(frontends: Vec<Frontend>) -> DesiredState {
+        DesiredState {
+            frontends,
+            nodeport_addresses: vec!["198.18.0.1".parse().unwrap()],
+        }
+    }
+
+    fn seed() -> DesiredState {
+        state(vec![
+            frontend(
+                "0.0.0.0",
+                30001,
+                Protocol::Tcp,
+                &[("10.244.1.10", 80), ("10.244.1.11", 80)],
+            ),
+            frontend(
+                "10.96.100.208",
+                8080,
+                Protocol::Tcp,
+                &[("10.244.1.10", 80), ("10.244.1.11", 80)],
+            ),
+        ])
+    }
+
+    fn position(ops: &[Op], pred: impl Fn(&Op) -> bool) -> usize {
+        ops.iter().position(pred).expect("operation missing")
+    }
+
+    fn master_of(maps: &MemoryMaps, ip: &str, port: u16) -> Lb4Service {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        maps.services[&Lb4Key::new(be_addr(ip), port.to_be(), 6, 0)]
+    }
+
+    #[test]
+    fn fresh_apply_writes_backends_then_slots_then_masters() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        let out = w.apply(&seed(), false).unwrap();
+        let ops = &w.maps().ops;
+        let last_backend = ops
+            .iter()
+            .rposition(|o| matches!(o, Op::PutBackend(..)))
+            .unwrap();
+        let first_slot = position(
+            ops,
+            |o| matches!(o, Op::PutService(k, _) if k.backend_slot > 0),
+        );
+        let first_master = position(
+            ops,
+            |o| matches!(o, Op::PutService(k, _) if k.backend_slot == 0),
+        );
+        let first_rev = position(ops, |o| matches!(o, Op::PutRevNat(..)));
+        assert!(last_backend < first_slot && first_slot < first_rev && first_rev < first_master);
+        assert_eq!(master_of(w.maps(), "10.96.100.208", 8080).count, 2);
+        assert_eq!(master_of(w.maps(), "0.0.0.0", 30001).count, 2);
+        // Backend ids are per service port: 2 frontends x 2 backends.
+        assert_eq!(w.maps().backends.len(), 4);
+        assert_eq!(out.stats.deletes, 0);
+        assert!(out.removed_backends.is_empty());
+    }
+
+    #[test]
+    fn second_apply_of_the_same_state_writes_nothing() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        w.apply(&seed(), false).unwrap();
+        let n = w.maps().ops.len();
+        let out = w.apply(&seed(), true).unwrap();
+        assert_eq!(w.maps().ops.len(), n);
+        assert_eq!(out.stats, ApplyStats::default());
+    }
+
+    #[test]
+    fn a_new_writer_adopts_pinned_contents_without_rewriting() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        w.apply(&seed(), false).unwrap();
+        let before = w.maps().services.clone();
+        let mut maps = std::mem::take(w.maps_mut());
+        maps.ops.clear();
+        let mut restarted = MapWriter::new(maps);
+        restarted.apply(&seed(), false).unwrap();
+        assert!(
+            restarted.maps().ops.is_empty(),
+            "{:?}",
+            restarted.maps().ops
+        );
+        assert_eq!(restarted.maps().services, before);
+    }
+
+    #[test]
+    fn replacing_a_backend_deletes_the_old_one_last() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        w.apply(&seed(), false).unwrap();
+        w.maps_mut().ops.clear();
+        let churned = state(vec![
+            frontend(
+                "0.0.0.0",
+                30001,
+                Protocol::Tcp,
+                &[("10.244.1.10", 80), ("10.244.1.12", 80)],
+            ),
+            frontend(
+                "10.96.100.208",
+                8080,
+                Protocol::Tcp,
+                &[("10.244.1.10", 80), ("10.244.1.12", 80)],
+            ),
+        ]);
+        let out = w.apply(&churned, false).unwrap();
+        let ops = &w.maps().ops;
+        let last_put = ops
+            .iter()
+            .rposition(|o| matches!(o, Op::PutService(..)))
+            .unwrap();
+        let first_del = position(ops, |o| matches!(o, Op::DelBackend(_)));
+        assert!(last_put < first_del, "{ops:?}");
+        assert_eq!(
+            out.removed_backends,
+            vec![RemovedBackend {
+                address: "10.244.1.11".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp
+            }]
+        );
+        let gone = be_addr("10.244.1.11".parse().unwrap());
+        assert!(w.maps().backends.values().all(|b| b.address != gone));
+    }
+
+    #[test]
+    fn shrinking_lowers_count_before_removing_slots() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        w.apply(&seed(), false).unwrap();
+        w.maps_mut().ops.clear();
+        let shrunk = state(vec![
+            frontend("0.0.0.0", 30001, Protocol::Tcp, &[("10.244.1.10", 80)]),
+            frontend("10.96.100.208", 8080, Protocol::Tcp, &[]),
+        ]);
+        w.apply(&shrunk, false).unwrap();
+        let ops = &w.maps().ops;
+        let master = position(
+            ops,
+            |o| matches!(o, Op::PutService(k, v) if k.backend_slot == 0 && v.count == 0),
+        );
+        let slot_del = position(
+            ops,
+            |o| matches!(o, Op::DelService(k) if k.backend_slot > 0),
+        );
+        assert!(master < slot_del, "{ops:?}");
+        assert_eq!(master_of(w.maps(), "10.96.100.208", 8080).count, 0);
+        assert_eq!(w.maps().services.len(), 3);
+    }
+
+    #[test]
+    fn deleting_a_frontend_removes_master_before_slots_and_everything_it_held() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        w.apply(&seed(), false).unwrap();
+        w.maps_mut().ops.clear();
+        w.apply(&state(vec![]), false).unwrap();
+        let ops = &w.maps().ops;
+        let master = position(
+            ops,
+            |o| matches!(o, Op::DelService(k) if k.backend_slot == 0),
+        );
+        let slot = position(
+            ops,
+            |o| matches!(o, Op::DelService(k) if k.backend_slot > 0),
+        );
+        assert!(master < slot);
+        let m = w.maps();
+        assert!(m.services.is_empty() && m.backends.is_empty() && m.rev_nat.is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_is_repaired_by_the_next_apply() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        w.maps_mut().fail_at = Some(3);
+        assert!(w.apply(&seed(), false).is_err());
+        w.apply(&seed(), false).unwrap();
+        let mut clean = MapWriter::new(MemoryMaps::default());
+        clean.apply(&seed(), false).unwrap();
+        assert_eq!(w.maps().services, clean.maps().services);
+        assert_eq!(w.maps().backends, clean.maps().backends);
+    }
+
+    #[test]
+    fn frontends_that_do_not_fit_are_rejected_by_name_and_the_rest_served() {
+        let capacity = Capacity {
+            services: 4,
+            backends: 100,
+        };
+        let mut w = MapWriter::with_capacity(MemoryMaps::default(), capacity);
+        let out = w.apply(&seed(), false).unwrap();
+        assert_eq!(out.stats.rejected.len(), 1);
+        assert!(
+            out.stats.rejected[0].contains("default/svc-8080"),
+            "{:?}",
+            out.stats.rejected
+        );
+        assert!(out.stats.rejected[0].contains("KP_LB4_SVC_V1"));
+        assert_eq!(master_of(w.maps(), "0.0.0.0", 30001).count, 2);
+    }
+
+    #[test]
+    fn same_port_different_protocols_are_distinct_frontends() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        let s = state(vec![
+            frontend("10.96.0.10", 53, Protocol::Tcp, &[("10.244.1.10", 53)]),
+            frontend("10.96.0.10", 53, Protocol::Udp, &[("10.244.1.10", 53)]),
+        ]);
+        w.apply(&s, false).unwrap();
+        let masters: Vec<_> = w
+            .maps()
+            .services
+            .iter()
+            .filter(|(k, _)| k.backend_slot == 0)
+            .collect();
+        assert_eq!(masters.len(), 2);
+        assert_ne!(masters[0].1.rev_nat_index, masters[1].1.rev_nat_index);
+        let udp_only = state(vec![frontend(
+            "10.96.0.10",
+            53,
+            Protocol::Udp,
+            &[("10.244.1.10", 53)],
+        )]);
+        let out = w.apply(&udp_only, false).unwrap();
+        assert_eq!(out.removed_backends[0].protocol, Protocol::Tcp);
+    }
+}

@@ -1,0 +1,26 @@
+//! Dataplane backends. Each one programs a [`DesiredState`] exactly; none re-derives
+//! Kubernetes semantics.
+
+pub mod ebpf;
+
+use crate::desired::DesiredState;
+
+/// What one apply changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Entries written (inserted or changed).
+    pub writes: usize,
+    /// Entries deleted.
+    pub deletes: usize,
+    /// Frontends that could not be programmed (with the reason), e.g. a full map.
+    pub rejected: Vec<String>,
+}
+
+pub trait Dataplane {
+    /// A short name for logs and metrics ("ebpf", ...).
+    fn name(&self) -> &'static str;
+
+    /// Makes the dataplane serve exactly `desired`. `full` asks the backend to re-read what it
+    /// has programmed instead of trusting its own record (after an error, or on start).
+    fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats>;
+}
