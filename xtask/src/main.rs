@@ -1,1 +1,149 @@
-fn main() {}
+//! `cargo xtask <command>`: set up the machine, build, test, demo. Orchestration only: the
+//! eBPF object is built by proxy-userspace/build.rs.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and tools kproxy needs (idempotent; quick when present).
+    Setup,
+    /// Build only the eBPF crate (the full build embeds it into `kproxy` anyway).
+    BuildEbpf,
+    /// Build kproxy and run it on this host: `cargo xtask build-and-load -- run --manifests ...`.
+    BuildAndLoad {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, BPF_PROG_TEST_RUN packet tests, and the end-to-end netns
+    /// tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Formatting and clippy, as CI checks them.
+    Lint,
+    /// Build a small cluster of network namespaces with nginx pods, serve the example
+    /// Service through kproxy, show balancing and churn, clean up.
+    Demo,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command in the workspace root, echoing it, and fails if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // The eBPF build (through aya-build) needs -Z build-std on Debian's stable rustc.
+    c.env("RUSTC_BOOTSTRAP", "1");
+    c
+}
+
+fn build_release() -> anyhow::Result<()> {
+    eprintln!("xtask: building kproxy (release; the first build takes a few minutes)");
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("{what} needs root (BPF programs, network namespaces, cgroups)");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::setup(),
+        Task::BuildEbpf => {
+            setup::setup()?;
+            let target_dir = workspace_root().join("target/ebpf");
+            run(Command::new("rustup")
+                .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "build", "--release"])
+                .args(["--package", "proxy-ebpf", "--target", "bpfel-unknown-none"])
+                .args(["-Z", "build-std=core", "--target-dir"])
+                .arg(&target_dir)
+                .env("RUSTC_BOOTSTRAP", "1"))?;
+            eprintln!(
+                "xtask: eBPF object at {}",
+                target_dir
+                    .join("bpfel-unknown-none/release/kproxy")
+                    .display()
+            );
+            Ok(())
+        }
+        Task::BuildAndLoad { args } => {
+            require_root("build-and-load")?;
+            setup::setup()?;
+            build_release()?;
+            run(Command::new(workspace_root().join("target/release/kproxy")).args(args))
+        }
+        Task::Test { args } => {
+            require_root("the test suite")?;
+            setup::setup()?;
+            build_release()?;
+            eprintln!("xtask: running every test (unit, packet, end-to-end)");
+            run(cargo()
+                .args(["test", "--release", "--workspace", "--no-fail-fast"])
+                .args(args))
+        }
+        Task::Lint => {
+            setup::setup()?;
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--release",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        }
+        Task::Demo => {
+            require_root("the demo")?;
+            setup::setup()?;
+            build_release()?;
+            run(&mut Command::new(
+                workspace_root().join("target/release/kproxy-demo"),
+            ))
+        }
+    }
+}
