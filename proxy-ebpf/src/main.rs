@@ -1,11 +1,76 @@
+//! kproxy's kernel programs. Entry points only; the logic lives in the modules.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod csum;
+mod ct;
+mod ctx;
+mod lb;
+mod maps;
+mod nodeport;
+mod parse;
+mod sock;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, xdp_action::XDP_PASS},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn kproxy_sock4_connect(ctx: SockAddrContext) -> i32 {
+    match sock::sock4_xlate_fwd(&ctx) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kproxy_sock4_sendmsg(ctx: SockAddrContext) -> i32 {
+    match sock::sock4_xlate_fwd(&ctx) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn kproxy_sock4_recvmsg(ctx: SockAddrContext) -> i32 {
+    match sock::sock4_xlate_rev(&ctx) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn kproxy_sock4_getpeername(ctx: SockAddrContext) -> i32 {
+    match sock::sock4_xlate_rev(&ctx) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
 
 #[xdp]
-pub fn kproxy_xdp(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn kproxy_xdp_ingress(ctx: XdpContext) -> u32 {
+    match nodeport::nodeport_ingress(&ctx) {
+        Ok(v) => v as u32,
+        Err(_) => XDP_PASS,
+    }
+}
+
+#[classifier]
+pub fn kproxy_tc_ingress(ctx: TcContext) -> i32 {
+    match nodeport::tc_nodeport_ingress(&ctx) {
+        Ok(v) => v,
+        Err(_) => TC_ACT_OK as i32,
+    }
+}
+
+#[classifier]
+pub fn kproxy_tc_egress(ctx: TcContext) -> i32 {
+    match nodeport::tc_nodeport_egress(&ctx) {
+        Ok(_) => TC_ACT_OK as i32,
+        Err(_) => TC_ACT_OK as i32,
+    }
 }
 
 #[cfg(not(test))]

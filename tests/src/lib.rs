@@ -1,1 +1,1 @@
-pub mod harness;
+pub mod prog_run;

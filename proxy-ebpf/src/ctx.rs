@@ -1,0 +1,262 @@
+//! One small trait over the two device contexts (XDP and tc), so the nodePort logic is written
+//! once. Reads use direct packet access with a bounds check per read; writes go through
+//! [`NetCtx::store_addr`]/[`NetCtx::store_port`], which also fix the checksums: in software
+//! (RFC 1624) for XDP, with `bpf_l3_csum_replace`/`bpf_l4_csum_replace` for tc (those keep
+//! `skb->csum` right for CHECKSUM_COMPLETE and handle CHECKSUM_PARTIAL).
+
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action},
+    helpers::generated::bpf_redirect,
+    programs::{TcContext, XdpContext},
+};
+
+use crate::{
+    csum::{csum_replace2, csum_replace4, csum_udp_fixup},
+    parse::IPPROTO_UDP,
+};
+
+/// Where the L4 checksum lives and how to treat it.
+#[derive(Clone, Copy)]
+pub struct L4Csum {
+    /// Absolute offset of the checksum field in the packet.
+    pub off: usize,
+    /// IPPROTO_*; UDP's checksum 0 means "none" and is kept.
+    pub proto: u8,
+}
+
+/// Ways a packet operation fails; any failure leaves the program with its safe default.
+#[derive(Clone, Copy)]
+pub struct PktErr;
+
+pub trait NetCtx {
+    /// Verdict that hands the packet to the kernel unchanged in path.
+    const PASS: i32;
+
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn raw(&self) -> *mut c_void;
+    /// The device the packet arrived on (or leaves through, on egress).
+    fn ifindex(&self) -> u32;
+
+    /// Reads a `T` at `off`, or fails if the packet is shorter than `off + size_of::<T>()`.
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Result<T, PktErr> {
+        let start = self.data();
+        let end = self.data_end();
+        if start + off + size_of::<T>() > end {
+            return Err(PktErr);
+        }
+        // SAFETY: bounds checked just above; packet data has no alignment guarantee.
+        Ok(unsafe { ((start + off) as *const T).read_unaligned() })
+    }
+
+    /// Replaces the 32-bit address at `off` (`old` -> `new`, both as in the packet) and fixes
+    /// the IPv4 header checksum at `l3_csum_off` and the L4 checksum (pseudo header).
+    fn store_addr(
+        &self,
+        off: usize,
+        l3_csum_off: usize,
+        l4: L4Csum,
+        old: u32,
+        new: u32,
+    ) -> Result<(), PktErr>;
+
+    /// Replaces the 16-bit port at `off` and fixes the L4 checksum.
+    fn store_port(&self, off: usize, l4: L4Csum, old: u16, new: u16) -> Result<(), PktErr>;
+
+    /// Replaces a 16-bit word of the IPv4 header and fixes the header checksum.
+    fn store_l3_u16(
+        &self,
+        off: usize,
+        l3_csum_off: usize,
+        old: u16,
+        new: u16,
+    ) -> Result<(), PktErr>;
+
+    /// Writes the Ethernet destination and source addresses.
+    fn store_eth(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), PktErr>;
+
+    /// Sends the packet out of `ifindex` (after a successful FIB lookup).
+    fn forward(&self, ifindex: u32) -> i32;
+}
+
+impl NetCtx for XdpContext {
+    const PASS: i32 = xdp_action::XDP_PASS as i32;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.as_ptr()
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn store_addr(
+        &self,
+        off: usize,
+        l3_csum_off: usize,
+        l4: L4Csum,
+        old: u32,
+        new: u32,
+    ) -> Result<(), PktErr> {
+        let l3_check: u16 = self.load(l3_csum_off)?;
+        let l4_check: u16 = self.load(l4.off)?;
+        self.load::<u32>(off)?;
+        let mut l4_new = csum_replace4(l4_check, old, new);
+        if l4.proto == IPPROTO_UDP {
+            l4_new = csum_udp_fixup(l4_check, l4_new);
+        }
+        xdp_store(self, l3_csum_off, csum_replace4(l3_check, old, new))?;
+        xdp_store(self, l4.off, l4_new)?;
+        xdp_store(self, off, new)
+    }
+
+    #[inline(always)]
+    fn store_port(&self, off: usize, l4: L4Csum, old: u16, new: u16) -> Result<(), PktErr> {
+        let l4_check: u16 = self.load(l4.off)?;
+        let mut l4_new = csum_replace2(l4_check, old, new);
+        if l4.proto == IPPROTO_UDP {
+            l4_new = csum_udp_fixup(l4_check, l4_new);
+        }
+        xdp_store(self, l4.off, l4_new)?;
+        xdp_store(self, off, new)
+    }
+
+    #[inline(always)]
+    fn store_l3_u16(
+        &self,
+        off: usize,
+        l3_csum_off: usize,
+        old: u16,
+        new: u16,
+    ) -> Result<(), PktErr> {
+        let l3_check: u16 = self.load(l3_csum_off)?;
+        xdp_store(self, l3_csum_off, csum_replace2(l3_check, old, new))?;
+        xdp_store(self, off, new)
+    }
+
+    #[inline(always)]
+    fn store_eth(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), PktErr> {
+        xdp_store(self, 0, *dst)?;
+        xdp_store(self, 6, *src)
+    }
+
+    #[inline(always)]
+    fn forward(&self, ifindex: u32) -> i32 {
+        if ifindex == NetCtx::ifindex(self) {
+            xdp_action::XDP_TX as i32
+        } else {
+            // SAFETY: plain helper call; returns XDP_REDIRECT or XDP_ABORTED.
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+    }
+}
+
+#[inline(always)]
+fn xdp_store<T: Copy>(ctx: &XdpContext, off: usize, v: T) -> Result<(), PktErr> {
+    let start = XdpContext::data(ctx);
+    let end = XdpContext::data_end(ctx);
+    if start + off + size_of::<T>() > end {
+        return Err(PktErr);
+    }
+    // SAFETY: bounds checked just above.
+    unsafe { ((start + off) as *mut T).write_unaligned(v) };
+    Ok(())
+}
+
+impl NetCtx for TcContext {
+    const PASS: i32 = TC_ACT_OK as i32;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.as_ptr()
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn store_addr(
+        &self,
+        off: usize,
+        l3_csum_off: usize,
+        l4: L4Csum,
+        old: u32,
+        new: u32,
+    ) -> Result<(), PktErr> {
+        let mut flags = u64::from(BPF_F_PSEUDO_HDR) | 4;
+        if l4.proto == IPPROTO_UDP {
+            flags |= u64::from(BPF_F_MARK_MANGLED_0);
+        }
+        self.l4_csum_replace(l4.off, u64::from(old), u64::from(new), flags)
+            .map_err(|_| PktErr)?;
+        self.l3_csum_replace(l3_csum_off, u64::from(old), u64::from(new), 4)
+            .map_err(|_| PktErr)?;
+        self.store(off, &new, 0).map_err(|_| PktErr)
+    }
+
+    #[inline(always)]
+    fn store_port(&self, off: usize, l4: L4Csum, old: u16, new: u16) -> Result<(), PktErr> {
+        let mut flags = 2;
+        if l4.proto == IPPROTO_UDP {
+            flags |= u64::from(BPF_F_MARK_MANGLED_0);
+        }
+        self.l4_csum_replace(l4.off, u64::from(old), u64::from(new), flags)
+            .map_err(|_| PktErr)?;
+        self.store(off, &new, 0).map_err(|_| PktErr)
+    }
+
+    #[inline(always)]
+    fn store_l3_u16(
+        &self,
+        off: usize,
+        l3_csum_off: usize,
+        old: u16,
+        new: u16,
+    ) -> Result<(), PktErr> {
+        self.l3_csum_replace(l3_csum_off, u64::from(old), u64::from(new), 2)
+            .map_err(|_| PktErr)?;
+        self.store(off, &new, 0).map_err(|_| PktErr)
+    }
+
+    #[inline(always)]
+    fn store_eth(&self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), PktErr> {
+        self.store(0, dst, 0).map_err(|_| PktErr)?;
+        self.store(6, src, 0).map_err(|_| PktErr)
+    }
+
+    #[inline(always)]
+    fn forward(&self, ifindex: u32) -> i32 {
+        // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+        unsafe { bpf_redirect(ifindex, 0) as i32 }
+    }
+}

@@ -1,0 +1,81 @@
+//! Service lookup and backend selection (Cilium's slot layout, see `proxy_common::lb`).
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use proxy_common::{
+    config::{CFG_FLAG_READY, Lb4Config},
+    lb::{Lb4Backend, Lb4Key, Lb4Service},
+};
+
+use crate::maps::{LB4_BACKENDS, LB4_CONFIG, LB4_NODEPORT_ADDRS, LB4_SERVICES};
+
+/// How many random slots `lb4_select_backend` tries before giving up (a slot may be missing
+/// for a moment while the agent rewrites a service).
+const LB4_SELECT_ATTEMPTS: u32 = 2;
+
+/// The node-wide settings, or `None` until the agent marked them ready: until then nothing is
+/// translated.
+#[inline(always)]
+pub fn lb4_config() -> Option<Lb4Config> {
+    let cfg = *LB4_CONFIG.get(0)?;
+    if cfg.flags & CFG_FLAG_READY == 0 {
+        return None;
+    }
+    Some(cfg)
+}
+
+#[inline(always)]
+fn lb4_lookup_master(key: &Lb4Key) -> Option<Lb4Service> {
+    // SAFETY: the value is copied out at once.
+    unsafe { LB4_SERVICES.get(key).copied() }
+}
+
+/// Finds the frontend `daddr:dport/proto` (all be): first the exact key; then, when `daddr`
+/// is one of the node's nodePort addresses, the nodePort wildcard (address 0). Returns the
+/// master key that matched (its address is the one the backend slots are keyed by).
+#[inline(always)]
+pub fn lb4_lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<(Lb4Key, Lb4Service)> {
+    let key = Lb4Key::new(daddr, dport, proto, 0);
+    if let Some(svc) = lb4_lookup_master(&key) {
+        return Some((key, svc));
+    }
+    // SAFETY: only presence is checked.
+    if unsafe { LB4_NODEPORT_ADDRS.get(&daddr) }.is_none() {
+        return None;
+    }
+    let key = Lb4Key::new(0, dport, proto, 0);
+    lb4_lookup_master(&key).map(|svc| (key, svc))
+}
+
+/// The backend `id` if it exists and still belongs to the service port `rev_nat_index`.
+#[inline(always)]
+pub fn lb4_lookup_backend(id: u32, rev_nat_index: u16) -> Option<Lb4Backend> {
+    // SAFETY: the value is copied out at once.
+    let backend = unsafe { LB4_BACKENDS.get(&id).copied() }?;
+    if backend.rev_nat_index != rev_nat_index {
+        return None;
+    }
+    Some(backend)
+}
+
+/// Picks a random backend slot of the frontend `key` (a master key from
+/// [`lb4_lookup_service`]). `None` when the service has no endpoints or the slot/backend is
+/// missing or stale: the caller then translates nothing.
+#[inline(always)]
+pub fn lb4_select_backend(key: &Lb4Key, svc: &Lb4Service) -> Option<(u32, Lb4Backend)> {
+    if svc.count == 0 {
+        return None;
+    }
+    for _ in 0..LB4_SELECT_ATTEMPTS {
+        // SAFETY: plain helper call.
+        let rnd = unsafe { bpf_get_prandom_u32() };
+        let slot = (rnd % u32::from(svc.count)) as u16 + 1;
+        let slot_key = Lb4Key::new(key.address, key.dport, key.proto, slot);
+        let Some(slot_svc) = lb4_lookup_master(&slot_key) else {
+            continue;
+        };
+        if let Some(backend) = lb4_lookup_backend(slot_svc.backend_id, svc.rev_nat_index) {
+            return Some((slot_svc.backend_id, backend));
+        }
+    }
+    None
+}

@@ -1,0 +1,70 @@
+//! Map declarations. Every name, key/value type and capacity comes from `proxy_common`; the
+//! `#[map(name = ...)]` attribute needs a literal, so each literal is checked against the
+//! shared constant at compile time. All maps are pinned by name: the agent chooses the
+//! directory (`EbpfLoader::map_pin_path`) and reuses the pins across restarts.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap},
+};
+use proxy_common::{
+    config::Lb4Config,
+    conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
+    lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
+    maps as names,
+    sock::{Sock4RevKey, Sock4RevValue},
+};
+
+const fn name_is(literal: &str, shared: &str) -> bool {
+    let (a, b) = (literal.as_bytes(), shared.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+const _: () = assert!(name_is("KP_LB4_SVC_V1", names::LB4_SERVICES));
+const _: () = assert!(name_is("KP_LB4_BE_V1", names::LB4_BACKENDS));
+const _: () = assert!(name_is("KP_LB4_RNAT_V1", names::LB4_REVERSE_NAT));
+const _: () = assert!(name_is("KP_LB4_NPA_V1", names::LB4_NODEPORT_ADDRS));
+const _: () = assert!(name_is("KP_CT4_V1", names::CT4));
+const _: () = assert!(name_is("KP_NAT4_REV_V1", names::NAT4_REV));
+const _: () = assert!(name_is("KP_SOCK4_REV_V1", names::SOCK4_REV));
+const _: () = assert!(name_is("KP_LB4_CFG_V1", names::LB4_CONFIG));
+
+#[map(name = "KP_LB4_SVC_V1")]
+pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
+
+#[map(name = "KP_LB4_BE_V1")]
+pub static LB4_BACKENDS: HashMap<u32, Lb4Backend> = HashMap::pinned(names::LB4_BACKENDS_MAX, 0);
+
+/// Not read by the datapath today (flows carry their frontend in CT/NAT entries); declared so
+/// the agent finds and pins it with the others.
+#[map(name = "KP_LB4_RNAT_V1")]
+pub static LB4_REVERSE_NAT: HashMap<u16, Lb4RevNat> =
+    HashMap::pinned(names::LB4_REVERSE_NAT_MAX, 0);
+
+/// be address -> flags (unused).
+#[map(name = "KP_LB4_NPA_V1")]
+pub static LB4_NODEPORT_ADDRS: HashMap<u32, u32> =
+    HashMap::pinned(names::LB4_NODEPORT_ADDRS_MAX, 0);
+
+#[map(name = "KP_CT4_V1")]
+pub static CT4: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::pinned(names::CT4_MAX, 0);
+
+#[map(name = "KP_NAT4_REV_V1")]
+pub static NAT4_REV: LruHashMap<Ct4Key, Nat4RevEntry> = LruHashMap::pinned(names::NAT4_REV_MAX, 0);
+
+#[map(name = "KP_SOCK4_REV_V1")]
+pub static SOCK4_REV: LruHashMap<Sock4RevKey, Sock4RevValue> =
+    LruHashMap::pinned(names::SOCK4_REV_MAX, 0);
+
+#[map(name = "KP_LB4_CFG_V1")]
+pub static LB4_CONFIG: Array<Lb4Config> = Array::pinned(1, 0);

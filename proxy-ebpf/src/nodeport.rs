@@ -1,0 +1,277 @@
+//! Device programs: nodePort/externalIP translation on ingress (XDP or tc), reverse NAT of
+//! replies on ingress and egress, and optional FIB forwarding. Written once over [`NetCtx`].
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
+    helpers::generated::bpf_fib_lookup,
+    programs::TcContext,
+};
+use proxy_common::{
+    config::{CFG_FLAG_XDP_FIB_FORWARD, Lb4Config},
+    conntrack::{Ct4Entry, Nat4RevEntry},
+    lb::{BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4Service, SVC_FLAG_EXTERNAL},
+};
+
+use crate::{
+    ct::{
+        ct4_key, ct4_lookup, ct4_now, ct4_update, nat4_rev_claim, nat4_rev_force, nat4_rev_lookup,
+        snat4_alloc_port,
+    },
+    ctx::{NetCtx, PktErr},
+    lb::{lb4_config, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
+    parse::{
+        ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, parse4,
+    },
+};
+
+const AF_INET: u8 = 2;
+
+/// Ingress of an external device: reverse NAT of replies, else nodePort/externalIP
+/// translation; translated packets are forwarded per [`nodeport_forward`].
+#[inline(always)]
+pub fn nodeport_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
+    let Some(cfg) = lb4_config() else {
+        return Ok(C::PASS);
+    };
+    let Some(mut pkt) = parse4(ctx)? else {
+        return Ok(C::PASS);
+    };
+    let now = ct4_now();
+    if nat4_rev_xlate(ctx, &mut pkt, now)? || lb4_xlate_ingress(ctx, &cfg, &mut pkt, now)? {
+        return nodeport_forward(ctx, &cfg, &pkt);
+    }
+    Ok(C::PASS)
+}
+
+/// Egress of an external device: reverse NAT of replies from local backends. Never drops.
+#[inline(always)]
+pub fn nodeport_egress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
+    if lb4_config().is_none() {
+        return Ok(C::PASS);
+    }
+    let Some(mut pkt) = parse4(ctx)? else {
+        return Ok(C::PASS);
+    };
+    nat4_rev_xlate(ctx, &mut pkt, ct4_now())?;
+    Ok(C::PASS)
+}
+
+/// Rewrites a reply found in NAT4_REV so it comes from the frontend and goes to the client.
+#[inline(always)]
+fn nat4_rev_xlate<C: NetCtx>(ctx: &C, pkt: &mut Pkt4, now: u64) -> Result<bool, PktErr> {
+    let key = ct4_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
+    let Some(rev) = nat4_rev_lookup(&key, now) else {
+        return Ok(false);
+    };
+    nat4_rewrite(ctx, pkt, rev.saddr, rev.sport, rev.daddr, rev.dport)?;
+    Ok(true)
+}
+
+/// Rewrites the packet's addresses and ports (be) with checksum fixes, skipping fields that
+/// do not change, and records the new tuple in `pkt`.
+#[inline(always)]
+fn nat4_rewrite<C: NetCtx>(
+    ctx: &C,
+    pkt: &mut Pkt4,
+    saddr: u32,
+    sport: u16,
+    daddr: u32,
+    dport: u16,
+) -> Result<(), PktErr> {
+    let csum = pkt.l3_csum_off();
+    if saddr != pkt.saddr {
+        ctx.store_addr(
+            pkt.l3_off + IP_OFF_SADDR,
+            csum,
+            pkt.l4_csum,
+            pkt.saddr,
+            saddr,
+        )?;
+        pkt.saddr = saddr;
+    }
+    if daddr != pkt.daddr {
+        ctx.store_addr(
+            pkt.l3_off + IP_OFF_DADDR,
+            csum,
+            pkt.l4_csum,
+            pkt.daddr,
+            daddr,
+        )?;
+        pkt.daddr = daddr;
+    }
+    if sport != pkt.sport {
+        ctx.store_port(pkt.l4_off + L4_OFF_SPORT, pkt.l4_csum, pkt.sport, sport)?;
+        pkt.sport = sport;
+    }
+    if dport != pkt.dport {
+        ctx.store_port(pkt.l4_off + L4_OFF_DPORT, pkt.l4_csum, pkt.dport, dport)?;
+        pkt.dport = dport;
+    }
+    Ok(())
+}
+
+/// Translates a packet to an external frontend (nodePort, externalIP, LB ingress). Cluster
+/// IPs and services without endpoints are left to the stack (`Ok(false)`).
+#[inline(always)]
+fn lb4_xlate_ingress<C: NetCtx>(
+    ctx: &C,
+    cfg: &Lb4Config,
+    pkt: &mut Pkt4,
+    now: u64,
+) -> Result<bool, PktErr> {
+    let Some((key, svc)) = lb4_lookup_service(pkt.daddr, pkt.dport, pkt.proto) else {
+        return Ok(false);
+    };
+    if svc.flags & SVC_FLAG_EXTERNAL == 0 || svc.count == 0 {
+        return Ok(false);
+    }
+    let Some(flow) = lb4_flow_get(cfg, &key, &svc, pkt, now) else {
+        return Ok(false);
+    };
+    let (saddr, sport) = if flow.nat_saddr != 0 {
+        (flow.nat_saddr, flow.nat_sport)
+    } else {
+        (pkt.saddr, pkt.sport)
+    };
+    nat4_rewrite(ctx, pkt, saddr, sport, flow.backend_addr, flow.backend_port)?;
+    Ok(true)
+}
+
+/// The backend of this flow from CT4 if it is still valid (same id, address, port and
+/// service), with the SNAT port it used.
+#[inline(always)]
+fn lb4_flow_reuse(svc: &Lb4Service, pkt: &Pkt4) -> Option<(u32, Lb4Backend, u16)> {
+    let ct = ct4_lookup(&ct4_key(
+        pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto,
+    ))?;
+    if ct.rev_nat_index != svc.rev_nat_index {
+        return None;
+    }
+    let backend = lb4_lookup_backend(ct.backend_id, svc.rev_nat_index)?;
+    if backend.address != ct.backend_addr || backend.port != ct.backend_port {
+        return None;
+    }
+    Some((ct.backend_id, backend, ct.nat_sport))
+}
+
+/// The CT entry for the packet's flow: the existing backend if still valid, else a fresh
+/// selection; claims the reverse entry (and a SNAT port for a remote backend) and writes CT4.
+#[inline(always)]
+fn lb4_flow_get(
+    cfg: &Lb4Config,
+    key: &Lb4Key,
+    svc: &Lb4Service,
+    pkt: &Pkt4,
+    now: u64,
+) -> Option<Ct4Entry> {
+    let (backend_id, backend, mut preferred) = match lb4_flow_reuse(svc, pkt) {
+        Some(found) => found,
+        None => {
+            let (id, backend) = lb4_select_backend(key, svc)?;
+            (id, backend, 0)
+        }
+    };
+    let rev = Nat4RevEntry {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let (nat_saddr, nat_sport) = if backend.flags & BACKEND_FLAG_LOCAL != 0 {
+        // No SNAT: the reply comes from the backend to the client itself. A clash means the
+        // same client port talks to two frontends of one backend; the newest flow wins.
+        let rev_key = ct4_key(
+            backend.address,
+            pkt.saddr,
+            backend.port,
+            pkt.sport,
+            pkt.proto,
+        );
+        if !nat4_rev_claim(&rev_key, &rev) && !nat4_rev_force(&rev_key, &rev) {
+            return None;
+        }
+        (0, 0)
+    } else {
+        if preferred == 0 {
+            preferred = pkt.sport;
+        }
+        let rev_base = ct4_key(backend.address, pkt.daddr, backend.port, 0, pkt.proto);
+        let port = snat4_alloc_port(cfg, &rev_base, &rev, preferred)?;
+        (pkt.daddr, port)
+    };
+    let entry = Ct4Entry {
+        backend_id,
+        backend_addr: backend.address,
+        backend_port: backend.port,
+        rev_nat_index: svc.rev_nat_index,
+        nat_saddr,
+        nat_sport,
+        flags: 0,
+        last_seen_ns: now,
+    };
+    ct4_update(
+        &ct4_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto),
+        &entry,
+    );
+    Some(entry)
+}
+
+/// With CFG_FLAG_XDP_FIB_FORWARD: route the translated packet with `bpf_fib_lookup`,
+/// decrement the TTL, rewrite the Ethernet header and send it out directly. Anything the FIB
+/// cannot resolve (no neighbour yet, local destination, MTU) goes to the stack.
+#[inline(always)]
+fn nodeport_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt4) -> Result<i32, PktErr> {
+    if cfg.flags & CFG_FLAG_XDP_FIB_FORWARD == 0 || pkt.ttl <= 1 {
+        return Ok(C::PASS);
+    }
+    // SAFETY: all-zero is a valid `bpf_fib_lookup` (plain integers and unions of them).
+    let mut params: FibParams = unsafe { zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = pkt.proto;
+    params.sport = pkt.sport;
+    params.dport = pkt.dport;
+    params.__bindgen_anon_1.tot_len = pkt.tot_len;
+    params.ifindex = ctx.ifindex();
+    params.__bindgen_anon_2.tos = pkt.tos;
+    params.__bindgen_anon_3.ipv4_src = pkt.saddr;
+    params.__bindgen_anon_4.ipv4_dst = pkt.daddr;
+    // SAFETY: `params` is a valid, fully initialised struct of the size passed.
+    let rc = unsafe { bpf_fib_lookup(ctx.raw(), &mut params, size_of::<FibParams>() as i32, 0) };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return Ok(C::PASS);
+    }
+    let old = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
+    let new = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
+    ctx.store_l3_u16(pkt.l3_off + IP_OFF_TTL, pkt.l3_csum_off(), old, new)?;
+    ctx.store_eth(&params.dmac, &params.smac)?;
+    Ok(ctx.forward(params.ifindex))
+}
+
+/// Headers the tc programs read and write: Ethernet, IPv4 with options, TCP.
+const TC_PULL_LEN: u32 = (ETH_HLEN + 60 + 20) as u32;
+
+/// Makes the headers linear for direct access (a GRO or paged skb may hold only part of
+/// them in its head). A failed pull only means the parser sees a shorter packet.
+#[inline(always)]
+fn tc_pull_headers(ctx: &TcContext) {
+    let want = ctx.len().min(TC_PULL_LEN);
+    if ctx.data() + want as usize > ctx.data_end() {
+        let _ = ctx.pull_data(want);
+    }
+}
+
+#[inline(always)]
+pub fn tc_nodeport_ingress(ctx: &TcContext) -> Result<i32, PktErr> {
+    tc_pull_headers(ctx);
+    nodeport_ingress(ctx)
+}
+
+#[inline(always)]
+pub fn tc_nodeport_egress(ctx: &TcContext) -> Result<i32, PktErr> {
+    tc_pull_headers(ctx);
+    nodeport_egress(ctx)
+}
