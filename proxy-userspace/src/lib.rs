@@ -2,3 +2,7 @@
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy"));
+
+pub mod desired;
+pub mod model;
+pub mod source;

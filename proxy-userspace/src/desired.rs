@@ -1,0 +1,452 @@
+//! The pure description of what the dataplane must serve, derived from the service model.
+//! Every backend (eBPF maps, nftables, iptables, userspace relay) programs exactly this and
+//! re-derives no Kubernetes semantics of its own.
+
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use tracing::warn;
+
+use crate::model::{
+    EndpointInfo, EndpointsMap, NamespacedName, ServicePortInfo, ServicePortMap, ServiceType,
+    TargetPort,
+};
+
+/// L4 protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number (IPPROTO_*).
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+/// Which kind of address a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    /// `address` is `0.0.0.0`: served on every nodePort address of the node.
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// `namespace/name:port-name` of a service port, for logs and stable ordering.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The service port's `name` (may be empty for single-port services).
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "/{}", self.protocol.as_str())
+    }
+}
+
+/// One endpoint a frontend balances over.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub address: Ipv4Addr,
+    /// The resolved target port (numeric, or a named targetPort resolved through the
+    /// EndpointSlice's port names).
+    pub port: u16,
+    /// The endpoint's `nodeName` is this node.
+    pub is_local: bool,
+}
+
+/// One address:port/protocol the node serves, with the backends it balances over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub service: ServicePortName,
+    pub kind: FrontendKind,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Sorted, deduplicated. Empty means "no endpoints": connections are refused.
+    pub backends: Vec<Backend>,
+}
+
+impl Frontend {
+    /// The identity of the frontend in the dataplane (address, port, protocol).
+    pub fn key(&self) -> (Ipv4Addr, u16, Protocol) {
+        (self.address, self.port, self.protocol)
+    }
+}
+
+/// Everything the node must serve. Frontends are sorted by key and unique per key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: Vec<Frontend>,
+    /// Addresses of this node on which nodePorts are served.
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+}
+
+/// The node the agent runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// Endpoints whose `nodeName` equals it are local.
+    pub node_name: String,
+    /// Addresses of this node on which nodePorts are served.
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+}
+
+/// Derives what the node serves from the service and endpoint maps, with Kubernetes'
+/// semantics. Pure and deterministic: frontends sorted by key, backends sorted and
+/// deduplicated.
+///
+/// - Each service port gets a ClusterIp frontend (clusterIP:port); NodePort and LoadBalancer
+///   services with a nodePort a NodePort frontend (0.0.0.0:nodePort); each external IP an
+///   ExternalIp frontend; each LoadBalancer ingress IP a LoadBalancer frontend.
+/// - Backends: endpoints that have a port for the service port (the slice port with the
+///   service port's name and protocol, which resolves named targetPorts per endpoint; the
+///   numeric targetPort when the slice lists no ports) and are ready; when none is ready,
+///   those serving and terminating (KEP-1669).
+/// - internalTrafficPolicy: Local limits ClusterIp frontends, externalTrafficPolicy: Local
+///   the others, to endpoints on this node, before that choice.
+/// - Two service ports on one (address, port, protocol): the first by `ServicePortName`
+///   order is kept, the conflict logged.
+pub fn build(
+    services: &ServicePortMap,
+    endpoints: &EndpointsMap,
+    node: &NodeContext,
+) -> DesiredState {
+    let mut frontends: BTreeMap<(Ipv4Addr, u16, Protocol), Frontend> = BTreeMap::new();
+    for (spn, info) in services.iter() {
+        let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
+        let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
+        let external = select_backends(eps, spn, info, node, info.external_policy_local());
+        let mut add = |kind, address, port, backends: &Vec<Backend>| {
+            let frontend = Frontend {
+                service: spn.clone(),
+                kind,
+                address,
+                port,
+                protocol: spn.protocol,
+                backends: backends.clone(),
+            };
+            match frontends.entry(frontend.key()) {
+                Entry::Vacant(e) => {
+                    e.insert(frontend);
+                }
+                Entry::Occupied(e) => {
+                    let kept = e.get();
+                    warn!(
+                        "{kind:?} frontend {address}:{port}/{} of {spn} conflicts with the {:?} frontend of {}, which is kept",
+                        spn.protocol.as_str(),
+                        kept.kind,
+                        kept.service
+                    );
+                }
+            }
+        };
+        add(
+            FrontendKind::ClusterIp,
+            info.cluster_ip,
+            info.port,
+            &internal,
+        );
+        if let Some(node_port) = info.served_node_port() {
+            add(
+                FrontendKind::NodePort,
+                Ipv4Addr::UNSPECIFIED,
+                node_port,
+                &external,
+            );
+        }
+        for ip in &info.external_ips {
+            add(FrontendKind::ExternalIp, *ip, info.port, &external);
+        }
+        if info.service_type == ServiceType::LoadBalancer {
+            for ip in &info.load_balancer_ips {
+                add(FrontendKind::LoadBalancer, *ip, info.port, &external);
+            }
+        }
+    }
+    let mut nodeport_addresses = node.nodeport_addresses.clone();
+    nodeport_addresses.sort_unstable();
+    nodeport_addresses.dedup();
+    DesiredState {
+        frontends: frontends.into_values().collect(),
+        nodeport_addresses,
+    }
+}
+
+/// The port an endpoint serves a service port on, if any.
+fn endpoint_port(ep: &EndpointInfo, spn: &ServicePortName, info: &ServicePortInfo) -> Option<u16> {
+    let numeric = match &info.target_port {
+        TargetPort::Number(n) => Some(*n),
+        TargetPort::Name(_) => None,
+    };
+    match &ep.ports {
+        Some(ports) => {
+            let port = ports
+                .get(&spn.port)
+                .filter(|p| p.protocol == spn.protocol)?;
+            port.port.or(numeric)
+        }
+        None => numeric,
+    }
+}
+
+fn select_backends(
+    eps: &[EndpointInfo],
+    spn: &ServicePortName,
+    info: &ServicePortInfo,
+    node: &NodeContext,
+    local_only: bool,
+) -> Vec<Backend> {
+    let candidates: Vec<(&EndpointInfo, u16)> = eps
+        .iter()
+        .filter(|ep| !local_only || ep.is_local(&node.node_name))
+        .filter_map(|ep| endpoint_port(ep, spn, info).map(|port| (ep, port)))
+        .collect();
+    let to_backend = |(ep, port): &(&EndpointInfo, u16)| Backend {
+        address: ep.address,
+        port: *port,
+        is_local: ep.is_local(&node.node_name),
+    };
+    let mut backends: Vec<Backend> = candidates
+        .iter()
+        .filter(|(ep, _)| ep.ready)
+        .map(to_backend)
+        .collect();
+    if backends.is_empty() {
+        backends = candidates
+            .iter()
+            .filter(|(ep, _)| ep.serving && ep.terminating)
+            .map(to_backend)
+            .collect();
+    }
+    backends.sort_unstable();
+    backends.dedup();
+    backends
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+    use super::*;
+    use crate::model::{
+        EndpointsChangeTracker, ServiceChangeTracker,
+        testutil::{service, simple_service, simple_slice, slice},
+    };
+
+    fn build_from(services: &[Service], slices: &[EndpointSlice], node: &str) -> DesiredState {
+        let mut st = ServiceChangeTracker::new();
+        let mut et = EndpointsChangeTracker::new();
+        for s in services {
+            st.update(None, Some(s));
+        }
+        for s in slices {
+            et.update(None, Some(s));
+        }
+        let mut sm = ServicePortMap::new();
+        let mut em = EndpointsMap::new();
+        sm.apply(&mut st);
+        em.apply(&mut et);
+        build(
+            &sm,
+            &em,
+            &NodeContext {
+                node_name: node.into(),
+                nodeport_addresses: vec![
+                    Ipv4Addr::new(192, 168, 1, 2),
+                    Ipv4Addr::new(192, 168, 1, 1),
+                ],
+            },
+        )
+    }
+
+    fn be(ip: &str, port: u16, is_local: bool) -> Backend {
+        Backend {
+            address: ip.parse().expect("ip"),
+            port,
+            is_local,
+        }
+    }
+
+    #[test]
+    fn service_without_endpoints_has_empty_backends() {
+        let d = build_from(&[simple_service("web", "10.96.0.1", 80, "8080")], &[], "n1");
+        assert_eq!(d.frontends.len(), 1);
+        let f = &d.frontends[0];
+        assert_eq!(f.key(), (Ipv4Addr::new(10, 96, 0, 1), 80, Protocol::Tcp));
+        assert!(f.backends.is_empty());
+        assert_eq!(
+            d.nodeport_addresses,
+            vec![Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(192, 168, 1, 2)]
+        );
+    }
+
+    #[test]
+    fn named_target_port_resolved_per_endpoint() {
+        let svc = service(
+            "metadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80, targetPort: web}]}\n",
+        );
+        let a = simple_slice(
+            "web-a",
+            "web",
+            8080,
+            &[("10.0.0.1", "n1", true, true, false)],
+        );
+        let b = simple_slice(
+            "web-b",
+            "web",
+            9090,
+            &[("10.0.0.2", "n2", true, true, false)],
+        );
+        // A slice without the port name gives no backend for it.
+        let c = slice(
+            "metadata: {name: web-c, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: other, port: 7000}]\nendpoints: [{addresses: [10.0.0.3]}]\n",
+        );
+        // A named targetPort and a slice without ports: nothing to resolve it with.
+        let d2 = slice(
+            "metadata: {name: web-d, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.4]}]\n",
+        );
+        let d = build_from(&[svc], &[b, a, c, d2], "n1");
+        assert_eq!(
+            d.frontends[0].backends,
+            vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 9090, false)]
+        );
+    }
+
+    #[test]
+    fn numeric_target_port_used_when_slice_has_no_ports() {
+        let svc = simple_service("web", "10.96.0.1", 80, "8080");
+        let s = slice(
+            "metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}]\n",
+        );
+        let d = build_from(&[svc], &[s], "n1");
+        assert_eq!(d.frontends[0].backends, vec![be("10.0.0.1", 8080, false)]);
+    }
+
+    #[test]
+    fn terminating_fallback() {
+        let svc = simple_service("web", "10.96.0.1", 80, "8080");
+        let eps = [
+            ("10.0.0.1", "n1", false, true, true),   // serving, terminating
+            ("10.0.0.2", "n1", false, false, true),  // terminating, not serving
+            ("10.0.0.3", "n1", false, false, false), // not ready
+        ];
+        let d = build_from(
+            &[svc.clone()],
+            &[simple_slice("web-a", "web", 8080, &eps)],
+            "n1",
+        );
+        assert_eq!(d.frontends[0].backends, vec![be("10.0.0.1", 8080, true)]);
+        // With a ready endpoint, terminating ones are not used.
+        let mut eps = eps.to_vec();
+        eps.push(("10.0.0.4", "n2", true, true, false));
+        let d = build_from(&[svc], &[simple_slice("web-a", "web", 8080, &eps)], "n1");
+        assert_eq!(d.frontends[0].backends, vec![be("10.0.0.4", 8080, false)]);
+    }
+
+    #[test]
+    fn frontends_and_traffic_policies() {
+        let svc = service(
+            "metadata: {name: lb}\n\
+             spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.9\n  externalIPs: [1.1.1.1]\n\
+             \x20 externalTrafficPolicy: Local\n  internalTrafficPolicy: Cluster\n\
+             \x20 ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\n\
+             status: {loadBalancer: {ingress: [{ip: 2.2.2.2}]}}\n",
+        );
+        let eps = [
+            ("10.0.0.1", "n1", true, true, false),
+            ("10.0.0.2", "n2", true, true, false),
+            ("10.0.0.3", "n2", false, true, true),
+        ];
+        let d = build_from(&[svc], &[simple_slice("lb-a", "lb", 8080, &eps)], "n1");
+        let kinds: Vec<(FrontendKind, String, u16)> = d
+            .frontends
+            .iter()
+            .map(|f| (f.kind, f.address.to_string(), f.port))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (FrontendKind::NodePort, "0.0.0.0".into(), 30080),
+                (FrontendKind::ExternalIp, "1.1.1.1".into(), 80),
+                (FrontendKind::LoadBalancer, "2.2.2.2".into(), 80),
+                (FrontendKind::ClusterIp, "10.96.0.9".into(), 80),
+            ]
+        );
+        let all = vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)];
+        let local = vec![be("10.0.0.1", 8080, true)];
+        for f in &d.frontends {
+            let want = if f.kind == FrontendKind::ClusterIp {
+                &all
+            } else {
+                &local
+            };
+            assert_eq!(&f.backends, want, "{:?}", f.kind);
+        }
+        // On n2, ETP Local uses n2's ready endpoint; on n3 there is none: no backends.
+        let svc_itp = service(
+            "metadata: {name: lb}\nspec: {clusterIP: 10.96.0.9, internalTrafficPolicy: Local, ports: [{name: http, port: 80, targetPort: 8080}]}\n",
+        );
+        let d = build_from(
+            &[svc_itp.clone()],
+            &[simple_slice("lb-a", "lb", 8080, &eps)],
+            "n2",
+        );
+        assert_eq!(d.frontends[0].backends, vec![be("10.0.0.2", 8080, true)]);
+        let d = build_from(
+            &[svc_itp.clone()],
+            &[simple_slice("lb-a", "lb", 8080, &eps)],
+            "n3",
+        );
+        assert!(d.frontends[0].backends.is_empty());
+        // The local fallback is per node: n2 has only a terminating endpoint left.
+        let eps2 = [
+            ("10.0.0.1", "n1", true, true, false),
+            ("10.0.0.3", "n2", false, true, true),
+        ];
+        let d = build_from(&[svc_itp], &[simple_slice("lb-a", "lb", 8080, &eps2)], "n2");
+        assert_eq!(d.frontends[0].backends, vec![be("10.0.0.3", 8080, true)]);
+    }
+
+    #[test]
+    fn conflicting_frontends_keep_first_and_order_is_deterministic() {
+        let a = simple_service("a", "10.96.0.1", 80, "8080");
+        let b = simple_service("b", "10.96.0.1", 80, "9090");
+        let c = simple_service("c", "10.96.0.0", 80, "80");
+        let s = simple_slice("b-1", "b", 9090, &[("10.0.0.9", "n1", true, true, false)]);
+        let d1 = build_from(&[b.clone(), c.clone(), a.clone()], &[s.clone()], "n1");
+        let d2 = build_from(&[a, b, c], &[s], "n1");
+        assert_eq!(d1, d2);
+        assert_eq!(d1.frontends.len(), 2);
+        assert_eq!(d1.frontends[0].service.name, "c");
+        assert_eq!(d1.frontends[1].service.name, "a");
+        assert!(d1.frontends[1].backends.is_empty());
+    }
+}

@@ -1,0 +1,460 @@
+//! Endpoints: EndpointSlices merged per service into the `EndpointsMap`, and the
+//! `EndpointsChangeTracker` (kube-proxy's `endpointschangetracker.go` and
+//! `endpointslicecache.go`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tracing::{debug, warn};
+
+use super::{
+    Change, NamespacedName,
+    service::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, parse_protocol, valid_port},
+};
+use crate::desired::Protocol;
+
+/// The label naming an EndpointSlice's Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// One named port of an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointPort {
+    /// `None`: the slice's port has no number, meaning "all ports"; the service port's
+    /// numeric targetPort is used.
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+}
+
+/// One endpoint of a service (kube-proxy's `BaseEndpointInfo`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointInfo {
+    pub address: Ipv4Addr,
+    /// Port name -> port, from the slice's `ports`. `None` when the slice had no ports list:
+    /// the service port's numeric targetPort applies.
+    pub ports: Option<BTreeMap<String, EndpointPort>>,
+    /// `conditions.ready`; unset counts as true.
+    pub ready: bool,
+    /// `conditions.serving`; unset counts as true.
+    pub serving: bool,
+    /// `conditions.terminating`; unset counts as false.
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+}
+
+impl EndpointInfo {
+    /// Whether the endpoint runs on the node named `node`.
+    pub fn is_local(&self, node: &str) -> bool {
+        self.node_name.as_deref() == Some(node)
+    }
+}
+
+/// The usable content of one EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub service: NamespacedName,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+/// What an EndpointSlice means to the proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SliceConversion {
+    Serve(SliceInfo),
+    /// Not for kproxy and not an error (IPv6/FQDN address type, headless, another proxy's).
+    Ignored(String),
+    Invalid(String),
+}
+
+/// The slice's own namespace/name.
+pub fn slice_name(slice: &EndpointSlice) -> NamespacedName {
+    NamespacedName::of(&slice.metadata)
+}
+
+/// The Service a slice belongs to, from its `kubernetes.io/service-name` label.
+pub fn slice_service(slice: &EndpointSlice) -> Option<NamespacedName> {
+    let own = slice_name(slice);
+    let svc = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_SERVICE_NAME)
+        .filter(|s| !s.is_empty())?;
+    Some(NamespacedName::new(&own.namespace, svc))
+}
+
+/// Validates a slice and extracts its endpoints. Pure: logs nothing.
+pub fn convert_slice(slice: &EndpointSlice) -> SliceConversion {
+    if slice_name(slice).name.is_empty() {
+        return SliceConversion::Invalid("has no metadata.name".into());
+    }
+    if let Some(labels) = &slice.metadata.labels {
+        if let Some(proxy) = labels.get(LABEL_SERVICE_PROXY_NAME) {
+            return SliceConversion::Ignored(format!(
+                "labelled {LABEL_SERVICE_PROXY_NAME}={proxy}: served by another proxy"
+            ));
+        }
+        if labels.contains_key(LABEL_HEADLESS) {
+            return SliceConversion::Ignored(format!("labelled {LABEL_HEADLESS}"));
+        }
+    }
+    let Some(service) = slice_service(slice) else {
+        return SliceConversion::Invalid(format!("has no label {LABEL_SERVICE_NAME}"));
+    };
+    if slice.address_type != "IPv4" {
+        return SliceConversion::Ignored(format!(
+            "addressType {:?}: kproxy serves IPv4 only for now",
+            slice.address_type
+        ));
+    }
+    let ports = match &slice.ports {
+        None => None,
+        Some(list) if list.is_empty() => None,
+        Some(list) => {
+            let mut ports = BTreeMap::new();
+            for (i, p) in list.iter().enumerate() {
+                let protocol = parse_protocol(p.protocol.as_deref())
+                    .ok_or_else(|| format!("ports[{i}].protocol {:?} is unknown", p.protocol));
+                let protocol = match protocol {
+                    Ok(p) => p,
+                    Err(e) => return SliceConversion::Invalid(e),
+                };
+                let port = match p.port {
+                    None => None,
+                    Some(n) => match valid_port(n, &format!("ports[{i}].port")) {
+                        Ok(n) => Some(n),
+                        Err(e) => return SliceConversion::Invalid(e),
+                    },
+                };
+                let name = p.name.clone().unwrap_or_default();
+                if ports
+                    .insert(name.clone(), EndpointPort { port, protocol })
+                    .is_some()
+                {
+                    return SliceConversion::Invalid(format!(
+                        "ports[{i}].name {name:?} is used twice"
+                    ));
+                }
+            }
+            Some(ports)
+        }
+    };
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        // Kubernetes uses the first address only (the others are reserved for the future).
+        let Some(addr) = ep.addresses.first() else {
+            return SliceConversion::Invalid(format!("endpoints[{i}] has no addresses"));
+        };
+        let Ok(address) = addr.parse::<Ipv4Addr>() else {
+            return SliceConversion::Invalid(format!(
+                "endpoints[{i}].addresses[0] {addr:?} is not an IPv4 address"
+            ));
+        };
+        let cond = ep.conditions.as_ref();
+        endpoints.push(EndpointInfo {
+            address,
+            ports: ports.clone(),
+            ready: cond.and_then(|c| c.ready).unwrap_or(true),
+            serving: cond.and_then(|c| c.serving).unwrap_or(true),
+            terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: ep.node_name.clone().filter(|s| !s.is_empty()),
+            zone: ep.zone.clone().filter(|s| !s.is_empty()),
+        });
+    }
+    SliceConversion::Serve(SliceInfo { service, endpoints })
+}
+
+/// Merges a service's slices (in slice name order) into one endpoint list, sorted and
+/// deduplicated by address. An endpoint listed twice (it moves between slices during updates)
+/// keeps the first entry's conditions unless only a later one is ready; the named ports of
+/// both entries are combined, the kept entry's winning on a name clash.
+pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceInfo>) -> Vec<EndpointInfo> {
+    let mut merged: BTreeMap<Ipv4Addr, EndpointInfo> = BTreeMap::new();
+    for slice in slices {
+        for ep in &slice.endpoints {
+            match merged.entry(ep.address) {
+                Entry::Vacant(e) => {
+                    e.insert(ep.clone());
+                }
+                Entry::Occupied(mut e) => {
+                    let existing = e.get_mut();
+                    let (mut keep, other) = if !existing.ready && ep.ready {
+                        (ep.clone(), existing.clone())
+                    } else {
+                        (existing.clone(), ep.clone())
+                    };
+                    keep.ports = match (keep.ports.take(), other.ports) {
+                        (None, None) => None,
+                        (Some(p), None) | (None, Some(p)) => Some(p),
+                        (Some(mut k), Some(o)) => {
+                            for (name, port) in o {
+                                k.entry(name).or_insert(port);
+                            }
+                            Some(k)
+                        }
+                    };
+                    *existing = keep;
+                }
+            }
+        }
+    }
+    merged.into_values().collect()
+}
+
+/// Pending endpoint changes (kube-proxy's `EndpointsChangeTracker` with its slice cache):
+/// the slices seen so far, and per service the merged endpoints before the first unapplied
+/// change and after the latest one.
+#[derive(Debug, Default)]
+pub struct EndpointsChangeTracker {
+    /// Service -> slice name -> content, as of the latest update.
+    slices: BTreeMap<NamespacedName, BTreeMap<String, SliceInfo>>,
+    /// Slice namespace/name -> the service it is filed under.
+    owners: BTreeMap<NamespacedName, NamespacedName>,
+    items: BTreeMap<NamespacedName, Change<Vec<EndpointInfo>>>,
+}
+
+impl EndpointsChangeTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records an add (`None, Some`), update (`Some, Some`) or delete (`Some, None`) of a
+    /// slice. The slice's earlier content is taken from the tracker's own cache, so a missed
+    /// event can't leave stale endpoints. Returns whether any change is pending.
+    pub fn update(
+        &mut self,
+        previous: Option<&EndpointSlice>,
+        current: Option<&EndpointSlice>,
+    ) -> bool {
+        let Some(any) = current.or(previous) else {
+            return !self.items.is_empty();
+        };
+        let key = slice_name(any);
+        let info = current.and_then(|slice| match convert_slice(slice) {
+            SliceConversion::Serve(info) => Some(info),
+            SliceConversion::Ignored(why) => {
+                debug!("EndpointSlice {key} ignored: {why}");
+                None
+            }
+            SliceConversion::Invalid(why) => {
+                warn!("EndpointSlice {key} skipped: {why}");
+                None
+            }
+        });
+        if let Some(owner) = self.owners.remove(&key) {
+            self.modify(&owner, |slices| {
+                slices.remove(&key.name);
+            });
+        }
+        if let Some(info) = info {
+            let owner = info.service.clone();
+            self.owners.insert(key.clone(), owner.clone());
+            self.modify(&owner, |slices| {
+                slices.insert(key.name.clone(), info);
+            });
+        }
+        !self.items.is_empty()
+    }
+
+    fn modify(
+        &mut self,
+        service: &NamespacedName,
+        f: impl FnOnce(&mut BTreeMap<String, SliceInfo>),
+    ) {
+        let slices = self.slices.entry(service.clone()).or_default();
+        let before = merge_slices(slices.values());
+        f(slices);
+        let after = merge_slices(slices.values());
+        if slices.is_empty() {
+            self.slices.remove(service);
+        }
+        match self.items.entry(service.clone()) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().current = after;
+                if e.get().previous == e.get().current {
+                    e.remove();
+                }
+            }
+            Entry::Vacant(e) => {
+                if before != after {
+                    e.insert(Change {
+                        previous: before,
+                        current: after,
+                    });
+                }
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The pending changes, in service name order.
+    pub fn pending(&self) -> impl Iterator<Item = (&NamespacedName, &Change<Vec<EndpointInfo>>)> {
+        self.items.iter()
+    }
+
+    fn take(&mut self) -> BTreeMap<NamespacedName, Change<Vec<EndpointInfo>>> {
+        std::mem::take(&mut self.items)
+    }
+}
+
+/// Service -> its endpoints merged from all its slices (kube-proxy's `EndpointsMap`, keyed by
+/// service rather than service port: ports are resolved per endpoint by `desired::build`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointsMap {
+    services: BTreeMap<NamespacedName, Vec<EndpointInfo>>,
+}
+
+impl EndpointsMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies and clears the tracker's pending changes; returns the services whose
+    /// endpoints changed.
+    pub fn apply(&mut self, tracker: &mut EndpointsChangeTracker) -> BTreeSet<NamespacedName> {
+        let mut changed = BTreeSet::new();
+        for (name, change) in tracker.take() {
+            if change.current.is_empty() {
+                self.services.remove(&name);
+            } else {
+                self.services.insert(name.clone(), change.current);
+            }
+            changed.insert(name);
+        }
+        changed
+    }
+
+    /// A service's endpoints, sorted by address; empty when it has none.
+    pub fn get(&self, service: &NamespacedName) -> &[EndpointInfo] {
+        self.services.get(service).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&NamespacedName, &[EndpointInfo])> {
+        self.services.iter().map(|(k, v)| (k, v.as_slice()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testutil::{simple_slice, slice};
+
+    fn web() -> NamespacedName {
+        NamespacedName::new("default", "web")
+    }
+
+    #[test]
+    fn merges_slices_and_dedups_endpoints() {
+        let mut tracker = EndpointsChangeTracker::new();
+        let mut map = EndpointsMap::new();
+        let a = simple_slice(
+            "web-a",
+            "web",
+            8080,
+            &[
+                ("10.0.0.2", "n1", false, true, true),
+                ("10.0.0.1", "n1", true, true, false),
+            ],
+        );
+        // 10.0.0.2 moved to web-b and is ready there.
+        let b = simple_slice(
+            "web-b",
+            "web",
+            8080,
+            &[
+                ("10.0.0.2", "n2", true, true, false),
+                ("10.0.0.3", "n2", true, true, false),
+            ],
+        );
+        tracker.update(None, Some(&a));
+        tracker.update(None, Some(&b));
+        assert_eq!(map.apply(&mut tracker), [web()].into());
+        let eps = map.get(&web());
+        let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        let dup = &eps[1];
+        assert!(dup.ready && !dup.terminating);
+        assert_eq!(dup.node_name.as_deref(), Some("n2"));
+        assert_eq!(
+            dup.ports
+                .as_ref()
+                .and_then(|p| p.get("http"))
+                .and_then(|p| p.port),
+            Some(8080)
+        );
+        // Deleting one slice keeps the other's endpoints.
+        tracker.update(Some(&a), None);
+        map.apply(&mut tracker);
+        assert_eq!(map.get(&web()).len(), 2);
+        tracker.update(Some(&b), None);
+        map.apply(&mut tracker);
+        assert!(map.get(&web()).is_empty() && map.is_empty());
+    }
+
+    #[test]
+    fn tracker_previous_current() {
+        let v1 = simple_slice("web-a", "web", 80, &[("10.0.0.1", "n1", true, true, false)]);
+        let v2 = simple_slice("web-a", "web", 81, &[("10.0.0.1", "n1", true, true, false)]);
+        let mut tracker = EndpointsChangeTracker::new();
+        let mut map = EndpointsMap::new();
+        tracker.update(None, Some(&v1));
+        map.apply(&mut tracker);
+        assert!(tracker.update(Some(&v1), Some(&v2)));
+        assert!(!tracker.update(Some(&v2), Some(&v1)));
+        assert!(map.apply(&mut tracker).is_empty());
+        // A missed delete event can't leave the old content: the tracker's cache is used.
+        assert!(tracker.update(None, Some(&v2)));
+        let (_, change) = tracker.pending().next().expect("change");
+        assert_eq!(change.previous.len(), 1);
+        let port = |eps: &Vec<EndpointInfo>| {
+            eps[0]
+                .ports
+                .as_ref()
+                .and_then(|p| p.get("http"))
+                .and_then(|p| p.port)
+        };
+        assert_eq!(port(&change.previous), Some(80));
+        assert_eq!(port(&change.current), Some(81));
+    }
+
+    #[test]
+    fn conversions() {
+        let v6 = slice(
+            "metadata: {name: x, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\nendpoints: []\n",
+        );
+        assert!(matches!(convert_slice(&v6), SliceConversion::Ignored(_)));
+        let unlabelled = slice("metadata: {name: x}\naddressType: IPv4\nendpoints: []\n");
+        assert!(
+            matches!(convert_slice(&unlabelled), SliceConversion::Invalid(w) if w.contains(LABEL_SERVICE_NAME))
+        );
+        let bad = slice(
+            "metadata: {name: x, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [300.1.1.1]}]\n",
+        );
+        assert!(
+            matches!(convert_slice(&bad), SliceConversion::Invalid(w) if w.contains("300.1.1.1"))
+        );
+        // Unset conditions: ready and serving, not terminating; no ports list.
+        let bare = slice(
+            "metadata: {name: x, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.1.1.1]}]\n",
+        );
+        let SliceConversion::Serve(info) = convert_slice(&bare) else {
+            panic!("served");
+        };
+        assert_eq!(info.service, NamespacedName::new("ns", "web"));
+        let ep = &info.endpoints[0];
+        assert!(ep.ready && ep.serving && !ep.terminating && ep.ports.is_none());
+    }
+}

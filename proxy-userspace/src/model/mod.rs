@@ -1,0 +1,360 @@
+//! The service/endpoint model, after kube-proxy's `pkg/proxy`: change trackers fed by a source
+//! (manifest files now, API watchers later), applied to a `ServicePortMap` and an
+//! `EndpointsMap`, from which `desired::build` derives what the dataplane serves.
+//!
+//! Data flows one way: source -> trackers -> maps -> `desired::build` -> dataplane.
+
+pub mod endpoints;
+pub mod service;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
+
+use k8s_openapi::{
+    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use tracing::debug;
+
+pub use self::{
+    endpoints::{EndpointInfo, EndpointPort, EndpointsChangeTracker, EndpointsMap},
+    service::{
+        Cidr, ServiceChangeTracker, ServicePortInfo, ServicePortMap, ServiceType, SessionAffinity,
+        TargetPort, TrafficPolicy,
+    },
+};
+use crate::{
+    desired::{self, DesiredState, NodeContext},
+    source::{K8sObject, ObjectKey},
+};
+
+/// The namespace all namespaced objects without `metadata.namespace` are in.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// `namespace/name` of an object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NamespacedName {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// From object metadata; an unset or empty namespace is `default`.
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self {
+            namespace: meta
+                .namespace
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .unwrap_or(DEFAULT_NAMESPACE)
+                .to_owned(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A pending change of one tracked item: its state before the first unapplied change
+/// (`previous`, kept) and after the latest one (`current`, overwritten).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change<T> {
+    pub previous: T,
+    pub current: T,
+}
+
+/// What an apply changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelChanges {
+    /// Services whose ports or endpoints changed.
+    pub services: BTreeSet<NamespacedName>,
+    /// Nodes added, changed or removed.
+    pub nodes: BTreeSet<String>,
+}
+
+impl ModelChanges {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.nodes.is_empty()
+    }
+}
+
+/// The model the agent keeps: trackers, maps, nodes.
+#[derive(Debug, Default)]
+pub struct Model {
+    services: ServicePortMap,
+    endpoints: EndpointsMap,
+    service_changes: ServiceChangeTracker,
+    endpoint_changes: EndpointsChangeTracker,
+    nodes: BTreeMap<String, Node>,
+    node_changes: BTreeSet<String>,
+    /// The last full set given to `replace_all`.
+    objects: BTreeMap<ObjectKey, K8sObject>,
+}
+
+impl Model {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// For sources that deliver the whole set each time (manifest files): feeds the trackers
+    /// with the difference from the previous set (by kind/namespace/name), then applies it.
+    /// Duplicate keys: the first object wins.
+    pub fn replace_all(&mut self, objects: impl IntoIterator<Item = K8sObject>) -> ModelChanges {
+        let mut next: BTreeMap<ObjectKey, K8sObject> = BTreeMap::new();
+        for obj in objects {
+            next.entry(obj.key()).or_insert(obj);
+        }
+        let previous = std::mem::take(&mut self.objects);
+        for (key, old) in &previous {
+            if !next.contains_key(key) {
+                self.on_object(Some(old), None);
+            }
+        }
+        for (key, new) in &next {
+            let old = previous.get(key);
+            if old != Some(new) {
+                self.on_object(old, Some(new));
+            }
+        }
+        self.objects = next;
+        self.apply_pending()
+    }
+
+    fn on_object(&mut self, old: Option<&K8sObject>, new: Option<&K8sObject>) {
+        match (old, new) {
+            (Some(K8sObject::Service(o)), Some(K8sObject::Service(n))) => {
+                self.on_service(Some(o), Some(n));
+            }
+            (Some(K8sObject::Service(o)), None) => {
+                self.on_service(Some(o), None);
+            }
+            (None, Some(K8sObject::Service(n))) => {
+                self.on_service(None, Some(n));
+            }
+            (Some(K8sObject::EndpointSlice(o)), Some(K8sObject::EndpointSlice(n))) => {
+                self.on_endpoint_slice(Some(o), Some(n));
+            }
+            (Some(K8sObject::EndpointSlice(o)), None) => {
+                self.on_endpoint_slice(Some(o), None);
+            }
+            (None, Some(K8sObject::EndpointSlice(n))) => {
+                self.on_endpoint_slice(None, Some(n));
+            }
+            (Some(K8sObject::Node(o)), Some(K8sObject::Node(n))) => {
+                self.on_node(Some(o), Some(n));
+            }
+            (Some(K8sObject::Node(o)), None) => {
+                self.on_node(Some(o), None);
+            }
+            (None, Some(K8sObject::Node(n))) => {
+                self.on_node(None, Some(n));
+            }
+            // Keys include the kind, so old and new are always of one kind.
+            _ => {}
+        }
+    }
+
+    /// A Service was added (`None, Some`), updated or deleted (`Some, None`). Returns whether
+    /// changes are pending (apply them with `apply_pending`).
+    pub fn on_service(&mut self, old: Option<&Service>, new: Option<&Service>) -> bool {
+        self.service_changes.update(old, new)
+    }
+
+    /// An EndpointSlice was added, updated or deleted. Returns whether changes are pending.
+    pub fn on_endpoint_slice(
+        &mut self,
+        old: Option<&EndpointSlice>,
+        new: Option<&EndpointSlice>,
+    ) -> bool {
+        self.endpoint_changes.update(old, new)
+    }
+
+    /// A Node was added, updated or deleted. Returns whether changes are pending.
+    pub fn on_node(&mut self, old: Option<&Node>, new: Option<&Node>) -> bool {
+        if let Some(name) = new
+            .or(old)
+            .and_then(|n| n.metadata.name.clone())
+            .filter(|n| !n.is_empty())
+        {
+            let changed = match new {
+                Some(n) => self.nodes.get(&name) != Some(n),
+                None => self.nodes.contains_key(&name),
+            };
+            if changed {
+                match new {
+                    Some(n) => self.nodes.insert(name.clone(), n.clone()),
+                    None => self.nodes.remove(&name),
+                };
+                self.node_changes.insert(name);
+            }
+        }
+        self.has_pending()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.service_changes.is_empty()
+            || !self.endpoint_changes.is_empty()
+            || !self.node_changes.is_empty()
+    }
+
+    /// Applies the trackers' pending changes to the maps.
+    pub fn apply_pending(&mut self) -> ModelChanges {
+        let mut services = self.services.apply(&mut self.service_changes);
+        let endpoint_services = self.endpoints.apply(&mut self.endpoint_changes);
+        for name in &endpoint_services {
+            if self.services.service(name).is_none() {
+                debug!("EndpointSlices of Service {name} changed; the Service is not known (yet)");
+            }
+        }
+        services.extend(endpoint_services);
+        ModelChanges {
+            services,
+            nodes: std::mem::take(&mut self.node_changes),
+        }
+    }
+
+    /// What the node must serve, from the applied state (pending changes not included).
+    pub fn desired(&self, node: &NodeContext) -> DesiredState {
+        desired::build(&self.services, &self.endpoints, node)
+    }
+
+    pub fn services(&self) -> &ServicePortMap {
+        &self.services
+    }
+
+    pub fn endpoints(&self) -> &EndpointsMap {
+        &self.endpoints
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+    pub fn service(yaml: &str) -> Service {
+        serde_yaml::from_str(&format!("apiVersion: v1\nkind: Service\n{yaml}"))
+            .expect("test Service parses")
+    }
+
+    pub fn slice(yaml: &str) -> EndpointSlice {
+        serde_yaml::from_str(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n{yaml}"
+        ))
+        .expect("test EndpointSlice parses")
+    }
+
+    /// A ClusterIP service `ns/name` with one TCP port.
+    pub fn simple_service(name: &str, ip: &str, port: u16, target: &str) -> Service {
+        service(&format!(
+            "metadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: {port}, targetPort: {target}}}\n"
+        ))
+    }
+
+    /// A slice of service `svc` (namespace default) with endpoints `(ip, node, ready, serving,
+    /// terminating)` and one port `http` = `port`.
+    pub fn simple_slice(
+        name: &str,
+        svc: &str,
+        port: u16,
+        eps: &[(&str, &str, bool, bool, bool)],
+    ) -> EndpointSlice {
+        let mut y = format!(
+            "metadata:\n  name: {name}\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports:\n- {{name: http, port: {port}, protocol: TCP}}\nendpoints:\n"
+        );
+        if eps.is_empty() {
+            y.push_str("  []\n");
+        }
+        for (ip, node, ready, serving, terminating) in eps {
+            y.push_str(&format!(
+                "- addresses: [{ip}]\n  nodeName: {node}\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n"
+            ));
+        }
+        slice(&y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{testutil::*, *};
+    use crate::desired::FrontendKind;
+
+    #[test]
+    fn replace_all_feeds_differences() {
+        let mut model = Model::new();
+        let svc = simple_service("web", "10.96.0.10", 80, "8080");
+        let sl = simple_slice(
+            "web-1",
+            "web",
+            8080,
+            &[("10.0.0.1", "n1", true, true, false)],
+        );
+        // The slice may come before its service: fine, used once the service appears.
+        let ch = model.replace_all(vec![K8sObject::EndpointSlice(Box::new(sl.clone()))]);
+        assert_eq!(ch.services, [NamespacedName::new("default", "web")].into());
+        assert!(model.desired(&NodeContext::default()).frontends.is_empty());
+
+        let ch = model.replace_all(vec![
+            K8sObject::EndpointSlice(Box::new(sl.clone())),
+            K8sObject::Service(Box::new(svc.clone())),
+        ]);
+        assert_eq!(ch.services, [NamespacedName::new("default", "web")].into());
+        let d = model.desired(&NodeContext::default());
+        assert_eq!(d.frontends.len(), 1);
+        assert_eq!(d.frontends[0].kind, FrontendKind::ClusterIp);
+        assert_eq!(d.frontends[0].backends.len(), 1);
+
+        // Same set again: nothing changes.
+        let ch = model.replace_all(vec![
+            K8sObject::Service(Box::new(svc.clone())),
+            K8sObject::EndpointSlice(Box::new(sl.clone())),
+        ]);
+        assert!(ch.is_empty());
+
+        // Slice deleted: the frontend stays, with no backends.
+        let ch = model.replace_all(vec![K8sObject::Service(Box::new(svc))]);
+        assert_eq!(ch.services.len(), 1);
+        let d = model.desired(&NodeContext::default());
+        assert!(d.frontends[0].backends.is_empty());
+
+        // Everything deleted.
+        model.replace_all(Vec::new());
+        assert!(model.desired(&NodeContext::default()).frontends.is_empty());
+        assert!(model.services().is_empty());
+    }
+
+    #[test]
+    fn on_handlers_batch_until_apply() {
+        let mut model = Model::new();
+        let svc = simple_service("web", "10.96.0.10", 80, "8080");
+        assert!(model.on_service(None, Some(&svc)));
+        assert!(model.desired(&NodeContext::default()).frontends.is_empty());
+        // Added then deleted before a sync: no change at all.
+        assert!(!model.on_service(Some(&svc), None));
+        assert!(model.apply_pending().is_empty());
+
+        let node: Node = serde_yaml::from_str("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n")
+            .expect("node");
+        assert!(model.on_node(None, Some(&node)));
+        let ch = model.apply_pending();
+        assert_eq!(ch.nodes, ["n1".to_owned()].into());
+        assert!(model.node("n1").is_some());
+        assert!(!model.on_node(Some(&node), Some(&node)));
+    }
+}
