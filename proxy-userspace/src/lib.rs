@@ -3,6 +3,13 @@
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy"));
 
+pub mod agent;
+pub mod bpffs;
+pub mod cli;
+pub mod dataplane;
 pub mod desired;
+pub mod health;
+pub mod netdev;
+
 pub mod model;
 pub mod source;

@@ -1,3 +1,34 @@
-fn main() {
-    println!("{}", kproxy::EBPF_OBJECT.len());
+use clap::Parser as _;
+use kproxy::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(kproxy::agent::run(args))),
+        Command::Cleanup(args) => {
+            kproxy::dataplane::ebpf::cleanup::cleanup(&args.bpf_root).map(|n| {
+                tracing::info!(removed = n, bpf_root = %args.bpf_root.display(), "cleanup done");
+            })
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -138,7 +138,10 @@ fn pinned(path: &Path) -> Option<FdLink> {
 /// Pins a new link at `pin` atomically: pin beside it, then rename over the old pin (whose
 /// link, if any, is released and detached).
 fn pin_replacing(link: FdLink, pin: &Path) -> anyhow::Result<()> {
-    let tmp = pin.with_extension("new");
+    // bpffs reserves names with dots.
+    let mut tmp = pin.as_os_str().to_owned();
+    tmp.push("_new");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let pinned = link
         .pin(&tmp)
@@ -158,7 +161,9 @@ fn attach_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin: &Path) -> anyh
     // cgroup links cannot be updated in place by aya: attach the new program next to the old
     // one (both translate identically; the second sees an already translated address), then
     // swap the pin, which detaches the old one.
-    let id = prog.attach(cgroup, CgroupAttachMode::AllowMultiple)?;
+    // Through bpf_link (kernel >= 5.7) the attachment is multi-program by nature; the
+    // kernel rejects explicit attach flags there, so the mode is the default.
+    let id = prog.attach(cgroup, CgroupAttachMode::default())?;
     let link: FdLink = prog.take_link(id)?.try_into()?;
     pin_replacing(link, pin)
 }

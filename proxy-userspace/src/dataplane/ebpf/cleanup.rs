@@ -35,7 +35,10 @@ pub fn cleanup(bpf_root: &Path) -> anyhow::Result<usize> {
             removed += 1;
         }
     }
-    let empty = std::fs::read_dir(bpf_root)?.next().is_none();
+    // A fresh bpffs mount holds the kernel's `maps.debug`/`progs.debug` views: not ours.
+    let empty = std::fs::read_dir(bpf_root)?
+        .flatten()
+        .all(|e| e.file_name().to_string_lossy().ends_with(".debug"));
     if empty {
         if bpffs::is_mount_point(bpf_root) && bpffs::is_bpffs(bpf_root).unwrap_or(false) {
             // We mounted it (`--bpf-root` was not on a bpffs): take the mount away too.

@@ -1,0 +1,220 @@
+//! `kproxy run`: source -> model -> desired state -> dataplane, with a bounded-frequency
+//! sync loop (kube-proxy's runner: coalesce bursts, retry failures as full syncs).
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    cli::{ProxyMode, RunArgs},
+    dataplane::{
+        Dataplane,
+        ebpf::{EbpfDataplane, EbpfSettings},
+    },
+    desired::NodeContext,
+    health::{self, Status},
+    model::Model,
+    netdev,
+    source::manifests::ManifestWatcher,
+};
+
+/// How often the manifests are polled and the node's addresses re-read.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// The delay before retrying a failed sync (it grows to RETRY_MAX).
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+fn default_cgroup_root() -> anyhow::Result<PathBuf> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, ty) = (f.next()?, f.next()?, f.next()?);
+            (ty == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .context("no cgroup2 mount found: pass --cgroup-root")
+}
+
+fn node_name(args: &RunArgs) -> String {
+    if let Some(n) = &args.hostname_override {
+        return n.clone();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        return String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    }
+    "localhost".into()
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let Some(manifests) = args.manifests.clone() else {
+        bail!(
+            "no source: pass --manifests PATH (the Kubernetes API source is not implemented yet)"
+        );
+    };
+    let node = node_name(&args);
+    let addresses = netdev::interface_addresses().context("listing this node's addresses")?;
+    let devices = if args.devices.is_empty() {
+        netdev::default_devices(&addresses, args.cluster_cidr)
+    } else {
+        args.devices.clone()
+    };
+    for dev in &devices {
+        if netdev::ifindex(dev).is_none() {
+            bail!("--devices: no interface named {dev:?} in this network namespace");
+        }
+    }
+    let cgroup_root = match &args.cgroup_root {
+        Some(p) => p.clone(),
+        None => default_cgroup_root()?,
+    };
+
+    let status = Arc::new(Status::default());
+    tokio::spawn(health::serve(
+        args.healthz_bind_address,
+        status.clone(),
+        false,
+    ));
+    tokio::spawn(health::serve(
+        args.metrics_bind_address,
+        status.clone(),
+        true,
+    ));
+
+    let settings = EbpfSettings {
+        bpf_root: args.bpf_root.clone(),
+        cgroup_root: cgroup_root.clone(),
+        devices: devices.clone(),
+        xdp_fib_forward: args.xdp_fib_forward,
+    };
+    let mut dataplane: Box<dyn Dataplane> = match args.proxy_mode {
+        ProxyMode::Ebpf | ProxyMode::Auto => {
+            Box::new(EbpfDataplane::start(settings).context("starting the eBPF dataplane")?)
+        }
+    };
+    let mode = dataplane.name();
+    if let Ok(mut m) = status.mode.lock() {
+        *m = mode.to_string();
+    }
+    tracing::info!(
+        mode,
+        node = %node,
+        devices = ?devices,
+        cgroup_root = %cgroup_root.display(),
+        bpf_root = %args.bpf_root.display(),
+        manifests = %manifests.display(),
+        "kproxy started"
+    );
+
+    let mut watcher = ManifestWatcher::new(manifests);
+    let mut model = Model::new();
+    let mut have_objects = false;
+    let mut dirty = true;
+    let mut full_sync = true;
+    let mut retry_at: Option<Instant> = None;
+    let mut retry_delay = RETRY_MIN;
+    let mut last_nodeport_addrs = Vec::new();
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        if let Some(objects) = watcher.poll() {
+            let changes = model.replace_all(objects);
+            status
+                .service_changes
+                .fetch_add(changes.services.len() as u64, Ordering::Relaxed);
+            have_objects = true;
+            dirty |= !changes.is_empty() || !status.synced.load(Ordering::Relaxed);
+        }
+        let nodeport_addrs = match netdev::interface_addresses() {
+            Ok(a) => netdev::nodeport_addresses(&a, &args.nodeport_addresses),
+            Err(e) => {
+                tracing::warn!("listing addresses: {e}");
+                last_nodeport_addrs.clone()
+            }
+        };
+        if nodeport_addrs != last_nodeport_addrs {
+            last_nodeport_addrs = nodeport_addrs;
+            dirty = true;
+        }
+        if !have_objects || !dirty || retry_at.is_some_and(|t| Instant::now() < t) {
+            continue;
+        }
+        let ctx = NodeContext {
+            node_name: node.clone(),
+            nodeport_addresses: last_nodeport_addrs.clone(),
+        };
+        let started = Instant::now();
+        let desired = model.desired(&ctx);
+        match dataplane.apply(&desired, full_sync) {
+            Ok(stats) => {
+                let took = started.elapsed();
+                for r in &stats.rejected {
+                    tracing::error!("{r}");
+                }
+                status.record_sync(took.as_secs_f64());
+                status
+                    .frontends
+                    .store(desired.frontends.len() as u64, Ordering::Relaxed);
+                status.backends.store(
+                    desired
+                        .frontends
+                        .iter()
+                        .map(|f| f.backends.len() as u64)
+                        .sum(),
+                    Ordering::Relaxed,
+                );
+                if !status.synced.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        frontends = desired.frontends.len(),
+                        took_ms = took.as_secs_f64() * 1000.0,
+                        "first sync programmed"
+                    );
+                } else {
+                    tracing::info!(
+                        frontends = desired.frontends.len(),
+                        writes = stats.writes,
+                        deletes = stats.deletes,
+                        took_ms = took.as_secs_f64() * 1000.0,
+                        "synced"
+                    );
+                }
+                dirty = false;
+                full_sync = false;
+                retry_at = None;
+                retry_delay = RETRY_MIN;
+            }
+            Err(e) => {
+                status.sync_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    retry_in_ms = retry_delay.as_millis() as u64,
+                    "sync failed: {e:#}"
+                );
+                // The changes were consumed: only a full sync can repair a partial write.
+                full_sync = true;
+                retry_at = Some(Instant::now() + retry_delay);
+                retry_delay = (retry_delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+    tracing::info!(
+        "stopping; programs and maps stay pinned under {}",
+        args.bpf_root.display()
+    );
+    Ok(())
+}
