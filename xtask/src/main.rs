@@ -29,7 +29,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit tests, BPF_PROG_TEST_RUN packet tests, and the end-to-end netns
+    /// Run every test (default workspace members; the eBPF crate is exercised through them): unit tests, BPF_PROG_TEST_RUN packet tests, and the end-to-end netns
     /// tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
@@ -72,7 +72,7 @@ fn cargo() -> Command {
 
 fn build_release() -> anyhow::Result<()> {
     eprintln!("xtask: building kproxy (release; the first build takes a few minutes)");
-    run(cargo().args(["build", "--release", "--workspace", "--bins"]))
+    run(cargo().args(["build", "--release", "--bins"]))
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
@@ -121,7 +121,7 @@ fn main() -> anyhow::Result<()> {
             build_release()?;
             eprintln!("xtask: running every test (unit, packet, end-to-end)");
             run(cargo()
-                .args(["test", "--release", "--workspace", "--no-fail-fast"])
+                .args(["test", "--release", "--no-fail-fast"])
                 .args(args))
         }
         Task::Lint => {
