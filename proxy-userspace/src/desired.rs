@@ -359,7 +359,7 @@ mod tests {
             ("10.0.0.3", "n1", false, false, false), // not ready
         ];
         let d = build_from(
-            &[svc.clone()],
+            std::slice::from_ref(&svc),
             &[simple_slice("web-a", "web", 8080, &eps)],
             "n1",
         );
@@ -415,13 +415,13 @@ mod tests {
             "metadata: {name: lb}\nspec: {clusterIP: 10.96.0.9, internalTrafficPolicy: Local, ports: [{name: http, port: 80, targetPort: 8080}]}\n",
         );
         let d = build_from(
-            &[svc_itp.clone()],
+            std::slice::from_ref(&svc_itp),
             &[simple_slice("lb-a", "lb", 8080, &eps)],
             "n2",
         );
         assert_eq!(d.frontends[0].backends, vec![be("10.0.0.2", 8080, true)]);
         let d = build_from(
-            &[svc_itp.clone()],
+            std::slice::from_ref(&svc_itp),
             &[simple_slice("lb-a", "lb", 8080, &eps)],
             "n3",
         );
@@ -441,7 +441,11 @@ mod tests {
         let b = simple_service("b", "10.96.0.1", 80, "9090");
         let c = simple_service("c", "10.96.0.0", 80, "80");
         let s = simple_slice("b-1", "b", 9090, &[("10.0.0.9", "n1", true, true, false)]);
-        let d1 = build_from(&[b.clone(), c.clone(), a.clone()], &[s.clone()], "n1");
+        let d1 = build_from(
+            &[b.clone(), c.clone(), a.clone()],
+            std::slice::from_ref(&s),
+            "n1",
+        );
         let d2 = build_from(&[a, b, c], &[s], "n1");
         assert_eq!(d1, d2);
         assert_eq!(d1.frontends.len(), 2);

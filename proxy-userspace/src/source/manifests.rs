@@ -36,7 +36,7 @@ pub struct Origin {
     pub file: PathBuf,
     /// 1-based index among the file's non-empty documents.
     pub document: usize,
-    /// 1-based line the document starts on.
+    /// 1-based line the document starts on (its `---` line, if any).
     pub line: usize,
     /// Index in a `List`'s `items`.
     pub item: Option<usize>,
@@ -569,4 +569,198 @@ impl ManifestWatcher {
 /// Reads the manifests once (problems logged).
 pub fn load_manifests(path: &Path) -> Vec<K8sObject> {
     ManifestWatcher::new(path).poll().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::ObjectKind;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: prod, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}]\n";
+
+    fn warnings(diags: &[Diagnostic]) -> Vec<&str> {
+        diags
+            .iter()
+            .filter(|d| d.level == Level::Warn)
+            .map(|d| d.message.as_str())
+            .collect()
+    }
+
+    fn keys(objects: &[Parsed]) -> Vec<String> {
+        objects.iter().map(|p| p.object.key().to_string()).collect()
+    }
+
+    #[test]
+    fn malformed_document_does_not_stop_the_others() {
+        let text = format!(
+            "# leading comment\n{SVC}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad\n  spec: [\n---\n{SLICE}---\n# only a comment\n---\napiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n"
+        );
+        let (parsed, diags) = parse_manifest(Path::new("m/all.yaml"), &text);
+        assert_eq!(
+            keys(&parsed),
+            ["Service default/web", "EndpointSlice prod/web-1", "Node n1"]
+        );
+        let w = warnings(&diags);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("m/all.yaml: document 2 (line 6): malformed YAML:"),
+            "{}",
+            w[0]
+        );
+        assert_eq!(parsed[2].origin.document, 4);
+        // Namespaces default to `default` on the parsed objects themselves.
+        let K8sObject::Service(svc) = &parsed[0].object else {
+            panic!("a Service");
+        };
+        assert_eq!(svc.metadata.namespace.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn unknown_kinds_and_missing_type_fields() {
+        let text = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\nkind: Service\nmetadata: {{name: x}}\n---\napiVersion: v1\nmetadata: {{name: y}}\n---\n- 1\n---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {{name: old}}\n---\n{SVC}"
+        );
+        let (parsed, diags) = parse_manifest(Path::new("f.yml"), &text);
+        assert_eq!(keys(&parsed), ["Service default/web"]);
+        let debug: Vec<_> = diags.iter().filter(|d| d.level == Level::Debug).collect();
+        assert_eq!(debug.len(), 1);
+        assert!(debug[0].message.contains("Deployment default/d"));
+        let w = warnings(&diags);
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(
+            w[0].contains("document 2") && w[0].contains("Service default/x: has no apiVersion")
+        );
+        assert!(w[1].contains("document 3") && w[1].contains("has no kind"));
+        assert!(w[2].contains("document 4") && w[2].contains("not a Kubernetes object"));
+        assert!(w[3].contains("apiVersion discovery.k8s.io/v1beta1 is not supported"));
+    }
+
+    #[test]
+    fn invalid_objects_are_reported_and_skipped() {
+        let text = format!(
+            "{SVC}---\napiVersion: v1\nkind: Service\nmetadata: {{name: noip, namespace: a}}\nspec: {{type: NodePort, ports: [{{port: 80}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: typed}}\nspec: {{ports: [{{port: http}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: ext}}\nspec: {{type: ExternalName, externalName: example.com}}\n"
+        );
+        let (parsed, diags) = parse_manifest(Path::new("svc.yaml"), &text);
+        // The ExternalName service is kept (ignored later, not an error).
+        assert_eq!(
+            keys(&parsed),
+            ["Service default/web", "Service default/ext"]
+        );
+        let w = warnings(&diags);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!(
+            w[0],
+            "svc.yaml: document 2 (line 5): Service a/noip: has no spec.clusterIP (kproxy reads manifests without an API server to allocate one); skipped"
+        );
+        assert!(w[1].starts_with("svc.yaml: document 3 (line 10): Service default/typed: "));
+    }
+
+    #[test]
+    fn list_items_duplicates_and_node_port_conflicts() {
+        let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b}\n  spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30000}]}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n  spec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 80, nodePort: 30000}]}\n";
+        let (p1, d1) = parse_manifest(Path::new("1.yaml"), list);
+        assert!(d1.is_empty(), "{d1:?}");
+        assert_eq!(p1[0].origin.item, Some(0));
+        let dup = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}\n";
+        let (p2, _) = parse_manifest(Path::new("2.yaml"), dup);
+        let (objects, diags) = assemble(p1.iter().chain(&p2));
+        let names: Vec<String> = objects.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(names, ["Service default/a"]);
+        let w = warnings(&diags);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("2.yaml: document 1 (line 1): Service default/a: already defined in 1.yaml: document 1 (line 1) items[1]"));
+        assert_eq!(
+            w[1],
+            "1.yaml: document 1 (line 1) items[0]: Service default/b: nodePort 30000/TCP is already used by Service default/a; skipped"
+        );
+    }
+
+    fn write(path: &Path, text: &str) {
+        fs::write(path, text).expect("write test file");
+    }
+
+    #[test]
+    fn watcher_sees_rename_new_and_deleted_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a.yaml");
+        write(&a, SVC);
+        write(&dir.path().join("notes.txt"), "not yaml");
+        let mut w = ManifestWatcher::new(dir.path());
+        let (objects, diags) = w.poll_with_diagnostics().expect("first read");
+        assert_eq!(objects.len(), 1);
+        assert!(diags.is_empty());
+        assert!(w.poll().is_none());
+
+        // Replaced by rename with same size (mtime may well be equal): the inode differs.
+        let tmp = dir.path().join(".a.yaml.tmp");
+        write(&tmp, &SVC.replace("web", "wex"));
+        assert!(w.poll().is_none(), "hidden files are not manifests");
+        fs::rename(&tmp, &a).expect("rename");
+        let objects = w.poll().expect("rename detected");
+        assert_eq!(objects[0].key().name, "wex");
+
+        // A bad file: reported once, not on every poll nor when another file changes.
+        let bad = dir.path().join("bad.yml");
+        write(&bad, "apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
+        let (objects, diags) = w.poll_with_diagnostics().expect("new file");
+        assert_eq!(objects.len(), 1);
+        assert_eq!(warnings(&diags).len(), 1);
+        assert!(warnings(&diags)[0].contains("bad.yml: document 1"));
+        assert!(w.poll_with_diagnostics().is_none());
+        let c = dir.path().join("c.yaml");
+        write(&c, SLICE);
+        let (objects, diags) = w.poll_with_diagnostics().expect("another new file");
+        assert_eq!(objects.len(), 2);
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(objects[1].kind(), ObjectKind::EndpointSlice);
+
+        // Deleted files count.
+        fs::remove_file(&c).expect("rm");
+        fs::remove_file(&bad).expect("rm");
+        assert_eq!(w.poll().expect("deletion").len(), 1);
+
+        // The whole path gone: no objects, one warning.
+        drop(dir);
+        let (objects, diags) = w.poll_with_diagnostics().expect("path gone");
+        assert!(objects.is_empty());
+        assert_eq!(warnings(&diags).len(), 1);
+        assert!(w.poll().is_none());
+    }
+
+    #[test]
+    fn watcher_on_a_single_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("one.yaml");
+        write(&f, SVC);
+        let mut w = ManifestWatcher::open(&f)
+            .expect("exists")
+            .with_interval(Duration::from_millis(5));
+        assert_eq!(load_manifests(&f).len(), 1);
+        assert_eq!(w.poll().map(|o| o.len()), Some(1));
+        write(&f, &format!("{SVC}---\n{SLICE}"));
+        assert_eq!(w.poll().map(|o| o.len()), Some(2));
+        assert!(ManifestWatcher::open(dir.path().join("missing.yaml")).is_err());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let inputs = [
+            "",
+            "---\n---\n",
+            "...\n",
+            "\u{feff}apiVersion: v1\nkind: Node\n",
+            "apiVersion: v1\nkind: List\nitems: 3\n",
+            "apiVersion: v1\nkind: List\nitems: [1, {kind: Service}]\n",
+            "apiVersion: [1]\nkind: {a: b}\n",
+            "apiVersion: v1\nkind: Service\nspec: {ports: [{port: -1, nodePort: 99999999999}]}\n",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: x}\naddressType: IPv4\nendpoints: [{addresses: []}]\nports: [{port: 0}]\n",
+            "--- !weird\n&a [*a]\n",
+            "{{{{",
+        ];
+        for text in inputs {
+            let (parsed, _) = parse_manifest(Path::new("g.yaml"), text);
+            let _ = assemble(&parsed);
+        }
+    }
 }
