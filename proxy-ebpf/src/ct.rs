@@ -16,8 +16,8 @@ use proxy_common::{
 
 use crate::maps::{CT4, NAT4_REV};
 
-/// Random SNAT ports tried after the preferred one.
-const SNAT4_RANDOM_ATTEMPTS: u32 = 3;
+/// SNAT ports tried after the preferred one: a random port and the ports following it.
+const SNAT4_PROBES: u32 = 4;
 
 #[inline(always)]
 pub fn ct4_key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Ct4Key {
@@ -102,7 +102,7 @@ fn snat4_range(cfg: &Lb4Config) -> (u16, u16) {
 
 /// Finds a SNAT source port (be) for a flow to `backend:bport` from `node_addr`, claiming its
 /// reverse entry `value`. Tries `preferred` (be; e.g. the port the flow had, or the client's)
-/// if it is in range, then a few random ports. `None` if every attempt collided.
+/// if it is in range, then a random port and the few after it (wrapping in the range). `None` if every attempt collided.
 #[inline(always)]
 pub fn snat4_alloc_port(
     cfg: &Lb4Config,
@@ -120,10 +120,10 @@ pub fn snat4_alloc_port(
         }
     }
     let span = u32::from(max - min) + 1;
-    for _ in 0..SNAT4_RANDOM_ATTEMPTS {
-        // SAFETY: plain helper call.
-        let rnd = unsafe { bpf_get_prandom_u32() };
-        let port = (u32::from(min) + rnd % span) as u16;
+    // SAFETY: plain helper call.
+    let start = unsafe { bpf_get_prandom_u32() } % span;
+    for i in 0..SNAT4_PROBES {
+        let port = (u32::from(min) + (start + i) % span) as u16;
         key.dport = port.to_be();
         if nat4_rev_claim(&key, value) {
             return Some(key.dport);

@@ -38,6 +38,8 @@ pub trait NetCtx {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     fn raw(&self) -> *mut c_void;
+    /// The length of the whole packet from the Ethernet header (tc: including paged data).
+    fn pkt_len(&self) -> usize;
     /// The device the packet arrived on (or leaves through, on egress).
     fn ifindex(&self) -> u32;
 
@@ -99,6 +101,11 @@ impl NetCtx for XdpContext {
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.as_ptr()
+    }
+
+    #[inline(always)]
+    fn pkt_len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
     }
 
     #[inline(always)]
@@ -196,6 +203,11 @@ impl NetCtx for TcContext {
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.as_ptr()
+    }
+
+    #[inline(always)]
+    fn pkt_len(&self) -> usize {
+        self.len() as usize
     }
 
     #[inline(always)]

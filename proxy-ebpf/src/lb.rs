@@ -8,9 +8,9 @@ use proxy_common::{
 
 use crate::maps::{LB4_BACKENDS, LB4_CONFIG, LB4_NODEPORT_ADDRS, LB4_SERVICES};
 
-/// How many random slots `lb4_select_backend` tries before giving up (a slot may be missing
-/// for a moment while the agent rewrites a service).
-const LB4_SELECT_ATTEMPTS: u32 = 2;
+/// How many slots `lb4_select_backend` probes, from a random one onwards, before giving up
+/// (a slot or backend may be missing for a moment while the agent rewrites a service).
+const LB4_SELECT_PROBES: u32 = 16;
 
 /// The node-wide settings, or `None` until the agent marked them ready: until then nothing is
 /// translated.
@@ -39,9 +39,7 @@ pub fn lb4_lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<(Lb4Key, 
         return Some((key, svc));
     }
     // SAFETY: only presence is checked.
-    if unsafe { LB4_NODEPORT_ADDRS.get(&daddr) }.is_none() {
-        return None;
-    }
+    unsafe { LB4_NODEPORT_ADDRS.get(daddr) }?;
     let key = Lb4Key::new(0, dport, proto, 0);
     lb4_lookup_master(&key).map(|svc| (key, svc))
 }
@@ -50,7 +48,7 @@ pub fn lb4_lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<(Lb4Key, 
 #[inline(always)]
 pub fn lb4_lookup_backend(id: u32, rev_nat_index: u16) -> Option<Lb4Backend> {
     // SAFETY: the value is copied out at once.
-    let backend = unsafe { LB4_BACKENDS.get(&id).copied() }?;
+    let backend = unsafe { LB4_BACKENDS.get(id).copied() }?;
     if backend.rev_nat_index != rev_nat_index {
         return None;
     }
@@ -58,17 +56,22 @@ pub fn lb4_lookup_backend(id: u32, rev_nat_index: u16) -> Option<Lb4Backend> {
 }
 
 /// Picks a random backend slot of the frontend `key` (a master key from
-/// [`lb4_lookup_service`]). `None` when the service has no endpoints or the slot/backend is
-/// missing or stale: the caller then translates nothing.
+/// [`lb4_lookup_service`]); if that slot or its backend is missing or stale, the next slots
+/// (up to [`LB4_SELECT_PROBES`]). `None` when the service has no endpoints or no valid
+/// backend was found: the caller then translates nothing.
 #[inline(always)]
 pub fn lb4_select_backend(key: &Lb4Key, svc: &Lb4Service) -> Option<(u32, Lb4Backend)> {
     if svc.count == 0 {
         return None;
     }
-    for _ in 0..LB4_SELECT_ATTEMPTS {
-        // SAFETY: plain helper call.
-        let rnd = unsafe { bpf_get_prandom_u32() };
-        let slot = (rnd % u32::from(svc.count)) as u16 + 1;
+    let count = u32::from(svc.count);
+    // SAFETY: plain helper call.
+    let start = unsafe { bpf_get_prandom_u32() } % count;
+    for i in 0..LB4_SELECT_PROBES {
+        if i >= count {
+            break;
+        }
+        let slot = ((start + i) % count) as u16 + 1;
         let slot_key = Lb4Key::new(key.address, key.dport, key.proto, slot);
         let Some(slot_svc) = lb4_lookup_master(&slot_key) else {
             continue;

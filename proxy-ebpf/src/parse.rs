@@ -83,8 +83,14 @@ pub fn parse4<C: NetCtx>(ctx: &C) -> Result<Option<Pkt4>, PktErr> {
     } else {
         return Ok(None);
     };
-    // The whole fixed L4 header must be present (this also covers the IPv4 options).
+    // The whole fixed L4 header must be present (this also covers the IPv4 options), and
+    // the packet must hold all the bytes its IPv4 header claims (a truncated packet is never
+    // translated).
     ctx.load::<u8>(l4_off + hlen - 1)?;
+    let tot_len = u16::from_be(ctx.load::<u16>(l3_off + 2)?);
+    if usize::from(tot_len) < ihl + hlen || l3_off + usize::from(tot_len) > ctx.pkt_len() {
+        return Ok(None);
+    }
     Ok(Some(Pkt4 {
         l3_off,
         l4_off,
@@ -95,7 +101,7 @@ pub fn parse4<C: NetCtx>(ctx: &C) -> Result<Option<Pkt4>, PktErr> {
         proto,
         tos: ctx.load(l3_off + 1)?,
         ttl: ctx.load(l3_off + IP_OFF_TTL)?,
-        tot_len: u16::from_be(ctx.load::<u16>(l3_off + 2)?),
+        tot_len,
         l4_csum: L4Csum {
             off: l4_off + csum_off,
             proto,

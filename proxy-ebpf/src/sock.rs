@@ -78,7 +78,7 @@ pub fn sock4_xlate_fwd(ctx: &SockAddrContext) -> Result<i32, SockErr> {
     };
     // Without the reverse entry recvfrom()/getpeername() would show the backend: still
     // better than failing the connect, so the insert result is not checked.
-    let _ = SOCK4_REV.insert(&rev_key, &rev, u64::from(BPF_ANY));
+    let _ = SOCK4_REV.insert(rev_key, rev, u64::from(BPF_ANY));
     // SAFETY: user_ip4/user_port are writable in connect4/sendmsg4.
     unsafe {
         (*sa).user_ip4 = backend.address;
@@ -98,7 +98,7 @@ pub fn sock4_xlate_rev(ctx: &SockAddrContext) -> Result<i32, SockErr> {
     let (addr, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
     let key = sock4_rev_key(sock4_cookie(ctx), addr, port);
     // SAFETY: the value is copied out at once.
-    let Some(rev) = (unsafe { SOCK4_REV.get(&key).copied() }) else {
+    let Some(rev) = (unsafe { SOCK4_REV.get(key).copied() }) else {
         return Ok(SYS_PROCEED);
     };
     // SAFETY: user_ip4/user_port are writable in recvmsg4/getpeername4.

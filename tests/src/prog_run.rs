@@ -66,6 +66,9 @@ struct BpfAttrTestRun {
     flags: u32,
     cpu: u32,
     batch_size: u32,
+    /// Explicit so the tail is zero: the kernel rejects non-zero bytes past the fields it
+    /// knows (EINVAL).
+    _pad: u32,
 }
 
 /// Runs the program `prog_fd` once on `data`; returns its return value and the packet as the
@@ -161,7 +164,7 @@ impl PacketSpec {
 
     pub fn build(&self) -> Vec<u8> {
         let mut opts = self.ip_options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0); // End of options list
         }
         let ihl = 20 + opts.len();
@@ -215,7 +218,11 @@ pub fn parse(p: &[u8]) -> Parsed {
     let ihl = usize::from(p[ETH_HLEN] & 0x0f) * 4;
     let l4 = ETH_HLEN + ihl;
     let proto = p[ETH_HLEN + 9];
-    let csum_off = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
+    let csum_off = if proto == IPPROTO_TCP {
+        l4 + 16
+    } else {
+        l4 + 6
+    };
     Parsed {
         saddr: p[ETH_HLEN + 12..ETH_HLEN + 16].try_into().unwrap(),
         daddr: p[ETH_HLEN + 16..ETH_HLEN + 20].try_into().unwrap(),
@@ -238,7 +245,11 @@ pub fn fix_checksums(p: &mut [u8], udp_csum: bool) {
     let ip = csum_finish(csum_add(0, &p[l3..l4]));
     p[l3 + 10..l3 + 12].copy_from_slice(&ip.to_be_bytes());
     let proto = p[l3 + 9];
-    let csum_off = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
+    let csum_off = if proto == IPPROTO_TCP {
+        l4 + 16
+    } else {
+        l4 + 6
+    };
     p[csum_off..csum_off + 2].copy_from_slice(&[0, 0]);
     if proto == IPPROTO_UDP && !udp_csum {
         return;
@@ -265,7 +276,11 @@ pub fn assert_checksums(p: &[u8], what: &str) {
         (want.ip_csum, want.l4_csum),
         "{what}: (ip, l4) checksums differ from a recomputation"
     );
-    assert_eq!(p, &fixed[..], "{what}: packet differs from its recomputation");
+    assert_eq!(
+        p,
+        &fixed[..],
+        "{what}: packet differs from its recomputation"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -300,7 +315,10 @@ impl BpfFs {
         if rc != 0 {
             let err = io::Error::last_os_error();
             let _ = std::fs::remove_dir(&path);
-            panic!("mount bpffs on {}: {err} (these tests need root)", path.display());
+            panic!(
+                "mount bpffs on {}: {err} (these tests need root)",
+                path.display()
+            );
         }
         Self { path }
     }
@@ -341,7 +359,7 @@ pub fn be16(p: u16) -> u16 {
 impl Fixture {
     /// Loads `kproxy::EBPF_OBJECT` with maps pinned in a fresh bpffs and loads (verifies)
     /// every program as the agent does.
-    pub fn new() -> Self {
+    pub fn load() -> Self {
         let bpffs = BpfFs::mount();
         let ebpf = load_all(&bpffs.path);
         Self { ebpf, bpffs }
@@ -471,11 +489,13 @@ pub fn load_all(pin_dir: &Path) -> Ebpf {
         .unwrap_or_else(|e| panic!("{PROG_XDP} rejected: {e:?}"));
     for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
         let tc: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        tc.load().unwrap_or_else(|e| panic!("{name} rejected: {e:?}"));
+        tc.load()
+            .unwrap_or_else(|e| panic!("{name} rejected: {e:?}"));
     }
     for name in PROGS_SOCK {
         let p: &mut CgroupSockAddr = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        p.load().unwrap_or_else(|e| panic!("{name} rejected: {e:?}"));
+        p.load()
+            .unwrap_or_else(|e| panic!("{name} rejected: {e:?}"));
     }
     ebpf
 }
