@@ -480,10 +480,15 @@ impl Fixture {
 /// Loads the object as the agent does (maps pinned by name under `pin_dir`) and loads every
 /// program; panics with the verifier log if one is rejected.
 pub fn load_all(pin_dir: &Path) -> Ebpf {
+    load_all_from(pin_dir, kproxy::EBPF_OBJECT)
+}
+
+/// Like [`load_all`] for another build of the object (e.g. the dev profile).
+pub fn load_all_from(pin_dir: &Path, object: &[u8]) -> Ebpf {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
-        .load(kproxy::EBPF_OBJECT)
-        .unwrap_or_else(|e| panic!("loading kproxy::EBPF_OBJECT: {e:?}"));
+        .load(object)
+        .unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
     let xdp: &mut Xdp = ebpf.program_mut(PROG_XDP).unwrap().try_into().unwrap();
     xdp.load()
         .unwrap_or_else(|e| panic!("{PROG_XDP} rejected: {e:?}"));
