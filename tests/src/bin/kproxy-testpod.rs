@@ -11,6 +11,9 @@
 //!     all queries, like a DNS client, and is re-created after an error.
 //! kproxy-testpod tcp-ask ADDR:PORT [--http] [--count N] [--interval-ms MS] [--timeout-ms MS]
 //!     Opens a new connection per query; with --http sends "GET /" and reports the body.
+//! kproxy-testpod tcx-count IF
+//!     Prints "ingress N" and "egress N": how many programs are attached to IF's TCX
+//!     hooks (BPF_PROG_QUERY; bpftool 7.1 cannot show TCX). Run it in the device's netns.
 //! ```
 //!
 //! The ask commands print one line per query, flushed at once:
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Some("udp-serve") => udp_serve(&args[1..]),
         Some("udp-ask") => ask(&args[1..], Proto::Udp),
         Some("tcp-ask") => ask(&args[1..], Proto::Tcp),
+        Some("tcx-count") => tcx_count(&args[1..]),
         _ => Err(usage()),
     };
     match r {
@@ -273,4 +277,38 @@ fn tcp_query(o: &AskOpts) -> String {
         Some((head, _)) => format!("error HTTP {}", head.lines().next().unwrap_or("")),
         None => format!("error SHORT short response: {:?}", text.trim()),
     }
+}
+
+/// BPF_PROG_QUERY on a device's TCX hooks.
+fn tcx_count(args: &[String]) -> Result<(), String> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const BPF_TCX_EGRESS: u32 = 47;
+    let [ifname] = args else { return Err(usage()) };
+    let c = std::ffi::CString::new(ifname.as_str()).map_err(|e| e.to_string())?;
+    // SAFETY: a valid NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return Err(format!("no interface {ifname}"));
+    }
+    for (name, attach_type) in [("ingress", BPF_TCX_INGRESS), ("egress", BPF_TCX_EGRESS)] {
+        // union bpf_attr, the `query` member: target_ifindex @0, attach_type @4,
+        // query_flags @8, attach_flags @12, prog_ids @16, prog_cnt @24.
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&ifindex.to_ne_bytes());
+        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+        // SAFETY: attr is a zeroed bpf_attr-sized buffer; prog_ids is NULL so the kernel
+        // only writes prog_cnt.
+        let r =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
+        if r != 0 {
+            return Err(format!(
+                "BPF_PROG_QUERY {name}: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        let cnt = u32::from_ne_bytes(attr[24..28].try_into().unwrap());
+        println!("{name} {cnt}");
+    }
+    Ok(())
 }

@@ -748,6 +748,10 @@ impl Cluster {
         let mut argv: Vec<String> = vec![bin.display().to_string()];
         argv.extend(self.agent_args(n));
         argv.extend(extra.iter().map(|s| s.to_string()));
+        // Extra flags for every agent, e.g. KPROXY_AGENT_EXTRA_ARGS="--xdp-fib-forward false".
+        if let Ok(more) = std::env::var("KPROXY_AGENT_EXTRA_ARGS") {
+            argv.extend(more.split_whitespace().map(String::from));
+        }
         let argv_ref: Vec<&str> = argv.iter().map(String::as_str).collect();
         let log = self.nodes[ni].dir.join("agent.log");
         fs::OpenOptions::new()
@@ -922,9 +926,10 @@ impl Cluster {
         self.ok(probe::ask(place, &self.testpod(), args, timeout))
     }
 
-    /// Starts `testpod <args>` at `place` in the background.
+    /// Starts `testpod <args>` at `place` in the background (output in the temp dir).
     pub fn ask_start(&self, place: &Place, args: &[&str]) -> probe::Asker {
-        self.ok(probe::Asker::start(place, &self.testpod(), args))
+        let log = self.tmp.join(format!("ask-{}.out", sys::unique_id()));
+        self.ok(probe::Asker::start(place, &self.testpod(), args, &log))
     }
 }
 

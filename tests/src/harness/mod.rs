@@ -14,6 +14,8 @@
 //! for some tests `bpftool` and `tc`.
 
 pub mod cluster;
+pub mod demo;
+pub mod fixtures;
 pub mod manifests;
 pub mod probe;
 pub mod sys;

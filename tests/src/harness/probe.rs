@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -87,9 +88,17 @@ pub fn curl(place: &Place, url: &str, max_time: Duration) -> Result<CurlResult> 
     })
 }
 
-/// `n` curls in a row; returns every result.
+/// Up to `n` curls in a row; returns every result. Stops early after 3 failures in a row
+/// (the caller sees fewer than `n` results and the failures), to keep failing tests fast.
 pub fn curl_n(place: &Place, url: &str, n: usize, max_time: Duration) -> Result<Vec<CurlResult>> {
-    (0..n).map(|_| curl(place, url, max_time)).collect()
+    let mut v: Vec<CurlResult> = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(curl(place, url, max_time)?);
+        if v.len() >= 3 && v[v.len() - 3..].iter().all(|r| !r.ok()) {
+            break;
+        }
+    }
+    Ok(v)
 }
 
 /// How many answers each pod gave (failures under `"<failed>"`).
@@ -208,41 +217,77 @@ pub fn show(lines: &[AskLine]) -> String {
     lines.iter().map(|l| format!("  {l}\n")).collect()
 }
 
-/// A running `udp-ask`/`tcp-ask` (or anything printing those lines) in the background.
+/// A running `udp-ask`/`tcp-ask` (or anything printing those lines) in the background; its
+/// output goes to a file so it can be read while it runs (`peek`).
 pub struct Asker {
     proc: Proc,
     argv: Vec<String>,
+    log: PathBuf,
 }
 
 impl Asker {
-    /// Starts `testpod <args>` at `place`.
-    pub fn start(place: &Place, testpod: &str, args: &[&str]) -> Result<Asker> {
+    /// Starts `testpod <args>` at `place`, writing its output to `log`.
+    pub fn start(place: &Place, testpod: &str, args: &[&str], log: &Path) -> Result<Asker> {
         let mut argv = vec![testpod];
         argv.extend_from_slice(args);
-        let proc = place.spawn_piped("asker", &argv)?;
+        let _ = std::fs::remove_file(log);
+        let proc = place.spawn_logged("asker", &argv, log)?;
         Ok(Asker {
             proc,
             argv: argv.iter().map(|s| s.to_string()).collect(),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// The lines printed so far.
+    pub fn peek(&self) -> Vec<AskLine> {
+        parse_ask(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// Waits until a line satisfies `pred` (up to `timeout`); returns it.
+    pub fn wait_line(&self, timeout: Duration, pred: impl Fn(&AskLine) -> bool) -> Option<AskLine> {
+        super::sys::wait_for(timeout, Duration::from_millis(10), || {
+            self.peek().into_iter().find(|l| pred(l))
         })
     }
 
     /// Waits for it to finish (killing it after `timeout`) and parses its output.
-    pub fn finish(self, timeout: Duration) -> Result<Vec<AskLine>> {
-        let out = self.proc.wait_output(timeout)?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
+    pub fn finish(mut self, timeout: Duration) -> Result<Vec<AskLine>> {
+        let deadline = Instant::now() + timeout;
+        while self.proc.is_running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let killed = self.proc.is_running();
+        let status = self.proc.kill();
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        if killed || !status.is_some_and(|s| s.success()) {
             return Err(anyhow!(
-                "{:?} failed ({}): {}\nstdout:\n{stdout}",
+                "{:?} {} ({status:?}); output:\n{text}",
                 self.argv,
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
+                if killed {
+                    "did not finish in time"
+                } else {
+                    "failed"
+                }
             ));
         }
-        Ok(parse_ask(&stdout))
+        Ok(parse_ask(&text))
     }
 }
 
 /// Runs `testpod <args>` at `place` to completion and parses its output.
 pub fn ask(place: &Place, testpod: &str, args: &[&str], timeout: Duration) -> Result<Vec<AskLine>> {
-    Asker::start(place, testpod, args)?.finish(timeout)
+    let mut argv = vec![testpod];
+    argv.extend_from_slice(args);
+    let out = place.output_timeout(&argv, timeout)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(anyhow!(
+            "{argv:?} at {} failed ({}): {}\nstdout:\n{stdout}",
+            place.label,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(parse_ask(&stdout))
 }
