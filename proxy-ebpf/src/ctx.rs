@@ -43,6 +43,11 @@ pub trait NetCtx {
     /// The device the packet arrived on (or leaves through, on egress).
     fn ifindex(&self) -> u32;
 
+    /// Whether a translated packet may be sent straight out of `ifindex`. XDP sends only back
+    /// out of the device it came in on (`XDP_TX`): an XDP redirect into a veth is dropped
+    /// unless the peer runs XDP, which pods' veths do not; the stack forwards those instead.
+    fn can_forward_to(&self, ifindex: u32) -> bool;
+
     /// Reads a `T` at `off`, or fails if the packet is shorter than `off + size_of::<T>()`.
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Result<T, PktErr> {
@@ -86,6 +91,11 @@ pub trait NetCtx {
 }
 
 impl NetCtx for XdpContext {
+    #[inline(always)]
+    fn can_forward_to(&self, ifindex: u32) -> bool {
+        ifindex == NetCtx::ifindex(self)
+    }
+
     const PASS: i32 = xdp_action::XDP_PASS as i32;
 
     #[inline(always)]
@@ -188,6 +198,11 @@ fn xdp_store<T: Copy>(ctx: &XdpContext, off: usize, v: T) -> Result<(), PktErr> 
 }
 
 impl NetCtx for TcContext {
+    #[inline(always)]
+    fn can_forward_to(&self, _ifindex: u32) -> bool {
+        true
+    }
+
     const PASS: i32 = TC_ACT_OK as i32;
 
     #[inline(always)]

@@ -241,7 +241,7 @@ fn nodeport_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt4) -> Result<i
     params.__bindgen_anon_4.ipv4_dst = pkt.daddr;
     // SAFETY: `params` is a valid, fully initialised struct of the size passed.
     let rc = unsafe { bpf_fib_lookup(ctx.raw(), &mut params, size_of::<FibParams>() as i32, 0) };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || !ctx.can_forward_to(params.ifindex) {
         return Ok(C::PASS);
     }
     let old = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
