@@ -1,2 +1,3 @@
+pub mod apiserver;
 pub mod harness;
 pub mod prog_run;

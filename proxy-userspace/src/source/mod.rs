@@ -2,6 +2,7 @@
 //! through kube-rs watchers later. A source only parses and reports bad input; the model
 //! gives the objects their meaning.
 
+pub mod kube;
 pub mod manifests;
 
 use std::fmt;
