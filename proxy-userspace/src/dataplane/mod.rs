@@ -1,7 +1,10 @@
 //! Dataplane backends. Each one programs a [`DesiredState`] exactly; none re-derives
 //! Kubernetes semantics.
 
+pub mod conntrack_flush;
 pub mod ebpf;
+pub mod iptables;
+pub mod nftables;
 
 use crate::desired::DesiredState;
 

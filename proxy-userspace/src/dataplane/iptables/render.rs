@@ -1,0 +1,349 @@
+//! Rendering a [`DesiredState`] as kube-proxy's iptables layout under the `KPROXY-` prefix,
+//! and the `iptables-restore --noflush` input that moves the kernel from one rendering to the
+//! next, rewriting only the chains that changed.
+//!
+//! nat table:
+//! - `KPROXY-SERVICES` (jumped from PREROUTING and OUTPUT): one rule per cluster IP,
+//!   external IP and LoadBalancer IP frontend with endpoints, jumping to its `KPROXY-SVC-`;
+//!   last, for each nodePort address, `-d addr -m addrtype --dst-type LOCAL -j KPROXY-NODEPORTS`.
+//! - `KPROXY-NODEPORTS`: one rule per nodePort frontend with endpoints.
+//! - `KPROXY-SVC-<hash>`: `-m statistic --mode random --probability 1/(n-i)` to each
+//!   `KPROXY-SEP-<hash>`, the last one unconditional.
+//! - `KPROXY-SEP-<hash>`: mark for masquerade if the source is the endpoint (hairpin) and, for
+//!   an endpoint on another node, if the source is outside the cluster CIDR (all sources
+//!   without one); then DNAT.
+//! - `KPROXY-MARK-MASQ` sets the mark, `KPROXY-POSTROUTING` (jumped from POSTROUTING)
+//!   masquerades marked packets.
+//!
+//! filter table (jumped with `--ctstate NEW`):
+//! - `KPROXY-SERVICES` (FORWARD, OUTPUT): REJECT for cluster IPs without endpoints.
+//! - `KPROXY-EXTERNAL-SERVICES` (INPUT, FORWARD, OUTPUT): REJECT for external and
+//!   LoadBalancer IPs without endpoints; then, per nodePort address, a jump to the filter
+//!   `KPROXY-NODEPORTS`, which rejects nodePorts without endpoints.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::hash::{endpoint_identity, frontend_identity, hash};
+use crate::{
+    dataplane::nftables::render::{RenderOptions, network},
+    desired::{Backend, DesiredState, Frontend, FrontendKind, Protocol},
+};
+
+pub const SERVICES: &str = "KPROXY-SERVICES";
+pub const EXTERNAL_SERVICES: &str = "KPROXY-EXTERNAL-SERVICES";
+pub const NODEPORTS: &str = "KPROXY-NODEPORTS";
+pub const POSTROUTING: &str = "KPROXY-POSTROUTING";
+pub const MARK_MASQ: &str = "KPROXY-MARK-MASQ";
+pub const PREFIX: &str = "KPROXY-";
+
+/// The chains of the two tables, each with its rules (`-A CHAIN ...` lines).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rendering {
+    pub nat: BTreeMap<String, Vec<String>>,
+    pub filter: BTreeMap<String, Vec<String>>,
+}
+
+/// The chains always rewritten (they refer to every frontend, or are tiny).
+pub fn is_top_level(chain: &str) -> bool {
+    !chain.starts_with("KPROXY-SVC-") && !chain.starts_with("KPROXY-SEP-")
+}
+
+pub fn service_chain(f: &Frontend) -> String {
+    format!("KPROXY-SVC-{}", hash(&frontend_identity(f), 16))
+}
+
+pub fn endpoint_chain(f: &Frontend, b: &Backend) -> String {
+    format!("KPROXY-SEP-{}", hash(&endpoint_identity(f, b), 16))
+}
+
+fn proto(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+fn kind(k: FrontendKind) -> &'static str {
+    match k {
+        FrontendKind::ClusterIp => "cluster IP",
+        FrontendKind::NodePort => "nodePort",
+        FrontendKind::ExternalIp => "external IP",
+        FrontendKind::LoadBalancer => "load balancer IP",
+    }
+}
+
+/// `-p tcp -m tcp --dport 80`
+fn port_match(f: &Frontend) -> String {
+    let p = proto(f.protocol);
+    format!("-p {p} -m {p} --dport {}", f.port)
+}
+
+fn reject(f: &Frontend) -> &'static str {
+    match f.protocol {
+        Protocol::Tcp => "-j REJECT --reject-with tcp-reset",
+        _ => "-j REJECT --reject-with icmp-port-unreachable",
+    }
+}
+
+pub fn render(desired: &DesiredState, opts: &RenderOptions) -> Rendering {
+    let mark = 1u32 << opts.masquerade_bit;
+    let mut nat: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut filter: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ] {
+        nat.insert(c.into(), Vec::new());
+    }
+    for c in [SERVICES, EXTERNAL_SERVICES, NODEPORTS] {
+        filter.insert(c.into(), Vec::new());
+    }
+    let add = |map: &mut BTreeMap<String, Vec<String>>, chain: &str, rule: String| {
+        map.entry(chain.to_string())
+            .or_default()
+            .push(format!("-A {chain} {rule}"));
+    };
+    add(
+        &mut nat,
+        POSTROUTING,
+        format!("-m mark ! --mark {mark:#x}/{mark:#x} -j RETURN"),
+    );
+    add(
+        &mut nat,
+        POSTROUTING,
+        format!("-j MARK --xor-mark {mark:#x}"),
+    );
+    add(
+        &mut nat,
+        POSTROUTING,
+        "-m comment --comment \"kproxy service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+            .into(),
+    );
+    add(&mut nat, MARK_MASQ, format!("-j MARK --or-mark {mark:#x}"));
+
+    let outside = opts
+        .cluster_cidr
+        .as_ref()
+        .map(|c| format!("! -s {} ", network(c)));
+    for f in &desired.frontends {
+        let comment = format!("-m comment --comment \"{} {}\"", f.service, kind(f.kind));
+        if f.backends.is_empty() {
+            let (chain, dst) = match f.kind {
+                FrontendKind::ClusterIp => (SERVICES, format!("-d {}/32 ", f.address)),
+                FrontendKind::NodePort => (NODEPORTS, String::new()),
+                _ => (EXTERNAL_SERVICES, format!("-d {}/32 ", f.address)),
+            };
+            add(
+                &mut filter,
+                chain,
+                format!(
+                    "-m comment --comment \"{} {} has no endpoints\" {dst}{} {}",
+                    f.service,
+                    kind(f.kind),
+                    port_match(f),
+                    reject(f)
+                ),
+            );
+            continue;
+        }
+        let svc = service_chain(f);
+        match f.kind {
+            FrontendKind::NodePort => add(
+                &mut nat,
+                NODEPORTS,
+                format!("{comment} {} -j {svc}", port_match(f)),
+            ),
+            _ => add(
+                &mut nat,
+                SERVICES,
+                format!("{comment} -d {}/32 {} -j {svc}", f.address, port_match(f)),
+            ),
+        }
+        nat.insert(svc.clone(), Vec::new());
+        let n = f.backends.len();
+        for (i, b) in f.backends.iter().enumerate() {
+            let sep = endpoint_chain(f, b);
+            let c = format!(
+                "-m comment --comment \"{} -> {}:{}\"",
+                f.service, b.address, b.port
+            );
+            let rule = if i + 1 < n {
+                format!(
+                    "{c} -m statistic --mode random --probability {:.10} -j {sep}",
+                    1.0 / (n - i) as f64
+                )
+            } else {
+                format!("{c} -j {sep}")
+            };
+            add(&mut nat, &svc, rule);
+            nat.insert(sep.clone(), Vec::new());
+            add(
+                &mut nat,
+                &sep,
+                format!("{c} -s {}/32 -j {MARK_MASQ}", b.address),
+            );
+            if !b.is_local {
+                add(
+                    &mut nat,
+                    &sep,
+                    format!("{c} {}-j {MARK_MASQ}", outside.as_deref().unwrap_or("")),
+                );
+            }
+            let p = proto(f.protocol);
+            add(
+                &mut nat,
+                &sep,
+                format!(
+                    "{c} -p {p} -m {p} -j DNAT --to-destination {}:{}",
+                    b.address, b.port
+                ),
+            );
+        }
+    }
+    // The nodePorts, last in the services chains, only to local nodePort addresses.
+    for a in &desired.nodeport_addresses {
+        add(
+            &mut nat,
+            SERVICES,
+            format!(
+                "-m comment --comment \"kproxy nodePorts\" -d {a}/32 -m addrtype --dst-type LOCAL -j {NODEPORTS}"
+            ),
+        );
+        add(
+            &mut filter,
+            EXTERNAL_SERVICES,
+            format!(
+                "-m comment --comment \"kproxy nodePorts\" -d {a}/32 -m addrtype --dst-type LOCAL -j {NODEPORTS}"
+            ),
+        );
+    }
+    Rendering { nat, filter }
+}
+
+/// What a restore changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreInput {
+    pub text: String,
+    /// Chains (re)written.
+    pub written: usize,
+    /// Chains deleted.
+    pub deleted: usize,
+}
+
+/// The `iptables-restore --noflush` input from `previous` (what the kernel has, as we
+/// rendered it; `None` for a full sync) to `next`. The top-level chains are always rewritten;
+/// per-frontend/per-endpoint chains only if new or changed; chains gone from `next` are
+/// flushed and deleted, as are `extra_stale` chains (found in the kernel on a full sync).
+pub fn restore_input(
+    previous: Option<&Rendering>,
+    next: &Rendering,
+    extra_stale: &Rendering,
+) -> RestoreInput {
+    let mut out = RestoreInput::default();
+    let mut text = String::new();
+    let tables = [
+        (
+            "filter",
+            previous.map(|p| &p.filter),
+            &next.filter,
+            &extra_stale.filter,
+        ),
+        ("nat", previous.map(|p| &p.nat), &next.nat, &extra_stale.nat),
+    ];
+    for (table, prev, next, extra) in tables {
+        let write: Vec<&String> = next
+            .iter()
+            .filter(|(name, rules)| {
+                is_top_level(name) || prev.and_then(|p| p.get(*name)) != Some(*rules)
+            })
+            .map(|(name, _)| name)
+            .collect();
+        let mut gone: BTreeSet<&String> = prev
+            .into_iter()
+            .flat_map(|p| p.keys())
+            .filter(|name| !next.contains_key(*name))
+            .collect();
+        gone.extend(extra.keys().filter(|name| !next.contains_key(*name)));
+        text.push_str(&format!("*{table}\n"));
+        for name in write.iter().chain(gone.iter()) {
+            text.push_str(&format!(":{name} - [0:0]\n"));
+        }
+        for name in &write {
+            for rule in &next[*name] {
+                text.push_str(rule);
+                text.push('\n');
+            }
+        }
+        for name in &gone {
+            text.push_str(&format!("-X {name}\n"));
+        }
+        text.push_str("COMMIT\n");
+        out.written += write.len();
+        out.deleted += gone.len();
+    }
+    out.text = text;
+    out
+}
+
+/// The `KPROXY-` chains of an `iptables-save` output, per table (rules not filled), and the
+/// rules of other chains that jump to a `KPROXY-` chain, as `(table, "-A ...")`.
+pub fn parse_save(save: &str) -> (Rendering, Vec<(String, String)>) {
+    let mut r = Rendering::default();
+    let mut jumps = Vec::new();
+    let mut table = String::new();
+    for line in save.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
+        } else if let Some(rest) = line.strip_prefix(':') {
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            if name.starts_with(PREFIX) {
+                let map = match table.as_str() {
+                    "nat" => &mut r.nat,
+                    "filter" => &mut r.filter,
+                    _ => continue,
+                };
+                map.insert(name.to_string(), Vec::new());
+            }
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let chain = rest.split_whitespace().next().unwrap_or_default();
+            if !chain.starts_with(PREFIX) && line.contains(&format!("-j {PREFIX}")) {
+                jumps.push((table.clone(), line.to_string()));
+            }
+        }
+    }
+    (r, jumps)
+}
+
+/// The jumps from the built-in chains: (table, chain, rule spec).
+pub fn base_jumps() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
+    let portals = ["-m", "comment", "--comment", "kproxy service portals"];
+    let new = ["-m", "conntrack", "--ctstate", "NEW"];
+    let ext = [
+        "-m",
+        "comment",
+        "--comment",
+        "kproxy externally-visible service portals",
+    ];
+    let join = |a: &[&'static str], b: &[&'static str], target: &'static str| {
+        let mut v = a.to_vec();
+        v.extend_from_slice(b);
+        v.extend_from_slice(&["-j", target]);
+        v
+    };
+    vec![
+        ("nat", "PREROUTING", join(&portals, &[], SERVICES)),
+        ("nat", "OUTPUT", join(&portals, &[], SERVICES)),
+        (
+            "nat",
+            "POSTROUTING",
+            join(
+                &["-m", "comment", "--comment", "kproxy postrouting rules"],
+                &[],
+                POSTROUTING,
+            ),
+        ),
+        ("filter", "INPUT", join(&new, &ext, EXTERNAL_SERVICES)),
+        ("filter", "FORWARD", join(&new, &ext, EXTERNAL_SERVICES)),
+        ("filter", "OUTPUT", join(&new, &ext, EXTERNAL_SERVICES)),
+        ("filter", "FORWARD", join(&new, &portals, SERVICES)),
+        ("filter", "OUTPUT", join(&new, &portals, SERVICES)),
+    ]
+}

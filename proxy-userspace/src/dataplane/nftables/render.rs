@@ -1,0 +1,344 @@
+//! Rendering a [`DesiredState`] as one `nft -f` transaction that replaces `table ip kproxy`.
+//!
+//! The layout follows kube-proxy's nftables mode (KEP-3866):
+//! - `services`: one lookup of `ip daddr . meta l4proto . th dport` in the verdict map
+//!   `service-ips` (cluster IPs, external IPs, LoadBalancer IPs), and for destinations in the
+//!   set `nodeport-ips` that are local (`fib daddr type local`) one lookup of
+//!   `meta l4proto . th dport` in `service-nodeports`: the cost of a first packet does not
+//!   grow with the number of Services.
+//! - `svc-<hash>-<name>` per frontend: `numgen random mod N vmap { i : goto ep-... }`.
+//! - `ep-<hash>-<name>` per endpoint of a frontend: the masquerade mark for hairpin (source
+//!   is the endpoint) and for traffic from outside the cluster CIDR to an endpoint on another
+//!   node, then `dnat to`.
+//! - `nat-prerouting`/`nat-output` (dstnat) jump to `services`; `nat-postrouting` (srcnat)
+//!   masquerades marked packets.
+//! - `filter-input`/`filter-forward`/`filter-output` at priority -110 (dstnat - 10) reject (TCP reset,
+//!   ICMP port unreachable) new connections to frontends without endpoints, through the
+//!   verdict maps `no-endpoint-services` and `no-endpoint-nodeports`.
+//!
+//! `localhost:nodePort` is not served (that would need route_localnet).
+
+use std::fmt::Write as _;
+
+use crate::{
+    dataplane::iptables::hash::{endpoint_identity, frontend_identity, hash},
+    desired::{Backend, DesiredState, Frontend, FrontendKind, Protocol},
+    netdev::Ipv4Cidr,
+};
+
+/// The table kproxy owns (family `ip`).
+pub const TABLE: &str = "kproxy";
+
+/// What the rendering depends on besides the desired state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// Pod range: traffic from outside it that goes to an endpoint on another node is
+    /// masqueraded. Without it, all traffic to endpoints on other nodes is.
+    pub cluster_cidr: Option<Ipv4Cidr>,
+    /// The packet mark bit that asks for masquerading (kube-proxy's default is 14).
+    pub masquerade_bit: u8,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        Self {
+            cluster_cidr: None,
+            masquerade_bit: 14,
+        }
+    }
+}
+
+fn proto(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// A readable suffix for chain names (nft identifiers allow `/`, `-`, `_`, `.`).
+fn readable(f: &Frontend) -> String {
+    let addr = match f.kind {
+        FrontendKind::NodePort => "nodeport".to_string(),
+        _ => f.address.to_string(),
+    };
+    format!(
+        "{}/{}/{}/{}/{}",
+        f.service.namespace,
+        f.service.name,
+        proto(f.protocol),
+        addr,
+        f.port
+    )
+}
+
+pub fn service_chain(f: &Frontend) -> String {
+    format!("svc-{}-{}", hash(&frontend_identity(f), 8), readable(f))
+}
+
+pub fn endpoint_chain(f: &Frontend, b: &Backend) -> String {
+    format!(
+        "ep-{}-{}__{}/{}",
+        hash(&endpoint_identity(f, b), 8),
+        readable(f),
+        b.address,
+        b.port
+    )
+}
+
+pub(crate) fn network(c: &Ipv4Cidr) -> String {
+    let mask = if c.prefix_len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(c.prefix_len))
+    };
+    let net = std::net::Ipv4Addr::from(u32::from(c.address) & mask);
+    format!("{net}/{}", c.prefix_len)
+}
+
+/// The full transaction: create-if-missing, delete, and re-create `table ip kproxy` with
+/// everything `desired` needs. Applied with `nft -f -`, it is atomic.
+pub fn render(desired: &DesiredState, opts: &RenderOptions) -> String {
+    let t = format!("ip {TABLE}");
+    let mark = 1u32 << opts.masquerade_bit;
+    let mut s = String::new();
+    let mut line = |l: String| {
+        s.push_str(&l);
+        s.push('\n');
+    };
+    line(format!("add table {t}"));
+    line(format!("delete table {t}"));
+    line(format!("add table {t}"));
+
+    // Sets and maps first: rules refer to them.
+    line(format!("add set {t} nodeport-ips {{ type ipv4_addr ; }}"));
+    for (name, key) in [
+        ("service-ips", "ipv4_addr . inet_proto . inet_service"),
+        ("service-nodeports", "inet_proto . inet_service"),
+        (
+            "no-endpoint-services",
+            "ipv4_addr . inet_proto . inet_service",
+        ),
+        ("no-endpoint-nodeports", "inet_proto . inet_service"),
+    ] {
+        line(format!("add map {t} {name} {{ type {key} : verdict ; }}"));
+    }
+
+    // Helper chains.
+    line(format!("add chain {t} reject-chain"));
+    line(format!(
+        "add rule {t} reject-chain meta l4proto tcp reject with tcp reset"
+    ));
+    line(format!("add rule {t} reject-chain reject"));
+    line(format!("add chain {t} mark-for-masquerade"));
+    line(format!(
+        "add rule {t} mark-for-masquerade meta mark set meta mark or {mark:#x}"
+    ));
+    line(format!("add chain {t} masquerading"));
+    line(format!(
+        "add rule {t} masquerading meta mark & {mark:#x} == 0 return"
+    ));
+    line(format!(
+        "add rule {t} masquerading meta mark set meta mark xor {mark:#x}"
+    ));
+    line(format!("add rule {t} masquerading masquerade fully-random"));
+    line(format!("add chain {t} services"));
+    line(format!(
+        "add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips"
+    ));
+    line(format!(
+        "add rule {t} services ip daddr @nodeport-ips fib daddr type local meta l4proto . th dport vmap @service-nodeports"
+    ));
+    line(format!("add chain {t} service-endpoints-check"));
+    line(format!(
+        "add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services"
+    ));
+    line(format!("add chain {t} nodeport-endpoints-check"));
+    line(format!(
+        "add rule {t} nodeport-endpoints-check ip daddr @nodeport-ips fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports"
+    ));
+
+    // Base chains. Priorities as numbers (dstnat = -100, srcnat = 100): nft 1.0.6 accepts
+    // the names only in some hooks.
+    for (name, ty, hook, prio, jumps) in [
+        (
+            "nat-prerouting",
+            "nat",
+            "prerouting",
+            "-100",
+            &["services"][..],
+        ),
+        ("nat-output", "nat", "output", "-100", &["services"][..]),
+        (
+            "nat-postrouting",
+            "nat",
+            "postrouting",
+            "100",
+            &["masquerading"][..],
+        ),
+        (
+            "filter-input",
+            "filter",
+            "input",
+            "-110",
+            &["nodeport-endpoints-check", "service-endpoints-check"][..],
+        ),
+        (
+            "filter-forward",
+            "filter",
+            "forward",
+            "-110",
+            &["service-endpoints-check"][..],
+        ),
+        (
+            "filter-output",
+            "filter",
+            "output",
+            "-110",
+            &["service-endpoints-check", "nodeport-endpoints-check"][..],
+        ),
+    ] {
+        line(format!(
+            "add chain {t} {name} {{ type {ty} hook {hook} priority {prio} ; policy accept ; }}"
+        ));
+        for j in jumps {
+            let cond = if ty == "filter" { "ct state new " } else { "" };
+            line(format!("add rule {t} {name} {cond}jump {j}"));
+        }
+    }
+
+    // Per-frontend and per-endpoint chains.
+    let outside = opts
+        .cluster_cidr
+        .as_ref()
+        .map(|c| format!("ip saddr != {} ", network(c)));
+    // All chains before any rule: a vmap `goto` needs its target to exist.
+    for f in desired.frontends.iter().filter(|f| !f.backends.is_empty()) {
+        line(format!("add chain {t} {}", service_chain(f)));
+        for b in &f.backends {
+            line(format!("add chain {t} {}", endpoint_chain(f, b)));
+        }
+    }
+    for f in desired.frontends.iter().filter(|f| !f.backends.is_empty()) {
+        let svc = service_chain(f);
+        let targets: Vec<String> = f
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("{i} : goto {}", endpoint_chain(f, b)))
+            .collect();
+        line(format!(
+            "add rule {t} {svc} numgen random mod {} vmap {{ {} }}",
+            f.backends.len(),
+            targets.join(", ")
+        ));
+        for b in &f.backends {
+            let ep = endpoint_chain(f, b);
+            line(format!(
+                "add rule {t} {ep} ip saddr {} jump mark-for-masquerade",
+                b.address
+            ));
+            if !b.is_local {
+                line(format!(
+                    "add rule {t} {ep} {}jump mark-for-masquerade",
+                    outside.as_deref().unwrap_or("")
+                ));
+            }
+            line(format!(
+                "add rule {t} {ep} meta l4proto {} dnat to {}:{}",
+                proto(f.protocol),
+                b.address,
+                b.port
+            ));
+        }
+    }
+
+    // Elements last: they refer to the chains.
+    if !desired.nodeport_addresses.is_empty() {
+        let addrs: Vec<String> = desired
+            .nodeport_addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        line(format!(
+            "add element {t} nodeport-ips {{ {} }}",
+            addrs.join(", ")
+        ));
+    }
+    let mut service_ips = Vec::new();
+    let mut service_nodeports = Vec::new();
+    let mut no_ep_services = Vec::new();
+    let mut no_ep_nodeports = Vec::new();
+    for f in &desired.frontends {
+        let (verdict, ips, nodeports) = if f.backends.is_empty() {
+            (
+                "goto reject-chain".to_string(),
+                &mut no_ep_services,
+                &mut no_ep_nodeports,
+            )
+        } else {
+            (
+                format!("goto {}", service_chain(f)),
+                &mut service_ips,
+                &mut service_nodeports,
+            )
+        };
+        match f.kind {
+            FrontendKind::NodePort => {
+                nodeports.push(format!("{} . {} : {verdict}", proto(f.protocol), f.port))
+            }
+            _ => ips.push(format!(
+                "{} . {} . {} : {verdict}",
+                f.address,
+                proto(f.protocol),
+                f.port
+            )),
+        }
+    }
+    for (name, elems) in [
+        ("service-ips", service_ips),
+        ("service-nodeports", service_nodeports),
+        ("no-endpoint-services", no_ep_services),
+        ("no-endpoint-nodeports", no_ep_nodeports),
+    ] {
+        if elems.is_empty() {
+            continue;
+        }
+        let mut l = format!("add element {t} {name} {{\n");
+        for (i, e) in elems.iter().enumerate() {
+            let sep = if i + 1 < elems.len() { "," } else { "" };
+            let _ = writeln!(l, "\t{e}{sep}");
+        }
+        l.push('}');
+        line(l);
+    }
+    s
+}
+
+/// The transaction that removes the table (succeeds whether or not it exists).
+pub fn render_cleanup() -> String {
+    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+}
+
+/// A small table using every feature [`render`] needs, for `nft --check` (probe).
+pub fn render_probe() -> String {
+    let t = "ip kproxy-probe";
+    format!(
+        "add table {t}\n\
+         add map {t} m {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}\n\
+         add chain {t} ep\n\
+         add rule {t} ep meta l4proto tcp dnat to 10.0.0.1:80\n\
+         add chain {t} svc\n\
+         add rule {t} svc numgen random mod 1 vmap {{ 0 : goto ep }}\n\
+         add chain {t} pre {{ type nat hook prerouting priority -100 ; policy accept ; }}\n\
+         add rule {t} pre ip daddr . meta l4proto . th dport vmap @m\n\
+         add rule {t} pre fib daddr type local meta l4proto . th dport vmap {{ tcp . 1 : goto svc }}\n\
+         add chain {t} post {{ type nat hook postrouting priority 100 ; policy accept ; }}\n\
+         add rule {t} post meta mark & 0x4000 == 0 return\n\
+         add rule {t} post masquerade fully-random\n\
+         add chain {t} filt {{ type filter hook output priority -110 ; policy accept ; }}\n\
+         add rule {t} filt ct state new meta l4proto tcp reject with tcp reset\n\
+         add element {t} m {{ 10.96.0.1 . tcp . 80 : goto svc }}\n\
+         delete table {t}\n"
+    )
+}
