@@ -14,6 +14,9 @@
 //! kproxy-testpod tcx-count IF
 //!     Prints "ingress N" and "egress N": how many programs are attached to IF's TCX
 //!     hooks (BPF_PROG_QUERY; bpftool 7.1 cannot show TCX). Run it in the device's netns.
+//! kproxy-testpod xdp-pass-pin PATH
+//!     Loads a two-instruction XDP program that returns XDP_PASS and pins it at PATH (on a
+//!     bpffs), for `ip link set dev IF xdpdrv pinned PATH`.
 //! ```
 //!
 //! The ask commands print one line per query, flushed at once:
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Some("udp-ask") => ask(&args[1..], Proto::Udp),
         Some("tcp-ask") => ask(&args[1..], Proto::Tcp),
         Some("tcx-count") => tcx_count(&args[1..]),
+        Some("xdp-pass-pin") => xdp_pass_pin(&args[1..]),
         _ => Err(usage()),
     };
     match r {
@@ -309,6 +313,46 @@ fn tcx_count(args: &[String]) -> Result<(), String> {
         }
         let cnt = u32::from_ne_bytes(attr[24..28].try_into().unwrap());
         println!("{name} {cnt}");
+    }
+    Ok(())
+}
+
+/// BPF_PROG_LOAD of `r0 = XDP_PASS; exit`, then BPF_OBJ_PIN.
+fn xdp_pass_pin(args: &[String]) -> Result<(), String> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    let [path] = args else { return Err(usage()) };
+    // struct bpf_insn { u8 code; u8 dst:4, src:4; s16 off; s32 imm; }
+    let insns: [u64; 2] = [
+        // BPF_ALU64 | BPF_MOV | BPF_K, r0, imm = 2 (XDP_PASS)
+        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+        // BPF_JMP | BPF_EXIT
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = b"GPL\0";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..56].copy_from_slice(b"xdp_pass");
+    // SAFETY: attr is a bpf_attr-sized buffer describing valid instruction and license memory.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_mut_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(format!("BPF_PROG_LOAD: {}", io::Error::last_os_error()));
+    }
+    let cpath = std::ffi::CString::new(path.as_str()).map_err(|e| e.to_string())?;
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: as above; pathname points at a NUL-terminated string.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_mut_ptr(), attr.len()) };
+    if r != 0 {
+        return Err(format!(
+            "BPF_OBJ_PIN {path}: {}",
+            io::Error::last_os_error()
+        ));
     }
     Ok(())
 }

@@ -363,12 +363,46 @@ impl Cluster {
         // - tx checksum offload off on every veth end: a veth otherwise passes packets with a
         //   partial (CHECKSUM_PARTIAL) checksum through to the peer, which a real NIC never
         //   delivers; with it off, the dataplane sees and must fix complete checksums.
-        // - GRO on the lan-side peer of each node's eth0: a veth accepts XDP_TX/redirected
-        //   frames only when its peer has NAPI enabled (GRO or an XDP program), as a real
-        //   NIC's TX ring always accepts them.
+        // - the lan-side peer of each node's eth0 gets GRO and an XDP program that passes
+        //   everything: a real NIC always transmits XDP_TX frames, but a veth hands them to
+        //   its peer only when the peer has NAPI (GRO) and, for XDP_TX, also wakes the peer
+        //   only when it runs an XDP program; without it XDP_TX'd frames sit unprocessed.
         self.ethtool(&netns, "eth0", &["tx", "off"])?;
         self.ethtool(&lan, &lan_if, &["tx", "off", "gro", "on"])?;
+        self.xdp_pass(&lan, &lan_if)?;
         Ok(())
+    }
+
+    /// Attaches an XDP_PASS program to `dev` in `ns` (loaded and pinned by kproxy-testpod on
+    /// a bpffs of the cluster's own, attached with `ip link set ... xdpdrv pinned`).
+    fn xdp_pass(&self, ns: &Arc<NetNs>, dev: &str) -> Result<()> {
+        let bpffs = self.tmp.join("lan-bpf");
+        if !sys::is_bpffs(&bpffs) {
+            fs::create_dir_all(&bpffs)?;
+            sys::run_checked(
+                std::process::Command::new("mount")
+                    .args(["-t", "bpf", "bpf"])
+                    .arg(&bpffs),
+            )?;
+        }
+        let pin = bpffs.join(format!("xdp_pass_{dev}"));
+        let tp = self.testpod.to_string_lossy().into_owned();
+        sys::run_checked(
+            std::process::Command::new(&tp)
+                .arg("xdp-pass-pin")
+                .arg(&pin),
+        )?;
+        let r = ns.ip(&[
+            "link",
+            "set",
+            "dev",
+            dev,
+            "xdpdrv",
+            "pinned",
+            pin.to_str().unwrap(),
+        ]);
+        let _ = fs::remove_file(&pin);
+        r.map(|_| ())
     }
 
     /// Adds (and starts) a pod; may be called after `build`.
@@ -423,9 +457,15 @@ impl Cluster {
             format!("route add {POD_GATEWAY}/32 dev eth0 scope link"),
             format!("route add default via {POD_GATEWAY} dev eth0"),
         ])?;
-        // See add_node: no partial checksums from veths.
+        // See add_node: no partial checksums from veths. The pod side keeps GRO off, as the
+        // veths CNIs create do, so frames XDP-redirected into a pod's veth are dropped (the
+        // kernel wants NAPI on the receiving peer): a dataplane must not rely on that.
+        // KPROXY_E2E_POD_NAPI=1 turns GRO on there, to triage past such a failure.
         self.ethtool(&node_ns, &if_name, &["tx", "off"])?;
         self.ethtool(&netns, "eth0", &["tx", "off"])?;
+        if std::env::var("KPROXY_E2E_POD_NAPI").is_ok_and(|v| v == "1") {
+            self.ethtool(&netns, "eth0", &["gro", "on"])?;
+        }
 
         if !spec.http_ports.is_empty() {
             self.start_nginx(&spec.name)?;
