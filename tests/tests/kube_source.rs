@@ -166,6 +166,10 @@ fn has_service(m: &Model, name: &str) -> bool {
 async fn initial_list_reaches_the_model() {
     let server = TestApiServer::new().unwrap();
     seed_server(&server);
+    // Another node: not watched (field selector metadata.name=node1).
+    let mut other = node();
+    other.name = "node2".into();
+    server.apply_yaml(&yaml(vec![other.into()])).unwrap();
     let mut a = Agent::connect(&server).await;
     let took = a
         .until(Duration::from_secs(10), "initial sync", |m, s| {
