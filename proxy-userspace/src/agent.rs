@@ -79,6 +79,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let status = Arc::new(Status::default());
+    if let Ok(mut r) = status.bpf_root.lock() {
+        *r = Some(args.bpf_root.clone());
+    }
     tokio::spawn(health::serve(
         args.healthz_bind_address,
         status.clone(),
@@ -134,10 +137,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
         if let Some(objects) = watcher.poll() {
+            status.observe_objects(&objects);
             let changes = model.replace_all(objects);
-            status
-                .service_changes
-                .fetch_add(changes.services.len() as u64, Ordering::Relaxed);
             have_objects = true;
             dirty |= !changes.is_empty() || !status.synced.load(Ordering::Relaxed);
         }
@@ -167,18 +168,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 for r in &stats.rejected {
                     tracing::error!("{r}");
                 }
-                status.record_sync(took.as_secs_f64());
-                status
-                    .frontends
-                    .store(desired.frontends.len() as u64, Ordering::Relaxed);
-                status.backends.store(
-                    desired
-                        .frontends
-                        .iter()
-                        .map(|f| f.backends.len() as u64)
-                        .sum(),
-                    Ordering::Relaxed,
-                );
+                status.record_sync(took, &desired, health::no_local_endpoints(&model, &desired));
                 if !status.synced.swap(true, Ordering::Relaxed) {
                     tracing::info!(
                         frontends = desired.frontends.len(),
@@ -200,7 +190,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 retry_delay = RETRY_MIN;
             }
             Err(e) => {
-                status.sync_errors.fetch_add(1, Ordering::Relaxed);
+                status.record_sync_error();
                 tracing::error!(
                     retry_in_ms = retry_delay.as_millis() as u64,
                     "sync failed: {e:#}"

@@ -1,10 +1,16 @@
 //! The command line, named after kube-proxy's flags where the meaning is the same.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::netdev::Ipv4Cidr;
+use crate::{
+    inspect::trace::{Destination, Source},
+    netdev::Ipv4Cidr,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "kproxy", version, about = "An eBPF kube-proxy replacement")]
@@ -19,6 +25,102 @@ pub enum Command {
     Run(RunArgs),
     /// Remove everything kproxy installed under a bpf root (programs, links, pins) and exit.
     Cleanup(CleanupArgs),
+    /// List what the dataplane holds, read from the pinned maps (the agent need not run).
+    #[command(subcommand)]
+    List(ListCommand),
+    /// Show what is installed under a bpf root: links and programs, map fill levels,
+    /// readiness, problems found; with --healthz-address also the agent's own view.
+    Status(StatusArgs),
+    /// Tell which frontend a flow matches and which backend it gets, and why.
+    ///
+    /// Example: kproxy trace 198.18.0.100:40000 198.18.0.1:30001/tcp
+    Trace(TraceArgs),
+    /// Print a completion script for a shell (e.g. `kproxy completions bash > /etc/bash_completion.d/kproxy`).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) to stdout (e.g. `kproxy man | man -l -`).
+    Man,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListCommand {
+    /// Frontends (address:port/proto), their type flags, reverse-NAT index and backends.
+    Services(InspectArgs),
+    /// Backends by id, with the frontend each belongs to.
+    Backends(InspectArgs),
+    /// Flows translated by the device programs (CT4) and their reply translations (NAT4_REV).
+    Conntrack(ConntrackArgs),
+    /// Session-affinity entries (not implemented yet: says so).
+    Affinity(InspectArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for humans.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// What every inspection command takes.
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// The pin directory of the agent to inspect (its `run --bpf-root`).
+    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/kproxy")]
+    pub bpf_root: PathBuf,
+
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConntrackArgs {
+    #[command(flatten)]
+    pub common: InspectArgs,
+
+    /// Only flows to this frontend (as the client addressed it, or `0.0.0.0:NODEPORT` for a
+    /// nodePort on any node address).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub service: Option<SocketAddrV4>,
+
+    /// Only flows to this backend address.
+    #[arg(long, value_name = "ADDR")]
+    pub backend: Option<Ipv4Addr>,
+
+    /// Only flows from this client address.
+    #[arg(long, value_name = "ADDR")]
+    pub client: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub common: InspectArgs,
+
+    /// Also ask the agent's `/healthz` at this address (its `--healthz-bind-address`)
+    /// whether it considers itself synced.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub healthz_address: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub common: InspectArgs,
+
+    /// The client: ADDR[:PORT]. With a port, an existing conntrack entry of that exact flow
+    /// is found.
+    #[arg(value_name = "SRC")]
+    pub src: Source,
+
+    /// The destination: ADDR:PORT[/tcp|udp|sctp] (tcp if omitted).
+    #[arg(value_name = "DST:PORT/PROTO")]
+    pub dst: Destination,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -1,13 +1,19 @@
 //! `/healthz`, `/livez` and `/metrics` over plain HTTP/1.1, like kube-proxy's.
+//!
+//! Metrics carry kube-proxy's names where the meaning is the same
+//! (`kubeproxy_sync_proxy_rules_*`, `kubeproxy_network_programming_duration_seconds`) and
+//! `kproxy_*` for the rest (map fill levels read from the pinned maps at scrape time).
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     net::SocketAddr,
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{
@@ -15,19 +21,144 @@ use tokio::{
     net::TcpListener,
 };
 
+use crate::{
+    desired::{DesiredState, FrontendKind},
+    model::{Model, NamespacedName},
+    source::{K8sObject, ObjectKey, ObjectKind},
+};
+
+/// kube-proxy's `SyncProxyRulesLatency` buckets: 1 ms doubling to ~16 s.
+const SYNC_BUCKETS: [f64; 15] = [
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
+    8.192, 16.384,
+];
+/// Change seen -> programmed: milliseconds here, up to kube-proxy's minutes.
+const PROGRAMMING_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// A Prometheus histogram: cumulative counts per bucket, sum and count.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    pub fn observe(&mut self, v: f64) {
+        for (b, c) in self.bounds.iter().zip(self.counts.iter_mut()) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// Service ports with a `Local` traffic policy whose frontends got no backend although the
+/// service has endpoints elsewhere (kube-proxy's `no_local_endpoints_total`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    pub internal: u64,
+    pub external: u64,
+}
+
+/// Counts, per traffic policy, the service ports that have endpoints but none this node may
+/// use because the policy is `Local` and none is local.
+pub fn no_local_endpoints(model: &Model, desired: &DesiredState) -> NoLocalEndpoints {
+    let mut n = NoLocalEndpoints::default();
+    for (spn, info) in model.services().iter() {
+        let has_endpoints = !model
+            .endpoints()
+            .get(&NamespacedName::new(&spn.namespace, &spn.name))
+            .is_empty();
+        if !has_endpoints {
+            continue;
+        }
+        let empty = |internal: bool| {
+            desired.frontends.iter().any(|f| {
+                f.service == *spn
+                    && (f.kind == FrontendKind::ClusterIp) == internal
+                    && f.backends.is_empty()
+            })
+        };
+        if info.internal_policy_local() && empty(true) {
+            n.internal += 1;
+        }
+        if info.external_policy_local() && empty(false) {
+            n.external += 1;
+        }
+    }
+    n
+}
+
 /// What the agent reports about itself.
-#[derive(Default)]
 pub struct Status {
     /// The first full sync has been programmed.
     pub synced: AtomicBool,
     pub mode: Mutex<String>,
+    /// Where the maps are pinned: their fill levels are read at scrape time.
+    pub bpf_root: Mutex<Option<PathBuf>>,
     pub last_sync_unix: Mutex<f64>,
-    pub sync_durations: Mutex<Vec<f64>>,
+    sync_durations: Mutex<Histogram>,
+    programming_durations: Mutex<Histogram>,
+    /// When the oldest change not yet programmed was seen.
+    pending_since: Mutex<Option<Instant>>,
+    /// The last full object set (sources that deliver whole sets), to count changes by kind.
+    objects: Mutex<BTreeMap<ObjectKey, K8sObject>>,
     pub sync_errors: AtomicU64,
     pub service_changes: AtomicU64,
     pub endpoint_changes: AtomicU64,
     pub frontends: AtomicU64,
     pub backends: AtomicU64,
+    no_local: Mutex<NoLocalEndpoints>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            synced: AtomicBool::new(false),
+            mode: Mutex::default(),
+            bpf_root: Mutex::default(),
+            last_sync_unix: Mutex::new(0.0),
+            sync_durations: Mutex::new(Histogram::new(&SYNC_BUCKETS)),
+            programming_durations: Mutex::new(Histogram::new(&PROGRAMMING_BUCKETS)),
+            pending_since: Mutex::default(),
+            objects: Mutex::default(),
+            sync_errors: AtomicU64::new(0),
+            service_changes: AtomicU64::new(0),
+            endpoint_changes: AtomicU64::new(0),
+            frontends: AtomicU64::new(0),
+            backends: AtomicU64::new(0),
+            no_local: Mutex::default(),
+        }
+    }
 }
 
 pub fn now_unix() -> f64 {
@@ -38,16 +169,76 @@ pub fn now_unix() -> f64 {
 }
 
 impl Status {
-    pub fn record_sync(&self, seconds: f64) {
-        if let Ok(mut v) = self.sync_durations.lock() {
-            v.push(seconds);
-            if v.len() > 1024 {
-                v.drain(..512);
-            }
+    /// One object of `kind` was added, changed or deleted (event-driven sources).
+    pub fn count_change(&self, kind: ObjectKind) {
+        match kind {
+            ObjectKind::Service => self.service_changes.fetch_add(1, Ordering::Relaxed),
+            ObjectKind::EndpointSlice => self.endpoint_changes.fetch_add(1, Ordering::Relaxed),
+            ObjectKind::Node => 0,
+        };
+        if let Ok(mut p) = self.pending_since.lock() {
+            p.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// A source delivered its whole object set again: counts the objects added, changed or
+    /// deleted since the last set, by kind.
+    pub fn observe_objects(&self, objects: &[K8sObject]) {
+        let Ok(mut last) = self.objects.lock() else {
+            return;
+        };
+        let mut next: BTreeMap<ObjectKey, K8sObject> = BTreeMap::new();
+        for o in objects {
+            next.entry(o.key()).or_insert_with(|| o.clone());
+        }
+        let mut changed: Vec<ObjectKind> = last
+            .keys()
+            .filter(|k| !next.contains_key(*k))
+            .map(|k| k.kind)
+            .collect();
+        changed.extend(
+            next.iter()
+                .filter(|(k, v)| last.get(*k) != Some(*v))
+                .map(|(k, _)| k.kind),
+        );
+        *last = next;
+        drop(last);
+        for kind in changed {
+            self.count_change(kind);
+        }
+    }
+
+    /// A sync programmed `desired` in `took`.
+    pub fn record_sync(&self, took: Duration, desired: &DesiredState, no_local: NoLocalEndpoints) {
+        if let Ok(mut h) = self.sync_durations.lock() {
+            h.observe(took.as_secs_f64());
+        }
+        if let Some(seen) = self.pending_since.lock().ok().and_then(|mut p| p.take())
+            && let Ok(mut h) = self.programming_durations.lock()
+        {
+            h.observe(seen.elapsed().as_secs_f64());
         }
         if let Ok(mut t) = self.last_sync_unix.lock() {
             *t = now_unix();
         }
+        self.frontends
+            .store(desired.frontends.len() as u64, Ordering::Relaxed);
+        self.backends.store(
+            desired
+                .frontends
+                .iter()
+                .map(|f| f.backends.len() as u64)
+                .sum(),
+            Ordering::Relaxed,
+        );
+        if let Ok(mut n) = self.no_local.lock() {
+            *n = no_local;
+        }
+    }
+
+    /// A sync failed (it is retried as a full sync).
+    pub fn record_sync_error(&self) {
+        self.sync_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     fn healthz(&self) -> (u16, String) {
@@ -63,95 +254,126 @@ impl Status {
         }
     }
 
-    /// Prometheus text exposition, with kube-proxy's metric names where the meaning is the same.
+    /// Prometheus text exposition (format 0.0.4).
     pub fn metrics(&self) -> String {
         let mut out = String::new();
-        let durations = self
-            .sync_durations
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default();
-        let buckets = [
-            0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048,
-        ];
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_sync_proxy_rules_duration_seconds SyncProxyRules latency in seconds"
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram"
-        );
-        for b in buckets {
-            let n = durations.iter().filter(|d| **d <= b).count();
-            let _ = writeln!(
-                out,
-                "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"{b}\"}} {n}"
+        if let Ok(h) = self.sync_durations.lock() {
+            h.write(
+                &mut out,
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds",
             );
         }
-        let _ = writeln!(
-            out,
-            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            durations.len()
-        );
-        let _ = writeln!(
-            out,
-            "kubeproxy_sync_proxy_rules_duration_seconds_sum {}",
-            durations.iter().sum::<f64>()
-        );
-        let _ = writeln!(
-            out,
-            "kubeproxy_sync_proxy_rules_duration_seconds_count {}",
-            durations.len()
-        );
+        if let Ok(h) = self.programming_durations.lock() {
+            h.write(
+                &mut out,
+                "kubeproxy_network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds (from a change being seen to it being programmed)",
+            );
+        }
+        let mut single = |name: &str, ty: &str, help: &str, value: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {value}"
+            );
+        };
         let last = self.last_sync_unix.lock().map(|t| *t).unwrap_or_default();
-        let gauges = [
-            (
+        if last > 0.0 {
+            single(
                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
                 "gauge",
                 "The last time proxy rules were successfully synced",
                 last,
-            ),
-            (
-                "kubeproxy_sync_proxy_rules_service_changes_total",
-                "counter",
-                "Cumulative proxy rules Service changes",
-                self.service_changes.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-                "counter",
-                "Cumulative proxy rules Endpoint changes",
-                self.endpoint_changes.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "kproxy_sync_errors_total",
-                "counter",
-                "Syncs that failed and were retried as full syncs",
-                self.sync_errors.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "kproxy_frontends",
-                "gauge",
-                "Service frontends programmed",
-                self.frontends.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "kproxy_backends",
-                "gauge",
-                "Backends programmed (over all frontends)",
-                self.backends.load(Ordering::Relaxed) as f64,
-            ),
-        ];
-        for (name, ty, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {v}");
+            );
         }
-        let mode = self.mode.lock().map(|m| m.clone()).unwrap_or_default();
+        single(
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            "counter",
+            "Cumulative proxy rules Service changes",
+            self.service_changes.load(Ordering::Relaxed) as f64,
+        );
+        single(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            "counter",
+            "Cumulative proxy rules Endpoint changes",
+            self.endpoint_changes.load(Ordering::Relaxed) as f64,
+        );
+        single(
+            "kproxy_sync_errors_total",
+            "counter",
+            "Syncs that failed and were retried as full syncs",
+            self.sync_errors.load(Ordering::Relaxed) as f64,
+        );
+        single(
+            "kproxy_synced",
+            "gauge",
+            "1 once the first full sync is programmed",
+            if self.synced.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        single(
+            "kproxy_frontends",
+            "gauge",
+            "Service frontends programmed",
+            self.frontends.load(Ordering::Relaxed) as f64,
+        );
+        single(
+            "kproxy_backends",
+            "gauge",
+            "Backends programmed (over all frontends)",
+            self.backends.load(Ordering::Relaxed) as f64,
+        );
+        let no_local = self.no_local.lock().map(|n| *n).unwrap_or_default();
+        let name = "kubeproxy_sync_proxy_rules_no_local_endpoints_total";
         let _ = writeln!(
             out,
-            "# HELP kproxy_proxy_mode The dataplane in use\n# TYPE kproxy_proxy_mode gauge\nkproxy_proxy_mode{{mode=\"{mode}\"}} 1"
+            "# HELP {name} Number of services with a Local traffic policy and no endpoints\n# TYPE {name} gauge\n{name}{{traffic_policy=\"internal\"}} {}\n{name}{{traffic_policy=\"external\"}} {}",
+            no_local.internal, no_local.external
         );
+        let mode = self.mode.lock().map(|m| m.clone()).unwrap_or_default();
+        if !mode.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP kproxy_proxy_mode The dataplane in use\n# TYPE kproxy_proxy_mode gauge\nkproxy_proxy_mode{{mode=\"{mode}\"}} 1"
+            );
+        }
+        let root = self.bpf_root.lock().ok().and_then(|r| r.clone());
+        if let Some(root) = root {
+            write_map_fill(&mut out, &crate::inspect::maps::fill_levels(&root));
+        }
         out
+    }
+}
+
+fn write_map_fill(out: &mut String, fills: &[crate::inspect::maps::MapFill]) {
+    let readable: Vec<_> = fills.iter().filter(|f| f.error.is_none()).collect();
+    if readable.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kproxy_bpf_map_entries Entries in a pinned map (conntrack included)\n# TYPE kproxy_bpf_map_entries gauge"
+    );
+    for f in &readable {
+        let _ = writeln!(
+            out,
+            "kproxy_bpf_map_entries{{map=\"{}\"}} {}",
+            f.name, f.entries
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kproxy_bpf_map_max_entries Capacity of a pinned map\n# TYPE kproxy_bpf_map_max_entries gauge"
+    );
+    for f in &readable {
+        let _ = writeln!(
+            out,
+            "kproxy_bpf_map_max_entries{{map=\"{}\"}} {}",
+            f.name, f.max_entries
+        );
     }
 }
 
@@ -191,7 +413,14 @@ pub async fn serve(addr: SocketAddr, status: Arc<Status>, metrics: bool) {
                     "application/json",
                     "{\"status\": \"ok\"}\n".to_string(),
                 ),
-                (true, "/metrics") => (200, "text/plain; version=0.0.4", status.metrics()),
+                (true, "/metrics") => {
+                    // Counting map entries walks the maps: keep it off the async workers.
+                    let s = status.clone();
+                    let text = tokio::task::spawn_blocking(move || s.metrics())
+                        .await
+                        .unwrap_or_default();
+                    (200, "text/plain; version=0.0.4", text)
+                }
                 _ => (404, "text/plain", "not found\n".to_string()),
             };
             let reason = match code {
@@ -205,5 +434,139 @@ pub async fn serve(addr: SocketAddr, status: Arc<Status>, metrics: bool) {
             );
             let _ = conn.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testutil::{simple_service, simple_slice};
+
+    /// Every line is a comment (`# HELP`/`# TYPE`) or `name{labels} value`.
+    pub fn assert_valid_exposition(text: &str) {
+        for line in text.lines() {
+            if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect(line);
+            assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
+            let name = series.split('{').next().unwrap();
+            assert!(
+                !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad name in {line:?}"
+            );
+            if let Some(labels) = series.strip_prefix(name) {
+                assert!(
+                    labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                    "bad labels in {line:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let mut h = Histogram::new(&SYNC_BUCKETS);
+        for v in [0.0005, 0.003, 0.003, 100.0] {
+            h.observe(v);
+        }
+        let mut out = String::new();
+        h.write(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.004\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"16.384\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_count 4\n"), "{out}");
+        assert_valid_exposition(&out);
+    }
+
+    #[test]
+    fn changes_are_counted_by_kind_and_programming_is_timed() {
+        let status = Status::default();
+        let svc = simple_service("web", "10.96.0.10", 80, "8080");
+        let sl = simple_slice(
+            "web-1",
+            "web",
+            8080,
+            &[("10.0.0.1", "n1", true, true, false)],
+        );
+        let objs = vec![
+            K8sObject::Service(Box::new(svc.clone())),
+            K8sObject::EndpointSlice(Box::new(sl)),
+        ];
+        status.observe_objects(&objs);
+        status.observe_objects(&objs);
+        assert_eq!(status.service_changes.load(Ordering::Relaxed), 1);
+        assert_eq!(status.endpoint_changes.load(Ordering::Relaxed), 1);
+        // The slice is deleted.
+        status.observe_objects(&[K8sObject::Service(Box::new(svc))]);
+        assert_eq!(status.endpoint_changes.load(Ordering::Relaxed), 2);
+
+        let mut model = Model::new();
+        model.replace_all(objs);
+        let desired = model.desired(&Default::default());
+        status.synced.store(true, Ordering::Relaxed);
+        status.record_sync(
+            Duration::from_millis(3),
+            &desired,
+            no_local_endpoints(&model, &desired),
+        );
+        assert_eq!(status.programming_durations.lock().unwrap().count(), 1);
+        // Nothing pending: a later sync is not a programming latency.
+        status.record_sync(
+            Duration::from_millis(3),
+            &desired,
+            NoLocalEndpoints::default(),
+        );
+        assert_eq!(status.programming_durations.lock().unwrap().count(), 1);
+        assert_eq!(status.sync_durations.lock().unwrap().count(), 2);
+
+        let text = status.metrics();
+        assert_valid_exposition(&text);
+        for name in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 2",
+            "kubeproxy_network_programming_duration_seconds_count 1",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
+            "kubeproxy_sync_proxy_rules_service_changes_total 1",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 2",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 0",
+            "kproxy_frontends 1",
+            "kproxy_backends 1",
+        ] {
+            assert!(text.contains(name), "{name:?} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn local_policy_without_local_endpoints_is_counted() {
+        let svc = crate::model::testutil::service(
+            "metadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n",
+        );
+        let sl = simple_slice(
+            "web-1",
+            "web",
+            8080,
+            &[("10.0.0.1", "other-node", true, true, false)],
+        );
+        let mut model = Model::new();
+        model.replace_all(vec![
+            K8sObject::Service(Box::new(svc)),
+            K8sObject::EndpointSlice(Box::new(sl)),
+        ]);
+        let node = crate::desired::NodeContext {
+            node_name: "n1".into(),
+            nodeport_addresses: vec![],
+        };
+        let desired = model.desired(&node);
+        assert_eq!(
+            no_local_endpoints(&model, &desired),
+            NoLocalEndpoints {
+                internal: 1,
+                external: 0
+            }
+        );
     }
 }

@@ -1,4 +1,4 @@
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use kproxy::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
@@ -23,6 +23,21 @@ fn main() -> std::process::ExitCode {
                 tracing::info!(removed = n, bpf_root = %args.bpf_root.display(), "cleanup done");
             })
         }
+        Command::List(cmd) => kproxy::inspect::list(&cmd),
+        Command::Status(args) => kproxy::inspect::status(&args),
+        Command::Trace(args) => kproxy::inspect::trace(&args),
+        Command::Completions(args) => {
+            clap_complete::generate(
+                args.shell,
+                &mut Cli::command(),
+                "kproxy",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

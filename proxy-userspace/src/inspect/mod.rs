@@ -1,0 +1,85 @@
+//! Operator commands that read the dataplane straight from the maps and links pinned under
+//! a bpf root, whether or not the agent runs: `kproxy list ...`, `kproxy status`,
+//! `kproxy trace`. One concept per module; each renders a table (humans) or JSON (scripts).
+
+pub mod affinity;
+pub mod backends;
+pub mod conntrack;
+pub mod maps;
+pub mod services;
+pub mod status;
+pub mod table;
+pub mod trace;
+
+use std::io::Write as _;
+
+use anyhow::Context as _;
+use proxy_common::{
+    conntrack::{Ct4Entry, Ct4Key},
+    maps as names,
+};
+use serde::Serialize;
+
+use crate::cli::{ConntrackArgs, ListCommand, OutputFormat, StatusArgs, TraceArgs};
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing stdout"),
+        _ => Ok(()),
+    }
+}
+
+fn emit<T: Serialize>(
+    format: OutputFormat,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Table => print(&table(value)),
+        OutputFormat::Json => {
+            let mut s = serde_json::to_string_pretty(value)?;
+            s.push('\n');
+            print(&s)
+        }
+    }
+}
+
+pub fn list(cmd: &ListCommand) -> anyhow::Result<()> {
+    match cmd {
+        ListCommand::Services(a) => {
+            let snap = maps::LbSnapshot::read(&a.bpf_root)?;
+            emit(a.output, &services::list(&snap), |v| services::render(v))
+        }
+        ListCommand::Backends(a) => {
+            let snap = maps::LbSnapshot::read(&a.bpf_root)?;
+            emit(a.output, &backends::list(&snap), |v| backends::render(v))
+        }
+        ListCommand::Conntrack(a) => list_conntrack(a),
+        ListCommand::Affinity(a) => emit(a.output, &affinity::list(), affinity::render),
+    }
+}
+
+fn list_conntrack(a: &ConntrackArgs) -> anyhow::Result<()> {
+    let filter = conntrack::Filter {
+        service: a.service,
+        backend: a.backend,
+        client: a.client,
+    };
+    let ct = conntrack::read(&a.common.bpf_root, &filter)?;
+    emit(a.common.output, &ct, conntrack::render)
+}
+
+pub fn status(a: &StatusArgs) -> anyhow::Result<()> {
+    let s = status::collect(&a.common.bpf_root, a.healthz_address);
+    emit(a.common.output, &s, status::render)
+}
+
+pub fn trace(a: &TraceArgs) -> anyhow::Result<()> {
+    let root = &a.common.bpf_root;
+    let snap = maps::LbSnapshot::read(root)?;
+    let ct = maps::read_hash::<Ct4Key, Ct4Entry>(root, names::CT4)?;
+    let t = trace::trace(&snap, &ct, a.src, a.dst, maps::monotonic_ns());
+    emit(a.common.output, &t, trace::render)
+}
