@@ -10,17 +10,22 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    cli::{ProxyMode, RunArgs},
-    dataplane::{
-        Dataplane,
-        ebpf::{EbpfDataplane, EbpfSettings},
-    },
+    cli::RunArgs,
+    dataplane::ebpf::EbpfSettings,
     desired::NodeContext,
     health::{self, Status},
+    mode::{self, ModeInputs},
     model::Model,
     netdev,
+    source::kube::KubeSource,
     source::manifests::ManifestWatcher,
 };
+
+/// Where Services and EndpointSlices come from.
+enum Source {
+    Manifests(ManifestWatcher),
+    Kube(Box<KubeSource>),
+}
 
 /// How often the manifests are polled and the node's addresses re-read.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -56,11 +61,6 @@ fn node_name(args: &RunArgs) -> String {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Some(manifests) = args.manifests.clone() else {
-        bail!(
-            "no source: pass --manifests PATH (the Kubernetes API source is not implemented yet)"
-        );
-    };
     let node = node_name(&args);
     let addresses = netdev::interface_addresses().context("listing this node's addresses")?;
     let devices = if args.devices.is_empty() {
@@ -93,17 +93,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         true,
     ));
 
-    let settings = EbpfSettings {
-        bpf_root: args.bpf_root.clone(),
-        cgroup_root: cgroup_root.clone(),
-        devices: devices.clone(),
-        xdp_fib_forward: args.xdp_fib_forward,
+    let inputs = ModeInputs {
+        ebpf: EbpfSettings {
+            bpf_root: args.bpf_root.clone(),
+            cgroup_root: cgroup_root.clone(),
+            devices: devices.clone(),
+            xdp_fib_forward: args.xdp_fib_forward,
+        },
+        cluster_cidr: args.cluster_cidr,
     };
-    let mut dataplane: Box<dyn Dataplane> = match args.proxy_mode {
-        ProxyMode::Ebpf | ProxyMode::Auto => {
-            Box::new(EbpfDataplane::start(settings).context("starting the eBPF dataplane")?)
-        }
-    };
+    let mut dataplane = mode::start(args.proxy_mode, &inputs)?;
     let mode = dataplane.name();
     if let Ok(mut m) = status.mode.lock() {
         *m = mode.to_string();
@@ -114,11 +113,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         devices = ?devices,
         cgroup_root = %cgroup_root.display(),
         bpf_root = %args.bpf_root.display(),
-        manifests = %manifests.display(),
         "kproxy started"
     );
 
-    let mut watcher = ManifestWatcher::new(manifests);
+    let mut source = match &args.manifests {
+        Some(path) => {
+            tracing::info!(manifests = %path.display(), "source: manifest files");
+            Source::Manifests(ManifestWatcher::new(path.clone()))
+        }
+        None => {
+            let kube = KubeSource::connect(args.kubeconfig.as_deref(), &node)
+                .await
+                .context("connecting to the Kubernetes API")?;
+            tracing::info!(server = kube.server(), "source: the Kubernetes API");
+            Source::Kube(Box::new(kube))
+        }
+    };
+    let mut last_sync_at: Option<Instant> = None;
     let mut model = Model::new();
     let mut have_objects = false;
     let mut dirty = true;
@@ -131,12 +142,34 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
+        let kube_event = async {
+            match &mut source {
+                Source::Kube(k) => k.next(&mut model).await,
+                Source::Manifests(_) => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {}
+            r = kube_event => {
+                if let Err(e) = r {
+                    bail!("the Kubernetes API source stopped: {e:#}");
+                }
+            }
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
-        if let Some(objects) = watcher.poll() {
+        if let Source::Kube(k) = &source {
+            if k.initial_sync_done() {
+                have_objects = true;
+                if model.has_pending() {
+                    let changes = model.apply_pending();
+                    dirty |= !changes.is_empty();
+                }
+            }
+        }
+        if let Source::Manifests(watcher) = &mut source
+            && let Some(objects) = watcher.poll()
+        {
             status.observe_objects(&objects);
             let changes = model.replace_all(objects);
             have_objects = true;
@@ -156,6 +189,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         if !have_objects || !dirty || retry_at.is_some_and(|t| Instant::now() < t) {
             continue;
         }
+        if last_sync_at.is_some_and(|t| t.elapsed() < args.min_sync_period) {
+            // Bounded frequency: the next tick picks the batch up.
+            continue;
+        }
+        last_sync_at = Some(Instant::now());
         let ctx = NodeContext {
             node_name: node.clone(),
             nodeport_addresses: last_nodeport_addrs.clone(),

@@ -125,10 +125,15 @@ pub struct CompletionsArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProxyMode {
-    /// The best mode this host supports (today: eBPF).
+    /// The best mode this host supports: eBPF, else nftables, else iptables.
     Auto,
     /// Socket-level load balancing on the cgroup, XDP/tc on the devices.
     Ebpf,
+    /// One nftables table with verdict maps (first-packet cost independent of the number of
+    /// Services).
+    Nftables,
+    /// kube-proxy's iptables layout under `KPROXY-` chains.
+    Iptables,
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,6 +142,16 @@ pub struct RunArgs {
     /// EndpointSlice and v1 Node objects (multi-document). Re-read on change.
     #[arg(long, value_name = "PATH")]
     pub manifests: Option<PathBuf>,
+
+    /// A kubeconfig for the Kubernetes API source (used when --manifests is not given).
+    /// Default: the in-cluster service account, else $KUBECONFIG / ~/.kube/config.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The shortest time between two syncs of the dataplane: changes arriving closer together
+    /// are applied together.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_duration)]
+    pub min_sync_period: std::time::Duration,
 
     /// This node's name, matched against EndpointSlice endpoints' `nodeName`.
     /// Default: the host name.
@@ -188,4 +203,27 @@ pub struct CleanupArgs {
     /// The pin directory of the agent to clean up.
     #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/kproxy")]
     pub bpf_root: PathBuf,
+}
+
+/// Parses `250ms`, `1s`, `2m` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 100ms, 1s)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
+    };
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(format!("{s:?} is out of range (0 to 1h)"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod health;
 pub mod inspect;
+pub mod mode;
 pub mod netdev;
 
 pub mod model;
