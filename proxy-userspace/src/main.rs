@@ -18,11 +18,7 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(kproxy::agent::run(args))),
-        Command::Cleanup(args) => {
-            kproxy::dataplane::ebpf::cleanup::cleanup(&args.bpf_root).map(|n| {
-                tracing::info!(removed = n, bpf_root = %args.bpf_root.display(), "cleanup done");
-            })
-        }
+        Command::Cleanup(args) => kproxy::mode::cleanup_all(&args.bpf_root),
         Command::List(cmd) => kproxy::inspect::list(&cmd),
         Command::Status(args) => kproxy::inspect::status(&args),
         Command::Trace(args) => kproxy::inspect::trace(&args),

@@ -98,3 +98,28 @@ pub fn start(mode: ProxyMode, inputs: &ModeInputs) -> anyhow::Result<Box<dyn Dat
     }
     bail!("no usable proxy mode: {}", refused.join("; "))
 }
+
+/// `kproxy cleanup`: removes what every mode installed (eBPF pins and links under
+/// `bpf_root`, the nftables table, the iptables chains) in this network namespace.
+/// Idempotent; fails only if something that exists could not be removed.
+pub fn cleanup_all(bpf_root: &std::path::Path) -> anyhow::Result<()> {
+    let pins = ebpf_cleanup::cleanup(bpf_root)
+        .with_context(|| format!("removing the pins under {}", bpf_root.display()))?;
+    // A host without nft or iptables has nothing of those modes to remove.
+    let table = nftables::cleanup().unwrap_or_else(|e| {
+        tracing::debug!("nftables cleanup: {e:#}");
+        false
+    });
+    let chains = iptables::cleanup().unwrap_or_else(|e| {
+        tracing::debug!("iptables cleanup: {e:#}");
+        0
+    });
+    tracing::info!(
+        pins,
+        nftables_cleaned = table,
+        iptables_chains_removed = chains,
+        bpf_root = %bpf_root.display(),
+        "cleanup done"
+    );
+    Ok(())
+}
