@@ -29,8 +29,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test (default workspace members; the eBPF crate is exercised through them): unit tests, BPF_PROG_TEST_RUN packet tests, and the end-to-end netns
-    /// tests (needs root).
+    /// Run every test: unit tests, BPF_PROG_TEST_RUN packet tests and the end-to-end netns
+    /// tests (needs root). The eBPF crate is tested through the object embedded in kproxy.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -130,7 +130,6 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args([
                 "clippy",
                 "--release",
-                "--workspace",
                 "--all-targets",
                 "--",
                 "-D",
