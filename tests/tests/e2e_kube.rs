@@ -1,0 +1,330 @@
+//! The Kubernetes API path end to end: a one-node cluster, the in-repo test API server
+//! listening inside the node's network namespace, and `kproxy run --kubeconfig` (no
+//! `--manifests`) watching it through kube-rs.
+//!
+//! 1. The seed Service (NodePort mysvc 10.96.100.208:8080 -> 80, nodePort 30001) with pod-a
+//!    and pod-b, and a ClusterIP `web2` (10.96.50.50:80 -> pod-c:8081), are served from the
+//!    API's initial list.
+//! 2. An EndpointSlice change is followed within 2 s.
+//! 3. The API server goes away for a few seconds while a client keeps requesting: nothing
+//!    fails (the agent serves the last state); the slice is changed while it is down; after
+//!    the restart the change is served within 3 s.
+//! 4. With the server away, web2 and its slice are deleted and mysvc's slice changed, then
+//!    the history is compacted: the watches' resume gets 410 Gone, the agent relists, web2
+//!    stops being served and mysvc follows the new slice.
+//! 5. A compaction while watching, then a change: relist, converged.
+
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use kproxy_tests::{
+    apiserver::{Resource, TestApiServer},
+    harness::{
+        Cluster, fixtures, kproxy_bin,
+        manifests::{EndpointSlice, Object, Protocol, Service, render, seed},
+        probe::{Asker, show},
+        sys::epoch_ms,
+    },
+};
+
+const TESTPOD: &str = env!("CARGO_BIN_EXE_kproxy-testpod");
+const WEB2_IP: &str = "10.96.50.50";
+
+fn mysvc_slice(c: &Cluster, pods: &[&str]) -> String {
+    render(&[seed::mysvc_slice(pods.iter().map(|p| c.endpoint(p))).into()])
+}
+
+fn web2(c: &Cluster) -> Vec<Object> {
+    vec![
+        Service::cluster_ip("web2", WEB2_IP)
+            .port("http", Protocol::Tcp, 80, 8081, None)
+            .into(),
+        EndpointSlice::for_service("web2")
+            .port("http", Protocol::Tcp, 8081)
+            .endpoints([c.endpoint("pod-c")])
+            .into(),
+    ]
+}
+
+/// Starts `kproxy run` on node1 with the harness's arguments, `--manifests` replaced by
+/// `--kubeconfig`. Returns the log path.
+fn start_api_agent(c: &mut Cluster, kubeconfig: &Path) -> std::path::PathBuf {
+    let mut argv = vec![kproxy_bin().unwrap().display().to_string()];
+    let mut args = c.agent_args(1);
+    if let Some(i) = args.iter().position(|a| a == "--manifests") {
+        args.drain(i..i + 2);
+    }
+    argv.extend(args);
+    argv.push("--kubeconfig".into());
+    argv.push(kubeconfig.display().to_string());
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let place = c.node(1);
+    let idx = c.spawn(&place, "kproxy node1 (API)", &argv).unwrap();
+    c.tmp_dir().join(format!("extra-{idx}.log"))
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(120);
+    format!("---- agent log ----\n{}\n----", lines[from..].join("\n"))
+}
+
+/// Curls `url` from `place` until `streak` answers in a row come from `want` only.
+/// Returns how long it took.
+fn wait_served_by(
+    c: &Cluster,
+    place: &kproxy_tests::harness::Place,
+    url: &str,
+    want: &[&str],
+    timeout: Duration,
+    log: &Path,
+) -> Duration {
+    let start = Instant::now();
+    let mut streak = 0;
+    let mut seen = Vec::new();
+    while start.elapsed() < timeout {
+        let r = c.curl(place, url);
+        if r.pod().is_some_and(|p| want.contains(&p)) {
+            streak += 1;
+            if streak >= 6 {
+                return start.elapsed();
+            }
+        } else {
+            streak = 0;
+            seen.push(r.to_string());
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!(
+        "{url} not served by {want:?} only within {timeout:?}; other answers: {:#?}\n{}",
+        &seen[seen.len().saturating_sub(10)..],
+        log_tail(log)
+    );
+}
+
+fn nodeport_asker(c: &Cluster, count: u32) -> Asker {
+    c.ask_start(
+        &c.client(),
+        &[
+            "tcp-ask",
+            &format!("{}:{}", c.node_ip(1), seed::MYSVC_NODEPORT),
+            "--http",
+            "--count",
+            &count.to_string(),
+            "--interval-ms",
+            "50",
+            "--timeout-ms",
+            "1000",
+        ],
+    )
+}
+
+#[test]
+fn api_source_end_to_end() {
+    let mut c = fixtures::one_node(TESTPOD).expect("building the cluster");
+    let netns = format!("/var/run/netns/{}", c.node_netns(1));
+    let mut api = TestApiServer::in_netns(&netns).expect("starting the API server in node1");
+    let mut objects = c.node_objects();
+    objects.push(seed::mysvc().into());
+    objects.push(seed::mysvc_slice([c.endpoint("pod-a"), c.endpoint("pod-b")]).into());
+    objects.extend(web2(&c));
+    api.apply_yaml(&render(&objects)).unwrap();
+    let kubeconfig = c.tmp_dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    println!("API server {} in {netns}", api.url());
+
+    let log = start_api_agent(&mut c, &kubeconfig);
+    let start = Instant::now();
+    while c.healthz(1) != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the agent did not become healthy\n{}",
+            log_tail(&log)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    println!("healthy after {:?}", start.elapsed());
+
+    // 1. Initial list served.
+    let client = c.client();
+    let pod_z = c.pod("pod-z");
+    let np_url = format!("http://{}:{}/", c.node_ip(1), seed::MYSVC_NODEPORT);
+    let cip_url = format!("http://{}:{}/", seed::MYSVC_IP, seed::MYSVC_PORT);
+    let web2_url = format!("http://{WEB2_IP}:80/");
+    let mut seen = BTreeSet::new();
+    for _ in 0..16 {
+        for (place, url) in [(&client, &np_url), (&pod_z, &cip_url)] {
+            let r = c.curl(place, url);
+            assert!(r.ok(), "{url}: {r}\n{}", log_tail(&log));
+            seen.insert(r.pod().unwrap_or("").to_owned());
+        }
+    }
+    assert_eq!(
+        seen,
+        ["pod-a".to_owned(), "pod-b".to_owned()].into(),
+        "initial endpoints"
+    );
+    let r = c.curl(&pod_z, &web2_url);
+    // nginx on 8081 answers `pod-c:8081 <client>`.
+    assert_eq!(r.pod(), Some("pod-c:8081"), "web2: {r}");
+
+    // 2. An endpoint change.
+    api.apply_yaml(&mysvc_slice(&c, &["pod-a", "pod-c"]))
+        .unwrap();
+    let took = wait_served_by(
+        &c,
+        &client,
+        &np_url,
+        &["pod-a", "pod-c"],
+        Duration::from_secs(5),
+        &log,
+    );
+    println!("endpoint change served within {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // 3. The API server away while traffic flows; a change made meanwhile.
+    let asker = nodeport_asker(&c, 200);
+    assert!(
+        asker
+            .wait_line(Duration::from_secs(5), |l| l.seq >= 10)
+            .is_some(),
+        "the client did not start"
+    );
+    let t_down = epoch_ms();
+    api.stop();
+    thread::sleep(Duration::from_secs(2));
+    api.apply_yaml(&mysvc_slice(&c, &["pod-b", "pod-c"]))
+        .unwrap();
+    thread::sleep(Duration::from_secs(2));
+    let t_up = epoch_ms();
+    api.start().unwrap();
+    let lines = asker.finish(Duration::from_secs(60)).expect("the client");
+    let timeline = show(&lines);
+    assert!(lines.len() >= 190, "{timeline}");
+    let failed: Vec<String> = lines
+        .iter()
+        .filter(|l| !l.is_ok())
+        .map(|l| l.to_string())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed around the outage ({t_down}..{t_up}): {failed:#?}\n{timeline}"
+    );
+    let Some(first_b) = lines.iter().find(|l| l.pod() == Some("pod-b")) else {
+        panic!(
+            "the change made during the outage was never served\n{timeline}\n{}",
+            log_tail(&log)
+        );
+    };
+    assert!(
+        first_b.ts_ms >= t_up,
+        "pod-b answered before the API server came back\n{timeline}"
+    );
+    let latency = first_b.ts_ms - t_up;
+    let a_after = lines
+        .iter()
+        .filter(|l| l.ts_ms > first_b.ts_ms && l.pod() == Some("pod-a"))
+        .count();
+    println!(
+        "outage {} ms, {} requests, none failed; change served {latency} ms after the restart",
+        t_up - t_down,
+        lines.len()
+    );
+    assert!(latency <= 3000, "took {latency} ms\n{}", log_tail(&log));
+    assert_eq!(a_after, 0, "pod-a answered after the change\n{timeline}");
+
+    // 4. Changes in a gap the history no longer covers: 410 Gone, relist.
+    let expired_before = api.stats().expired;
+    let lists_before = api.stats().lists(Resource::EndpointSlices);
+    api.stop();
+    api.delete("Service", "default", "web2").unwrap();
+    api.delete("EndpointSlice", "default", "web2-abc12")
+        .unwrap();
+    api.apply_yaml(&mysvc_slice(&c, &["pod-a"])).unwrap();
+    api.compact();
+    api.start().unwrap();
+    let took = wait_served_by(
+        &c,
+        &client,
+        &np_url,
+        &["pod-a"],
+        Duration::from_secs(5),
+        &log,
+    );
+    println!("relist after 410 served within {took:?} of the restart");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let s = api.stats();
+    assert!(s.expired > expired_before, "no 410 was sent: {s:?}");
+    assert!(s.lists(Resource::EndpointSlices) > lists_before, "{s:?}");
+    // web2 is gone: its cluster IP is not translated any more.
+    let r = c.curl(&pod_z, &web2_url);
+    assert!(
+        !r.ok(),
+        "web2 still served after it was deleted: {r}\n{}",
+        log_tail(&log)
+    );
+
+    // 5. Compaction while watching, then a change.
+    api.compact();
+    api.apply_yaml(&mysvc_slice(&c, &["pod-b"])).unwrap();
+    let took = wait_served_by(
+        &c,
+        &client,
+        &np_url,
+        &["pod-b"],
+        Duration::from_secs(5),
+        &log,
+    );
+    println!("change after a compaction served within {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(
+        c.curl(&pod_z, &cip_url).pod() == Some("pod-b"),
+        "cluster IP after the relist"
+    );
+}
+
+/// The server's socket lives in the given network namespace (reachable there, not here),
+/// and a restart rebinds the same port there.
+#[test]
+fn api_server_listens_in_a_netns() {
+    kproxy_tests::harness::sys::require_root().unwrap();
+    let ns = kproxy_tests::harness::sys::NetNs::create(&format!(
+        "{}api",
+        kproxy_tests::harness::sys::unique_id()
+    ))
+    .unwrap();
+    let mut api = TestApiServer::in_netns(ns.path()).unwrap();
+    api.apply_yaml(&render(&[seed::mysvc().into()])).unwrap();
+    let get = |url: &str| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), "curl", "-sS", "--max-time", "2"])
+            .arg(url)
+            .output()
+            .unwrap()
+    };
+    let url = format!("{}/api/v1/services", api.url());
+    let out = get(&url);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains("\"ServiceList\"") && body.contains("mysvc"),
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::net::TcpStream::connect(api.addr()).is_err(),
+        "reachable outside the namespace"
+    );
+    let port = api.addr().port();
+    api.restart(Duration::from_millis(100)).unwrap();
+    assert_eq!(api.addr().port(), port);
+    let out = get(&format!(
+        "{url}?watch=true&resourceVersion=1&timeoutSeconds=1"
+    ));
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("\"ERROR\"") && body.contains("410"), "{body}");
+}
