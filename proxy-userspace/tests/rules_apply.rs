@@ -227,14 +227,26 @@ fn nftables_applies_atomically_and_cleans_up() {
         nftables::probe().expect("probe");
         let mut dp = NftablesDataplane::new(NftablesSettings { render: opts() }).expect("new");
         dp.apply(&state(), true).expect("first apply");
-        dp.apply(&state2(), false).expect("second apply");
+        dp.apply(&state2(), false).expect("second apply (partial)");
+        let partial = tokens(&ns.sh(&["nft", "list", "table", "ip", "kproxy"]));
         // Unchanged: nothing to do.
         assert_eq!(
             dp.apply(&state2(), false).expect("same"),
             Default::default()
         );
-        // A full apply over what is there replaces it.
+        // A full apply over what is there replaces it, with the same result as the partial.
         dp.apply(&state2(), true).expect("full apply");
+        let full = tokens(&ns.sh(&["nft", "list", "table", "ip", "kproxy"]));
+        assert_eq!(partial, full);
+        // And back, partially, to the first state: the same as the first state in full.
+        dp.apply(&state(), false).expect("partial back");
+        let back = tokens(&ns.sh(&["nft", "list", "table", "ip", "kproxy"]));
+        dp.apply(&state(), true).expect("full");
+        assert_eq!(
+            back,
+            tokens(&ns.sh(&["nft", "list", "table", "ip", "kproxy"]))
+        );
+        dp.apply(&state2(), false).expect("partial again");
     });
     let table = ns.sh(&["nft", "list", "table", "ip", "kproxy"]);
     assert!(table.contains("10.244.4.4"), "{table}");
@@ -276,6 +288,18 @@ fn nftables_failed_transaction_leaves_previous_rules() {
     assert!(!st.success());
     let after = ns.sh(&["nft", "list", "table", "ip", "kproxy"]);
     assert_eq!(before, after);
+}
+
+/// The words of an `nft list` output, sorted: equal for equal tables whatever the order in
+/// which their chains and elements were added.
+fn tokens(listing: &str) -> Vec<String> {
+    let mut v: Vec<String> = listing
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
 }
 
 fn kproxy_chains(ns: &Netns) -> Vec<String> {

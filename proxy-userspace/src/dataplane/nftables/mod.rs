@@ -1,7 +1,8 @@
 //! The nftables dataplane: `table ip kproxy`, with kube-proxy's nftables-mode semantics
 //! (verdict maps keyed by address/protocol/port, `numgen random` balancing, masquerade marks,
-//! reject for frontends without endpoints). Every apply is one `nft -f -` transaction that
-//! replaces the whole table atomically; an apply whose rendering did not change is skipped.
+//! reject for frontends without endpoints). Every apply is one atomic `nft -f -` transaction:
+//! a full one replaces the whole table (on start, when asked, after any error), a partial one
+//! rewrites only the chains and map elements that changed; nothing changed, nothing is run.
 //!
 //! IPv4 only. `localhost:nodePort` is not served (it would need
 //! `net.ipv4.conf.all.route_localnet`, which kproxy does not set); `net.ipv4.ip_forward` is
@@ -28,8 +29,9 @@ pub struct NftablesSettings {
 
 pub struct NftablesDataplane {
     settings: NftablesSettings,
-    /// The last rendering applied successfully (None: nothing trusted, apply in full).
-    applied: Option<String>,
+    /// What the table holds, as last applied successfully (None: not trusted, the next
+    /// apply replaces the whole table).
+    applied: Option<render::Model>,
     /// The state that rendering came from, for the stale UDP conntrack flush.
     previous: DesiredState,
 }
@@ -119,19 +121,28 @@ impl Dataplane for NftablesDataplane {
     }
 
     fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
-        let text = render::render(desired, &self.settings.render);
-        if !full && self.applied.as_deref() == Some(text.as_str()) {
-            return Ok(ApplyStats::default());
-        }
-        self.applied = None;
+        let next = render::model(desired, &self.settings.render);
+        let text = match (self.applied.take(), full) {
+            (Some(prev), false) => match render::render_partial(&prev, &next) {
+                Some(text) => text,
+                None => {
+                    self.applied = Some(prev);
+                    return Ok(ApplyStats::default());
+                }
+            },
+            _ => render::render_model(&next, &self.settings.render),
+        };
+        // On error `applied` stays None: the next apply replaces the whole table.
         run_with_stdin("nft", &["-f", "-"], &text).context("applying table ip kproxy")?;
-        self.applied = Some(text);
+        self.applied = Some(next);
         let stale = conntrack_flush::StaleUdp::between(&self.previous, desired);
         conntrack_flush::flush_and_log(&stale, "nftables");
         self.previous = desired.clone();
+        // Commands, not kernel objects: a rough measure of the work done.
+        let count = |verb: &str| text.lines().filter(|l| l.starts_with(verb)).count();
         Ok(ApplyStats {
-            writes: desired.frontends.len(),
-            deletes: 0,
+            writes: count("add "),
+            deletes: count("delete "),
             rejected: Vec::new(),
         })
     }
@@ -269,6 +280,35 @@ mod tests {
             "nftables_sample.nft",
             &render::render(&sample_desired(), &opts()),
         );
+    }
+
+    #[test]
+    fn partial_touches_only_what_changed() {
+        let d1 = sample_desired();
+        let m1 = render::model(&d1, &opts());
+        assert_eq!(render::render_partial(&m1, &m1), None);
+        // The remote DNS endpoint goes away; the empty service gets an endpoint.
+        let mut d2 = d1.clone();
+        for f in &mut d2.frontends {
+            if f.service.name == "dns" {
+                f.backends.pop();
+            }
+            if f.service.name == "empty" && f.kind == crate::desired::FrontendKind::ClusterIp {
+                f.backends.push(crate::desired::Backend {
+                    address: "10.244.1.20".parse().unwrap(),
+                    port: 443,
+                    is_local: true,
+                });
+            }
+        }
+        let m2 = render::model(&d2, &opts());
+        let text = render::render_partial(&m1, &m2).unwrap();
+        check_golden("nftables_partial.nft", &text);
+        // Untouched: the web chains and elements.
+        assert!(!text.contains("default/web"), "{text}");
+        // Back again.
+        let back = render::render_partial(&m2, &m1).unwrap();
+        assert!(back.contains("delete chain ip kproxy svc-"), "{back}");
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //!
 //! `localhost:nodePort` is not served (that would need route_localnet).
 
-use std::fmt::Write as _;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
     dataplane::iptables::hash::{endpoint_identity, frontend_identity, hash},
@@ -96,9 +96,9 @@ pub(crate) fn network(c: &Ipv4Cidr) -> String {
     format!("{net}/{}", c.prefix_len)
 }
 
-/// The full transaction: create-if-missing, delete, and re-create `table ip kproxy` with
-/// everything `desired` needs. Applied with `nft -f -`, it is atomic.
-pub fn render(desired: &DesiredState, opts: &RenderOptions) -> String {
+/// The part of the table that does not depend on the desired state: sets, maps, helper and
+/// base chains (after the table is created).
+fn skeleton(opts: &RenderOptions) -> String {
     let t = format!("ip {TABLE}");
     let mark = 1u32 << opts.masquerade_bit;
     let mut s = String::new();
@@ -106,10 +106,6 @@ pub fn render(desired: &DesiredState, opts: &RenderOptions) -> String {
         s.push_str(&l);
         s.push('\n');
     };
-    line(format!("add table {t}"));
-    line(format!("delete table {t}"));
-    line(format!("add table {t}"));
-
     // Sets and maps first: rules refer to them.
     line(format!("add set {t} nodeport-ips {{ type ipv4_addr ; }}"));
     for (name, key) in [
@@ -207,112 +203,206 @@ pub fn render(desired: &DesiredState, opts: &RenderOptions) -> String {
         }
     }
 
-    // Per-frontend and per-endpoint chains.
+    s
+}
+
+/// What a desired state puts in the table besides the skeleton: the per-frontend and
+/// per-endpoint chains (name -> rule bodies) and the elements of the sets and maps
+/// (map -> key -> verdict, "" for set elements).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    pub chains: BTreeMap<String, Vec<String>>,
+    pub elements: BTreeMap<&'static str, BTreeMap<String, String>>,
+}
+
+pub const MAPS: [&str; 5] = [
+    "nodeport-ips",
+    "service-ips",
+    "service-nodeports",
+    "no-endpoint-services",
+    "no-endpoint-nodeports",
+];
+
+pub fn model(desired: &DesiredState, opts: &RenderOptions) -> Model {
+    let mut m = Model::default();
+    for name in MAPS {
+        m.elements.insert(name, BTreeMap::new());
+    }
     let outside = opts
         .cluster_cidr
         .as_ref()
         .map(|c| format!("ip saddr != {} ", network(c)));
-    // All chains before any rule: a vmap `goto` needs its target to exist.
     for f in desired.frontends.iter().filter(|f| !f.backends.is_empty()) {
-        line(format!("add chain {t} {}", service_chain(f)));
-        for b in &f.backends {
-            line(format!("add chain {t} {}", endpoint_chain(f, b)));
-        }
-    }
-    for f in desired.frontends.iter().filter(|f| !f.backends.is_empty()) {
-        let svc = service_chain(f);
         let targets: Vec<String> = f
             .backends
             .iter()
             .enumerate()
             .map(|(i, b)| format!("{i} : goto {}", endpoint_chain(f, b)))
             .collect();
-        line(format!(
-            "add rule {t} {svc} numgen random mod {} vmap {{ {} }}",
-            f.backends.len(),
-            targets.join(", ")
-        ));
+        m.chains.insert(
+            service_chain(f),
+            vec![format!(
+                "numgen random mod {} vmap {{ {} }}",
+                f.backends.len(),
+                targets.join(", ")
+            )],
+        );
         for b in &f.backends {
-            let ep = endpoint_chain(f, b);
-            line(format!(
-                "add rule {t} {ep} ip saddr {} jump mark-for-masquerade",
-                b.address
-            ));
+            let mut rules = vec![format!("ip saddr {} jump mark-for-masquerade", b.address)];
             if !b.is_local {
-                line(format!(
-                    "add rule {t} {ep} {}jump mark-for-masquerade",
+                rules.push(format!(
+                    "{}jump mark-for-masquerade",
                     outside.as_deref().unwrap_or("")
                 ));
             }
-            line(format!(
-                "add rule {t} {ep} meta l4proto {} dnat to {}:{}",
+            rules.push(format!(
+                "meta l4proto {} dnat to {}:{}",
                 proto(f.protocol),
                 b.address,
                 b.port
             ));
+            m.chains.insert(endpoint_chain(f, b), rules);
         }
     }
-
-    // Elements last: they refer to the chains.
-    if !desired.nodeport_addresses.is_empty() {
-        let addrs: Vec<String> = desired
-            .nodeport_addresses
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
-        line(format!(
-            "add element {t} nodeport-ips {{ {} }}",
-            addrs.join(", ")
-        ));
+    let el = &mut m.elements;
+    for a in &desired.nodeport_addresses {
+        el.get_mut("nodeport-ips")
+            .expect("map")
+            .insert(a.to_string(), String::new());
     }
-    let mut service_ips = Vec::new();
-    let mut service_nodeports = Vec::new();
-    let mut no_ep_services = Vec::new();
-    let mut no_ep_nodeports = Vec::new();
     for f in &desired.frontends {
         let (verdict, ips, nodeports) = if f.backends.is_empty() {
             (
                 "goto reject-chain".to_string(),
-                &mut no_ep_services,
-                &mut no_ep_nodeports,
+                "no-endpoint-services",
+                "no-endpoint-nodeports",
             )
         } else {
             (
                 format!("goto {}", service_chain(f)),
-                &mut service_ips,
-                &mut service_nodeports,
+                "service-ips",
+                "service-nodeports",
             )
         };
-        match f.kind {
-            FrontendKind::NodePort => {
-                nodeports.push(format!("{} . {} : {verdict}", proto(f.protocol), f.port))
-            }
-            _ => ips.push(format!(
-                "{} . {} . {} : {verdict}",
-                f.address,
-                proto(f.protocol),
-                f.port
-            )),
-        }
+        let (map, key) = match f.kind {
+            FrontendKind::NodePort => (nodeports, format!("{} . {}", proto(f.protocol), f.port)),
+            _ => (
+                ips,
+                format!("{} . {} . {}", f.address, proto(f.protocol), f.port),
+            ),
+        };
+        el.get_mut(map).expect("map").insert(key, verdict);
     }
-    for (name, elems) in [
-        ("service-ips", service_ips),
-        ("service-nodeports", service_nodeports),
-        ("no-endpoint-services", no_ep_services),
-        ("no-endpoint-nodeports", no_ep_nodeports),
-    ] {
-        if elems.is_empty() {
-            continue;
-        }
-        let mut l = format!("add element {t} {name} {{\n");
-        for (i, e) in elems.iter().enumerate() {
-            let sep = if i + 1 < elems.len() { "," } else { "" };
-            let _ = writeln!(l, "\t{e}{sep}");
-        }
-        l.push('}');
-        line(l);
+    m
+}
+
+fn element(key: &str, value: &str) -> String {
+    if value.is_empty() {
+        key.to_string()
+    } else {
+        format!("{key} : {value}")
+    }
+}
+
+fn push_elements(s: &mut String, verb: &str, map: &str, elems: &[String]) {
+    if elems.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "{verb} element ip {TABLE} {map} {{");
+    for (i, e) in elems.iter().enumerate() {
+        let sep = if i + 1 < elems.len() { "," } else { "" };
+        let _ = writeln!(s, "\t{e}{sep}");
+    }
+    s.push_str("}\n");
+}
+
+fn push_rules(s: &mut String, chain: &str, rules: &[String]) {
+    for r in rules {
+        let _ = writeln!(s, "add rule ip {TABLE} {chain} {r}");
+    }
+}
+
+/// The full transaction: create-if-missing, delete, and re-create `table ip kproxy` with
+/// everything `desired` needs. Applied with `nft -f -`, it is atomic.
+pub fn render(desired: &DesiredState, opts: &RenderOptions) -> String {
+    render_model(&model(desired, opts), opts)
+}
+
+/// [`render`] from a [`model`].
+pub fn render_model(m: &Model, opts: &RenderOptions) -> String {
+    let t = format!("ip {TABLE}");
+    let mut s = format!("add table {t}\ndelete table {t}\nadd table {t}\n");
+    s.push_str(&skeleton(opts));
+    // All chains before any rule: a vmap `goto` needs its target to exist.
+    for name in m.chains.keys() {
+        let _ = writeln!(s, "add chain {t} {name}");
+    }
+    for (name, rules) in &m.chains {
+        push_rules(&mut s, name, rules);
+    }
+    // Elements last: they refer to the chains.
+    for (map, elems) in &m.elements {
+        let elems: Vec<String> = elems.iter().map(|(k, v)| element(k, v)).collect();
+        push_elements(&mut s, "add", map, &elems);
     }
     s
+}
+
+/// The transaction that moves the table from `prev` to `next` (both models of what is in
+/// it), touching only what changed: new chains are added, changed ones flushed and
+/// rewritten, gone ones flushed and deleted after the elements that pointed to them; map
+/// elements that are gone or changed are deleted, new or changed ones added. `None` when
+/// nothing changed. Applied with `nft -f -`, it is atomic too.
+pub fn render_partial(prev: &Model, next: &Model) -> Option<String> {
+    let t = format!("ip {TABLE}");
+    let mut s = String::new();
+    for name in next.chains.keys().filter(|n| !prev.chains.contains_key(*n)) {
+        let _ = writeln!(s, "add chain {t} {name}");
+    }
+    let empty = BTreeMap::new();
+    for map in MAPS {
+        let p = prev.elements.get(map).unwrap_or(&empty);
+        let n = next.elements.get(map).unwrap_or(&empty);
+        let gone: Vec<String> = p
+            .iter()
+            .filter(|(k, v)| n.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        push_elements(&mut s, "delete", map, &gone);
+    }
+    for (name, rules) in &next.chains {
+        match prev.chains.get(name) {
+            Some(old) if old == rules => {}
+            Some(_) => {
+                let _ = writeln!(s, "flush chain {t} {name}");
+                push_rules(&mut s, name, rules);
+            }
+            None => push_rules(&mut s, name, rules),
+        }
+    }
+    for map in MAPS {
+        let p = prev.elements.get(map).unwrap_or(&empty);
+        let n = next.elements.get(map).unwrap_or(&empty);
+        let new: Vec<String> = n
+            .iter()
+            .filter(|(k, v)| p.get(*k) != Some(*v))
+            .map(|(k, v)| element(k, v))
+            .collect();
+        push_elements(&mut s, "add", map, &new);
+    }
+    let gone: Vec<&String> = prev
+        .chains
+        .keys()
+        .filter(|n| !next.chains.contains_key(*n))
+        .collect();
+    // Flush them all first: a gone service chain refers to gone endpoint chains.
+    for name in &gone {
+        let _ = writeln!(s, "flush chain {t} {name}");
+    }
+    for name in &gone {
+        let _ = writeln!(s, "delete chain {t} {name}");
+    }
+    (!s.is_empty()).then_some(s)
 }
 
 /// The transaction that removes the table (succeeds whether or not it exists).
