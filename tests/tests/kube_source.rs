@@ -87,9 +87,12 @@ struct Agent {
 
 impl Agent {
     async fn connect(server: &TestApiServer) -> Agent {
-        let source = KubeSource::connect(Some(&kubeconfig(server)), NODE)
+        let path = kubeconfig(server);
+        let source = KubeSource::connect(Some(&path), NODE)
             .await
             .expect("connecting");
+        // Read at connect; not needed any more.
+        let _ = std::fs::remove_file(&path);
         Agent {
             source,
             model: Model::new(),
