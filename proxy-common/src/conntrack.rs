@@ -47,7 +47,10 @@ pub struct Nat4RevEntry {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
-    pub _pad: u32,
+    /// The frontend's reverse-NAT index, for the per-frontend counters. This was padding
+    /// before: entries written by an older agent carry 0 (no index) and are not counted.
+    pub rev_nat_index: u16,
+    pub _pad: u16,
     pub last_seen_ns: u64,
 }
 

@@ -12,3 +12,4 @@ pub mod conntrack;
 pub mod lb;
 pub mod maps;
 pub mod sock;
+pub mod stats;

@@ -18,6 +18,11 @@ pub const NAT4_REV: &str = "KP_NAT4_REV_V1";
 pub const SOCK4_REV: &str = "KP_SOCK4_REV_V1";
 /// Node-wide settings, one entry: [`crate::config::Lb4Config`].
 pub const LB4_CONFIG: &str = "KP_LB4_CFG_V1";
+/// Datapath events by reason (per-CPU array): `u32` (`crate::stats::STAT_*`) -> `u64`.
+pub const STATS: &str = "KP_STATS_V1";
+/// Traffic per frontend (per-CPU hash, allocated on first use): `u16` reverse-NAT index ->
+/// [`crate::stats::SvcStats`].
+pub const SVC_STATS: &str = "KP_SVC_STATS_V1";
 
 pub const LB4_SERVICES_MAX: u32 = 65_536;
 pub const LB4_BACKENDS_MAX: u32 = 65_536;
@@ -26,9 +31,14 @@ pub const LB4_NODEPORT_ADDRS_MAX: u32 = 256;
 pub const CT4_MAX: u32 = 262_144;
 pub const NAT4_REV_MAX: u32 = 262_144;
 pub const SOCK4_REV_MAX: u32 = 262_144;
+/// Room for reasons added later without a layout change.
+pub const STATS_MAX: u32 = 64;
+/// One entry per reverse-NAT index in use. Not preallocated: a per-CPU map this size would
+/// cost `65536 * 24 bytes` per CPU; entries appear when a frontend first sees traffic.
+pub const SVC_STATS_MAX: u32 = LB4_REVERSE_NAT_MAX;
 
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 10] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -37,4 +47,9 @@ pub const ALL: [&str; 8] = [
     NAT4_REV,
     SOCK4_REV,
     LB4_CONFIG,
+    STATS,
+    SVC_STATS,
 ];
+
+/// Maps that are counters, not state: their fill level is not a capacity concern.
+pub const COUNTERS: [&str; 2] = [STATS, SVC_STATS];

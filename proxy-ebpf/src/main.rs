@@ -13,16 +13,25 @@ mod maps;
 mod nodeport;
 mod parse;
 mod sock;
+mod stats;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action::XDP_PASS},
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
+use proxy_common::stats::{
+    STAT_SOCK_CONNECT_NO_ENDPOINTS, STAT_SOCK_CONNECT_XLATE, STAT_SOCK_SENDMSG_NO_ENDPOINTS,
+    STAT_SOCK_SENDMSG_XLATE, STAT_XLATE_ERROR,
+};
 
 #[cgroup_sock_addr(connect4)]
 pub fn kproxy_sock4_connect(ctx: SockAddrContext) -> i32 {
-    match sock::sock4_xlate_fwd(&ctx) {
+    match sock::sock4_xlate_fwd(
+        &ctx,
+        STAT_SOCK_CONNECT_XLATE,
+        STAT_SOCK_CONNECT_NO_ENDPOINTS,
+    ) {
         Ok(v) => v,
         Err(_) => 1,
     }
@@ -30,7 +39,11 @@ pub fn kproxy_sock4_connect(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn kproxy_sock4_sendmsg(ctx: SockAddrContext) -> i32 {
-    match sock::sock4_xlate_fwd(&ctx) {
+    match sock::sock4_xlate_fwd(
+        &ctx,
+        STAT_SOCK_SENDMSG_XLATE,
+        STAT_SOCK_SENDMSG_NO_ENDPOINTS,
+    ) {
         Ok(v) => v,
         Err(_) => 1,
     }
@@ -52,11 +65,17 @@ pub fn kproxy_sock4_getpeername(ctx: SockAddrContext) -> i32 {
     }
 }
 
+// The device programs fail only when a packet store fails midway through a translation
+// (parsing problems are counted and passed as `Ok`): counted as a translation error.
+
 #[xdp]
 pub fn kproxy_xdp_ingress(ctx: XdpContext) -> u32 {
     match nodeport::nodeport_ingress(&ctx) {
         Ok(v) => v as u32,
-        Err(_) => XDP_PASS,
+        Err(_) => {
+            stats::stat_inc(STAT_XLATE_ERROR);
+            XDP_PASS
+        }
     }
 }
 
@@ -64,7 +83,10 @@ pub fn kproxy_xdp_ingress(ctx: XdpContext) -> u32 {
 pub fn kproxy_tc_ingress(ctx: TcContext) -> i32 {
     match nodeport::tc_nodeport_ingress(&ctx) {
         Ok(v) => v,
-        Err(_) => TC_ACT_OK as i32,
+        Err(_) => {
+            stats::stat_inc(STAT_XLATE_ERROR);
+            TC_ACT_OK as i32
+        }
     }
 }
 
@@ -72,7 +94,10 @@ pub fn kproxy_tc_ingress(ctx: TcContext) -> i32 {
 pub fn kproxy_tc_egress(ctx: TcContext) -> i32 {
     match nodeport::tc_nodeport_egress(&ctx) {
         Ok(_) => TC_ACT_OK as i32,
-        Err(_) => TC_ACT_OK as i32,
+        Err(_) => {
+            stats::stat_inc(STAT_XLATE_ERROR);
+            TC_ACT_OK as i32
+        }
     }
 }
 

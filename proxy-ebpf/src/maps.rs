@@ -4,8 +4,9 @@
 //! directory (`EbpfLoader::map_pin_path`) and reuses the pins across restarts.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
     config::Lb4Config,
@@ -13,6 +14,7 @@ use proxy_common::{
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    stats::SvcStats,
 };
 
 const fn name_is(literal: &str, shared: &str) -> bool {
@@ -38,6 +40,8 @@ const _: () = assert!(name_is("KP_CT4_V1", names::CT4));
 const _: () = assert!(name_is("KP_NAT4_REV_V1", names::NAT4_REV));
 const _: () = assert!(name_is("KP_SOCK4_REV_V1", names::SOCK4_REV));
 const _: () = assert!(name_is("KP_LB4_CFG_V1", names::LB4_CONFIG));
+const _: () = assert!(name_is("KP_STATS_V1", names::STATS));
+const _: () = assert!(name_is("KP_SVC_STATS_V1", names::SVC_STATS));
 
 #[map(name = "KP_LB4_SVC_V1")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
@@ -68,3 +72,12 @@ pub static SOCK4_REV: LruHashMap<Sock4RevKey, Sock4RevValue> =
 
 #[map(name = "KP_LB4_CFG_V1")]
 pub static LB4_CONFIG: Array<Lb4Config> = Array::pinned(1, 0);
+
+/// Events by reason (`proxy_common::stats::STAT_*`), per CPU.
+#[map(name = "KP_STATS_V1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(names::STATS_MAX, 0);
+
+/// Traffic per reverse-NAT index, per CPU; entries are created on first use.
+#[map(name = "KP_SVC_STATS_V1")]
+pub static SVC_STATS: PerCpuHashMap<u16, SvcStats> =
+    PerCpuHashMap::pinned(names::SVC_STATS_MAX, BPF_F_NO_PREALLOC);

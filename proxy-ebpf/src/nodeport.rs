@@ -12,6 +12,11 @@ use proxy_common::{
     config::{CFG_FLAG_XDP_FIB_FORWARD, Lb4Config},
     conntrack::{Ct4Entry, Nat4RevEntry},
     lb::{BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4Service, SVC_FLAG_EXTERNAL},
+    stats::{
+        STAT_BACKEND_RESELECTED, STAT_FIB_FALLBACK, STAT_FIB_FORWARD, STAT_FWD_XLATE,
+        STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS, STAT_PASS_NOT_READY,
+        STAT_PASS_NOT_SERVICE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED, STAT_XLATE_ERROR,
+    },
 };
 
 use crate::{
@@ -24,19 +29,26 @@ use crate::{
     parse::{
         ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, parse4,
     },
+    stats::{stat_inc, svc_stat_add},
 };
 
 const AF_INET: u8 = 2;
 
 /// Ingress of an external device: reverse NAT of replies, else nodePort/externalIP
-/// translation; translated packets are forwarded per [`nodeport_forward`].
+/// translation; translated packets are forwarded per [`nodeport_forward`]. Every packet
+/// counts one event: how it was translated, or why it was passed.
 #[inline(always)]
 pub fn nodeport_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     let Some(cfg) = lb4_config() else {
+        stat_inc(STAT_PASS_NOT_READY);
         return Ok(C::PASS);
     };
-    let Some(mut pkt) = parse4(ctx)? else {
-        return Ok(C::PASS);
+    let mut pkt = match parse4(ctx) {
+        Ok(pkt) => pkt,
+        Err(reason) => {
+            stat_inc(reason);
+            return Ok(C::PASS);
+        }
     };
     let now = ct4_now();
     if nat4_rev_xlate(ctx, &mut pkt, now)? || lb4_xlate_ingress(ctx, &cfg, &mut pkt, now)? {
@@ -46,12 +58,13 @@ pub fn nodeport_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
 }
 
 /// Egress of an external device: reverse NAT of replies from local backends. Never drops.
+/// Only translations are counted here (the rest of the node's egress is none of ours).
 #[inline(always)]
 pub fn nodeport_egress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     if lb4_config().is_none() {
         return Ok(C::PASS);
     }
-    let Some(mut pkt) = parse4(ctx)? else {
+    let Ok(mut pkt) = parse4(ctx) else {
         return Ok(C::PASS);
     };
     nat4_rev_xlate(ctx, &mut pkt, ct4_now())?;
@@ -66,6 +79,8 @@ fn nat4_rev_xlate<C: NetCtx>(ctx: &C, pkt: &mut Pkt4, now: u64) -> Result<bool, 
         return Ok(false);
     };
     nat4_rewrite(ctx, pkt, rev.saddr, rev.sport, rev.daddr, rev.dport)?;
+    stat_inc(STAT_REV_XLATE);
+    svc_stat_add(rev.rev_nat_index, 1, u64::from(pkt.tot_len), 0);
     Ok(true)
 }
 
@@ -113,7 +128,8 @@ fn nat4_rewrite<C: NetCtx>(
 }
 
 /// Translates a packet to an external frontend (nodePort, externalIP, LB ingress). Cluster
-/// IPs and services without endpoints are left to the stack (`Ok(false)`).
+/// IPs and services without endpoints are left to the stack (`Ok(false)`, with the reason
+/// counted).
 #[inline(always)]
 fn lb4_xlate_ingress<C: NetCtx>(
     ctx: &C,
@@ -121,31 +137,44 @@ fn lb4_xlate_ingress<C: NetCtx>(
     pkt: &mut Pkt4,
     now: u64,
 ) -> Result<bool, PktErr> {
-    let Some((key, svc)) = lb4_lookup_service(pkt.daddr, pkt.dport, pkt.proto) else {
-        return Ok(false);
+    let reason = match lb4_xlate_ingress_flow(cfg, pkt, now) {
+        Ok(flow) => {
+            let (saddr, sport) = if flow.nat_saddr != 0 {
+                (flow.nat_saddr, flow.nat_sport)
+            } else {
+                (pkt.saddr, pkt.sport)
+            };
+            // A failed store is counted by the entry point, as a translation error.
+            nat4_rewrite(ctx, pkt, saddr, sport, flow.backend_addr, flow.backend_port)?;
+            svc_stat_add(flow.rev_nat_index, 1, u64::from(pkt.tot_len), 0);
+            STAT_FWD_XLATE
+        }
+        Err(reason) => reason,
     };
-    if svc.flags & SVC_FLAG_EXTERNAL == 0 || svc.count == 0 {
-        return Ok(false);
-    }
-    let Some(flow) = lb4_flow_get(cfg, &key, &svc, pkt, now) else {
-        return Ok(false);
-    };
-    let (saddr, sport) = if flow.nat_saddr != 0 {
-        (flow.nat_saddr, flow.nat_sport)
-    } else {
-        (pkt.saddr, pkt.sport)
-    };
-    nat4_rewrite(ctx, pkt, saddr, sport, flow.backend_addr, flow.backend_port)?;
-    Ok(true)
+    stat_inc(reason);
+    Ok(reason == STAT_FWD_XLATE)
 }
 
-/// The backend of this flow from CT4 if it is still valid (same id, address, port and
+/// The flow a packet to an external frontend belongs to, or why it is not translated (a
+/// `STAT_*` reason).
+#[inline(always)]
+fn lb4_xlate_ingress_flow(cfg: &Lb4Config, pkt: &Pkt4, now: u64) -> Result<Ct4Entry, u32> {
+    let Some((key, svc)) = lb4_lookup_service(pkt.daddr, pkt.dport, pkt.proto) else {
+        return Err(STAT_PASS_NOT_SERVICE);
+    };
+    if svc.flags & SVC_FLAG_EXTERNAL == 0 {
+        return Err(STAT_PASS_INTERNAL);
+    }
+    if svc.count == 0 {
+        return Err(STAT_PASS_NO_ENDPOINTS);
+    }
+    lb4_flow_get(cfg, &key, &svc, pkt, now)
+}
+
+/// The backend of the flow `ct` (from CT4) if it is still valid (same id, address, port and
 /// service), with the SNAT port it used.
 #[inline(always)]
-fn lb4_flow_reuse(svc: &Lb4Service, pkt: &Pkt4) -> Option<(u32, Lb4Backend, u16)> {
-    let ct = ct4_lookup(&ct4_key(
-        pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto,
-    ))?;
+fn lb4_flow_reuse(svc: &Lb4Service, ct: &Ct4Entry) -> Option<(u32, Lb4Backend, u16)> {
     if ct.rev_nat_index != svc.rev_nat_index {
         return None;
     }
@@ -158,6 +187,8 @@ fn lb4_flow_reuse(svc: &Lb4Service, pkt: &Pkt4) -> Option<(u32, Lb4Backend, u16)
 
 /// The CT entry for the packet's flow: the existing backend if still valid, else a fresh
 /// selection; claims the reverse entry (and a SNAT port for a remote backend) and writes CT4.
+/// Counts a new flow as a connection of the frontend, and a reselection; fails with the
+/// `STAT_*` reason the packet is not translated.
 #[inline(always)]
 fn lb4_flow_get(
     cfg: &Lb4Config,
@@ -165,11 +196,24 @@ fn lb4_flow_get(
     svc: &Lb4Service,
     pkt: &Pkt4,
     now: u64,
-) -> Option<Ct4Entry> {
-    let (backend_id, backend, mut preferred) = match lb4_flow_reuse(svc, pkt) {
+) -> Result<Ct4Entry, u32> {
+    let ct_key = ct4_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
+    let ct = ct4_lookup(&ct_key);
+    let reuse = match &ct {
+        Some(ct) => lb4_flow_reuse(svc, ct),
+        None => None,
+    };
+    let (backend_id, backend, mut preferred) = match reuse {
         Some(found) => found,
         None => {
-            let (id, backend) = lb4_select_backend(key, svc)?;
+            let Some((id, backend)) = lb4_select_backend(key, svc) else {
+                return Err(STAT_PASS_NO_BACKEND);
+            };
+            if ct.is_some() {
+                stat_inc(STAT_BACKEND_RESELECTED);
+            } else {
+                svc_stat_add(svc.rev_nat_index, 0, 0, 1);
+            }
             (id, backend, 0)
         }
     };
@@ -178,6 +222,7 @@ fn lb4_flow_get(
         daddr: pkt.saddr,
         sport: pkt.dport,
         dport: pkt.sport,
+        rev_nat_index: svc.rev_nat_index,
         _pad: 0,
         last_seen_ns: now,
     };
@@ -192,7 +237,7 @@ fn lb4_flow_get(
             pkt.proto,
         );
         if !nat4_rev_claim(&rev_key, &rev) && !nat4_rev_force(&rev_key, &rev) {
-            return None;
+            return Err(STAT_XLATE_ERROR);
         }
         (0, 0)
     } else {
@@ -200,7 +245,9 @@ fn lb4_flow_get(
             preferred = pkt.sport;
         }
         let rev_base = ct4_key(backend.address, pkt.daddr, backend.port, 0, pkt.proto);
-        let port = snat4_alloc_port(cfg, &rev_base, &rev, preferred)?;
+        let Some(port) = snat4_alloc_port(cfg, &rev_base, &rev, preferred) else {
+            return Err(STAT_SNAT_EXHAUSTED);
+        };
         (pkt.daddr, port)
     };
     let entry = Ct4Entry {
@@ -213,11 +260,8 @@ fn lb4_flow_get(
         flags: 0,
         last_seen_ns: now,
     };
-    ct4_update(
-        &ct4_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto),
-        &entry,
-    );
-    Some(entry)
+    ct4_update(&ct_key, &entry);
+    Ok(entry)
 }
 
 /// With CFG_FLAG_XDP_FIB_FORWARD: route the translated packet with `bpf_fib_lookup`,
@@ -225,7 +269,11 @@ fn lb4_flow_get(
 /// cannot resolve (no neighbour yet, local destination, MTU) goes to the stack.
 #[inline(always)]
 fn nodeport_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt4) -> Result<i32, PktErr> {
-    if cfg.flags & CFG_FLAG_XDP_FIB_FORWARD == 0 || pkt.ttl <= 1 {
+    if cfg.flags & CFG_FLAG_XDP_FIB_FORWARD == 0 {
+        return Ok(C::PASS);
+    }
+    if pkt.ttl <= 1 {
+        stat_inc(STAT_FIB_FALLBACK);
         return Ok(C::PASS);
     }
     // SAFETY: all-zero is a valid `bpf_fib_lookup` (plain integers and unions of them).
@@ -242,12 +290,14 @@ fn nodeport_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt4) -> Result<i
     // SAFETY: `params` is a valid, fully initialised struct of the size passed.
     let rc = unsafe { bpf_fib_lookup(ctx.raw(), &mut params, size_of::<FibParams>() as i32, 0) };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || !ctx.can_forward_to(params.ifindex) {
+        stat_inc(STAT_FIB_FALLBACK);
         return Ok(C::PASS);
     }
     let old = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
     let new = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
     ctx.store_l3_u16(pkt.l3_off + IP_OFF_TTL, pkt.l3_csum_off(), old, new)?;
     ctx.store_eth(&params.dmac, &params.smac)?;
+    stat_inc(STAT_FIB_FORWARD);
     Ok(ctx.forward(params.ifindex))
 }
 

@@ -1,5 +1,7 @@
 //! Packet parsing: Ethernet -> IPv4 (IHL honoured, fragments skipped) -> TCP/UDP ports.
-//! Every read is bounds-checked by [`NetCtx::load`]; fields are compared as raw integers.
+//! Every read is bounds-checked by [`NetCtx::load`]; fields are compared as raw integers. What is not translated says why, as a `STAT_*` reason.
+
+use proxy_common::stats::{STAT_PASS_FRAGMENT, STAT_PASS_MALFORMED, STAT_PASS_OTHER_PROTO};
 
 use crate::ctx::{L4Csum, NetCtx, PktErr};
 
@@ -54,57 +56,60 @@ impl Pkt4 {
     }
 }
 
-/// Parses the packet; `Ok(None)` means "not a packet we translate" (pass it untouched).
 #[inline(always)]
-pub fn parse4<C: NetCtx>(ctx: &C) -> Result<Option<Pkt4>, PktErr> {
-    let ethertype: u16 = ctx.load(12)?;
+fn malformed(_: PktErr) -> u32 {
+    STAT_PASS_MALFORMED
+}
+
+/// Parses the packet; `Err(reason)` (a `STAT_PASS_*`) means "not a packet we translate" (pass
+/// it untouched).
+#[inline(always)]
+pub fn parse4<C: NetCtx>(ctx: &C) -> Result<Pkt4, u32> {
+    let ethertype: u16 = ctx.load(12).map_err(malformed)?;
     if ethertype != ETH_P_IP_BE {
-        return Ok(None);
+        return Err(STAT_PASS_OTHER_PROTO);
     }
     let l3_off = ETH_HLEN;
-    let ver_ihl: u8 = ctx.load(l3_off)?;
-    if ver_ihl >> 4 != 4 {
-        return Ok(None);
-    }
+    let ver_ihl: u8 = ctx.load(l3_off).map_err(malformed)?;
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
-    if ihl < 20 {
-        return Ok(None);
+    if ver_ihl >> 4 != 4 || ihl < 20 {
+        return Err(STAT_PASS_MALFORMED);
     }
-    let frag = u16::from_be(ctx.load::<u16>(l3_off + 6)?);
+    let frag = u16::from_be(ctx.load::<u16>(l3_off + 6).map_err(malformed)?);
     if frag & IP_MF_OFFSET_MASK != 0 {
-        return Ok(None);
+        return Err(STAT_PASS_FRAGMENT);
     }
-    let proto: u8 = ctx.load(l3_off + 9)?;
+    let proto: u8 = ctx.load(l3_off + 9).map_err(malformed)?;
     let l4_off = l3_off + ihl;
     let (hlen, csum_off) = if proto == IPPROTO_TCP {
         (TCP_HLEN, TCP_OFF_CSUM)
     } else if proto == IPPROTO_UDP {
         (UDP_HLEN, UDP_OFF_CSUM)
     } else {
-        return Ok(None);
+        return Err(STAT_PASS_OTHER_PROTO);
     };
     // The whole fixed L4 header must be present (this also covers the IPv4 options), and
     // the packet must hold all the bytes its IPv4 header claims (a truncated packet is never
     // translated).
-    ctx.load::<u8>(l4_off + hlen - 1)?;
-    let tot_len = u16::from_be(ctx.load::<u16>(l3_off + 2)?);
+    ctx.load::<u8>(l4_off + hlen - 1).map_err(malformed)?;
+    let tot_len = u16::from_be(ctx.load::<u16>(l3_off + 2).map_err(malformed)?);
     if usize::from(tot_len) < ihl + hlen || l3_off + usize::from(tot_len) > ctx.pkt_len() {
-        return Ok(None);
+        return Err(STAT_PASS_MALFORMED);
     }
-    Ok(Some(Pkt4 {
+    Ok(Pkt4 {
         l3_off,
         l4_off,
-        saddr: ctx.load(l3_off + IP_OFF_SADDR)?,
-        daddr: ctx.load(l3_off + IP_OFF_DADDR)?,
-        sport: ctx.load(l4_off + L4_OFF_SPORT)?,
-        dport: ctx.load(l4_off + L4_OFF_DPORT)?,
+        saddr: ctx.load(l3_off + IP_OFF_SADDR).map_err(malformed)?,
+        daddr: ctx.load(l3_off + IP_OFF_DADDR).map_err(malformed)?,
+        sport: ctx.load(l4_off + L4_OFF_SPORT).map_err(malformed)?,
+        dport: ctx.load(l4_off + L4_OFF_DPORT).map_err(malformed)?,
         proto,
-        tos: ctx.load(l3_off + 1)?,
-        ttl: ctx.load(l3_off + IP_OFF_TTL)?,
+        tos: ctx.load(l3_off + 1).map_err(malformed)?,
+        ttl: ctx.load(l3_off + IP_OFF_TTL).map_err(malformed)?,
         tot_len,
         l4_csum: L4Csum {
             off: l4_off + csum_off,
             proto,
         },
-    }))
+    })
 }

@@ -11,12 +11,16 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use proxy_common::sock::{Sock4RevKey, Sock4RevValue};
+use proxy_common::{
+    sock::{Sock4RevKey, Sock4RevValue},
+    stats::{STAT_SOCK_NO_BACKEND, STAT_SOCK_REV_XLATE},
+};
 
 use crate::{
     lb::{lb4_config, lb4_lookup_service, lb4_select_backend},
     maps::SOCK4_REV,
     parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
+    stats::{stat_inc, svc_stat_add},
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -44,9 +48,14 @@ fn sock4_rev_key(cookie: u64, address: u32, port: u16) -> Sock4RevKey {
 }
 
 /// connect4/sendmsg4: translates a service destination to a backend. Services without
-/// endpoints make the call fail with ECONNREFUSED.
+/// endpoints make the call fail with ECONNREFUSED. Counts `xlate_stat` or `refused_stat`
+/// (the hook's `STAT_*`), and a translation as a connection of the frontend.
 #[inline(always)]
-pub fn sock4_xlate_fwd(ctx: &SockAddrContext) -> Result<i32, SockErr> {
+pub fn sock4_xlate_fwd(
+    ctx: &SockAddrContext,
+    xlate_stat: u32,
+    refused_stat: u32,
+) -> Result<i32, SockErr> {
     if lb4_config().is_none() {
         return Ok(SYS_PROCEED);
     }
@@ -65,9 +74,11 @@ pub fn sock4_xlate_fwd(ctx: &SockAddrContext) -> Result<i32, SockErr> {
     if svc.count == 0 {
         // SAFETY: plain helper call (cgroup programs, kernel >= 5.18).
         unsafe { bpf_set_retval(-ECONNREFUSED) };
+        stat_inc(refused_stat);
         return Ok(SYS_REJECT);
     }
     let Some((_, backend)) = lb4_select_backend(&key, &svc) else {
+        stat_inc(STAT_SOCK_NO_BACKEND);
         return Ok(SYS_PROCEED);
     };
     let rev_key = sock4_rev_key(sock4_cookie(ctx), backend.address, backend.port);
@@ -84,6 +95,8 @@ pub fn sock4_xlate_fwd(ctx: &SockAddrContext) -> Result<i32, SockErr> {
         (*sa).user_ip4 = backend.address;
         (*sa).user_port = u32::from(backend.port);
     }
+    stat_inc(xlate_stat);
+    svc_stat_add(svc.rev_nat_index, 0, 0, 1);
     Ok(SYS_PROCEED)
 }
 
@@ -106,5 +119,6 @@ pub fn sock4_xlate_rev(ctx: &SockAddrContext) -> Result<i32, SockErr> {
         (*sa).user_ip4 = rev.address;
         (*sa).user_port = u32::from(rev.port);
     }
+    stat_inc(STAT_SOCK_REV_XLATE);
     Ok(SYS_PROCEED)
 }

@@ -2,7 +2,8 @@
 //!
 //! Metrics carry kube-proxy's names where the meaning is the same
 //! (`kubeproxy_sync_proxy_rules_*`, `kubeproxy_network_programming_duration_seconds`) and
-//! `kproxy_*` for the rest (map fill levels read from the pinned maps at scrape time).
+//! `kproxy_*` for the rest (map fill levels and the datapath's per-CPU counters, read from the
+//! pinned maps at scrape time).
 
 use std::{
     collections::BTreeMap,
@@ -16,6 +17,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use proxy_common::lb::{Lb4Key, Lb4Service};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -138,6 +140,10 @@ pub struct Status {
     pub frontends: AtomicU64,
     pub backends: AtomicU64,
     no_local: Mutex<NoLocalEndpoints>,
+    /// Frontend (master key) -> `namespace/name:port/PROTO`, from the last programmed
+    /// DesiredState: labels the per-frontend counters, which the datapath keys by reverse-NAT
+    /// index (found through the master entries at scrape time).
+    service_of: Mutex<BTreeMap<Lb4Key, String>>,
 }
 
 impl Default for Status {
@@ -157,6 +163,7 @@ impl Default for Status {
             frontends: AtomicU64::new(0),
             backends: AtomicU64::new(0),
             no_local: Mutex::default(),
+            service_of: Mutex::default(),
         }
     }
 }
@@ -233,6 +240,21 @@ impl Status {
         );
         if let Ok(mut n) = self.no_local.lock() {
             *n = no_local;
+        }
+        if let Ok(mut m) = self.service_of.lock() {
+            *m = desired
+                .frontends
+                .iter()
+                .map(|f| {
+                    let key = Lb4Key::new(
+                        u32::from_ne_bytes(f.address.octets()),
+                        f.port.to_be(),
+                        f.protocol.number(),
+                        0,
+                    );
+                    (key, f.service.to_string())
+                })
+                .collect();
         }
     }
 
@@ -343,8 +365,119 @@ impl Status {
         let root = self.bpf_root.lock().ok().and_then(|r| r.clone());
         if let Some(root) = root {
             write_map_fill(&mut out, &crate::inspect::maps::fill_levels(&root));
+            let service_of = self
+                .service_of
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default();
+            write_datapath(&mut out, &root, &service_of);
         }
         out
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// One frontend's counters with its labels.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct FrontendSeries {
+    service: String,
+    frontend: String,
+    packets: u64,
+    bytes: u64,
+    connections: u64,
+}
+
+/// Every programmed frontend (master entries of the services map) with its counters (zero
+/// before its first traffic), labelled from `service_of`.
+fn frontend_series(
+    masters: impl IntoIterator<Item = (Lb4Key, Lb4Service)>,
+    stats: &BTreeMap<u16, crate::inspect::maps::FrontendStats>,
+    service_of: &BTreeMap<Lb4Key, String>,
+) -> Vec<FrontendSeries> {
+    use crate::inspect::maps::{addr, port, proto_name};
+    let mut rows: Vec<FrontendSeries> = masters
+        .into_iter()
+        .filter(|(k, _)| k.backend_slot == 0)
+        .map(|(k, v)| {
+            let s = stats.get(&v.rev_nat_index).copied().unwrap_or_default();
+            FrontendSeries {
+                service: service_of.get(&k).cloned().unwrap_or_default(),
+                frontend: format!(
+                    "{}:{}/{}",
+                    addr(k.address),
+                    port(k.dport),
+                    proto_name(k.proto)
+                ),
+                packets: s.packets,
+                bytes: s.bytes,
+                connections: s.connections,
+            }
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// `kproxy_datapath_events_total{reason}` and `kproxy_service_{packets,bytes,connections}_total`
+/// from the per-CPU counter maps (summed over the CPUs). Unreadable maps are left out.
+fn write_datapath(out: &mut String, root: &std::path::Path, service_of: &BTreeMap<Lb4Key, String>) {
+    use crate::inspect::maps::{read_events, read_hash, read_svc_stats};
+    if let Ok(events) = read_events(root) {
+        let name = "kproxy_datapath_events_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} What the datapath did with a packet or socket call, by reason (translations, and why traffic was passed untranslated)\n# TYPE {name} counter"
+        );
+        for e in &events {
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", e.reason, e.count);
+        }
+    }
+    let Ok(stats) = read_svc_stats(root) else {
+        return;
+    };
+    let Ok(masters) = read_hash::<Lb4Key, Lb4Service>(root, proxy_common::maps::LB4_SERVICES)
+    else {
+        return;
+    };
+    let rows = frontend_series(masters, &stats, service_of);
+    if rows.is_empty() {
+        return;
+    }
+    type Field = fn(&FrontendSeries) -> u64;
+    let metrics: [(&str, &str, Field); 3] = [
+        (
+            "kproxy_service_packets_total",
+            "Packets the device programs translated for a frontend (both directions; socket-level traffic is not seen per packet)",
+            |r| r.packets,
+        ),
+        (
+            "kproxy_service_bytes_total",
+            "IPv4 bytes of the packets counted in kproxy_service_packets_total",
+            |r| r.bytes,
+        ),
+        (
+            "kproxy_service_connections_total",
+            "Connections to a frontend: socket-level connect()/sendmsg() translations and new flows of the device programs",
+            |r| r.connections,
+        ),
+    ];
+    for (name, help, field) in metrics {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for r in &rows {
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{}\",frontend=\"{}\"}} {}",
+                label_value(&r.service),
+                label_value(&r.frontend),
+                field(r)
+            );
+        }
     }
 }
 
@@ -538,6 +671,80 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name:?} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn frontend_series_are_labelled_from_the_last_desired_state() {
+        let np = Lb4Key::new(0, 30001u16.to_be(), 6, 0);
+        let cip = Lb4Key::new(u32::from_ne_bytes([10, 96, 0, 10]), 80u16.to_be(), 17, 0);
+        let master = |idx| Lb4Service {
+            backend_id: 0,
+            count: 1,
+            rev_nat_index: idx,
+            flags: 0,
+            _pad: 0,
+        };
+        let slot = Lb4Key {
+            backend_slot: 1,
+            ..np
+        };
+        let mut stats = BTreeMap::new();
+        stats.insert(
+            4,
+            crate::inspect::maps::FrontendStats {
+                packets: 10,
+                bytes: 600,
+                connections: 2,
+            },
+        );
+        let mut service_of = BTreeMap::new();
+        service_of.insert(np, "default/web:http/TCP".to_string());
+        let rows = frontend_series(
+            [(np, master(4)), (slot, master(4)), (cip, master(5))],
+            &stats,
+            &service_of,
+        );
+        assert_eq!(
+            rows,
+            vec![
+                FrontendSeries {
+                    service: String::new(),
+                    frontend: "10.96.0.10:80/UDP".into(),
+                    packets: 0,
+                    bytes: 0,
+                    connections: 0,
+                },
+                FrontendSeries {
+                    service: "default/web:http/TCP".into(),
+                    frontend: "0.0.0.0:30001/TCP".into(),
+                    packets: 10,
+                    bytes: 600,
+                    connections: 2,
+                },
+            ]
+        );
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn the_last_sync_names_the_frontends() {
+        let status = Status::default();
+        let svc = simple_service("web", "10.96.0.10", 80, "8080");
+        let mut model = Model::new();
+        model.replace_all(vec![K8sObject::Service(Box::new(svc))]);
+        let desired = model.desired(&Default::default());
+        status.record_sync(
+            Duration::from_millis(1),
+            &desired,
+            NoLocalEndpoints::default(),
+        );
+        let names = status.service_of.lock().unwrap().clone();
+        let key = Lb4Key::new(u32::from_ne_bytes([10, 96, 0, 10]), 80u16.to_be(), 6, 0);
+        assert_eq!(
+            names.get(&key).map(String::as_str),
+            Some(desired.frontends[0].service.to_string().as_str()),
+            "{names:?}"
+        );
     }
 
     #[test]

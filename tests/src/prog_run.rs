@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 use proxy_common::{
@@ -21,6 +21,7 @@ use proxy_common::{
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4Service},
     maps,
+    stats::{STAT_REASONS, SvcStats},
 };
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -458,6 +459,31 @@ impl Fixture {
         let m: HashMap<&mut MapData, Ct4Key, Nat4RevEntry> =
             HashMap::try_from(self.map(maps::NAT4_REV)).unwrap();
         m.iter().map(|r| r.unwrap()).collect()
+    }
+
+    /// Every event counter (`STAT_*` order), summed over the CPUs.
+    pub fn events(&mut self) -> Vec<u64> {
+        let m: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map(maps::STATS)).unwrap();
+        (0..STAT_REASONS as u32)
+            .map(|i| m.get(&i, 0).unwrap().iter().sum())
+            .collect()
+    }
+
+    /// The counters of the frontend `rev_nat_index`, summed over the CPUs (zero if it has
+    /// no entry yet).
+    pub fn svc_stats(&mut self, rev_nat_index: u16) -> SvcStats {
+        let m: PerCpuHashMap<&mut MapData, u16, SvcStats> =
+            PerCpuHashMap::try_from(self.map(maps::SVC_STATS)).unwrap();
+        match m.get(&rev_nat_index, 0) {
+            Ok(values) => values.iter().fold(SvcStats::default(), |a, v| SvcStats {
+                packets: a.packets + v.packets,
+                bytes: a.bytes + v.bytes,
+                connections: a.connections + v.connections,
+            }),
+            Err(MapError::KeyNotFound) => SvcStats::default(),
+            Err(e) => panic!("reading {}: {e}", maps::SVC_STATS),
+        }
     }
 
     pub fn prog_fd(&self, name: &str) -> i32 {

@@ -16,6 +16,7 @@ use proxy_common::{
     config::{CFG_FLAG_READY, CFG_FLAG_XDP_FIB_FORWARD},
     conntrack::Ct4Key,
     lb::{BACKEND_FLAG_LOCAL, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT},
+    stats::*,
 };
 
 const CLIENT: [u8; 4] = [192, 0, 2, 10];
@@ -636,4 +637,251 @@ fn connect4_translates_and_refuses_in_a_cgroup() {
     assert!(err.contains("refused"), "expected ECONNREFUSED, got: {err}");
 
     prog.detach(link).unwrap();
+
+    // One translated connect (a connection of frontend 21), one refused.
+    let events = fx.events();
+    assert_eq!(events[STAT_SOCK_CONNECT_XLATE as usize], 1, "{events:?}");
+    assert_eq!(
+        events[STAT_SOCK_CONNECT_NO_ENDPOINTS as usize], 1,
+        "{events:?}"
+    );
+    let s = fx.svc_stats(21);
+    assert_eq!((s.connections, s.packets, s.bytes), (1, 0, 0), "{s:?}");
+    assert_eq!(fx.svc_stats(22), SvcStats::default());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters (KP_STATS_V1 by reason, KP_SVC_STATS_V1 by reverse-NAT index)
+
+/// Runs `f` and asserts the event counters changed by exactly `want` (reason, delta); every
+/// other reason must stay put.
+fn assert_events(fx: &mut Fixture, want: &[(u32, u64)], what: &str, f: impl FnOnce(&mut Fixture)) {
+    let before = fx.events();
+    f(fx);
+    let after = fx.events();
+    let mut expected = before.clone();
+    for (reason, n) in want {
+        expected[*reason as usize] += n;
+    }
+    let name = |v: &[u64]| -> Vec<String> {
+        v.iter()
+            .zip(&before)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, (a, b))| format!("{}+{}", STAT_NAMES[i], a - b))
+            .collect()
+    };
+    assert_eq!(
+        after,
+        expected,
+        "{what}: counted {:?}, wanted {:?}",
+        name(&after),
+        name(&expected)
+    );
+}
+
+/// IPv4 total length of a built packet.
+fn ip_len(pkt: &[u8]) -> u64 {
+    u64::from(u16::from_be_bytes([pkt[ETH_HLEN + 2], pkt[ETH_HLEN + 3]]))
+}
+
+#[test]
+fn counters_nodeport_flow_both_directions() {
+    for prog in [PROG_XDP, PROG_TC_INGRESS] {
+        let mut fx = nodeport_fixture(IPPROTO_TCP, &[local_be()]);
+        let syn = syn_to_nodeport().build();
+        assert_events(&mut fx, &[(STAT_FWD_XLATE, 1)], "first SYN", |fx| {
+            run_translated(fx, prog, &syn, "nodePort SYN");
+        });
+        assert_eq!(
+            fx.svc_stats(7),
+            SvcStats {
+                packets: 1,
+                bytes: ip_len(&syn),
+                connections: 1
+            },
+            "{prog}: first packet of a new flow"
+        );
+        // The same flow again: a packet, not a connection.
+        assert_events(&mut fx, &[(STAT_FWD_XLATE, 1)], "second packet", |fx| {
+            run_translated(fx, prog, &syn, "same flow");
+        });
+        let s = fx.svc_stats(7);
+        assert_eq!((s.packets, s.connections), (2, 1), "{prog}: {s:?}");
+        // The reply leaves through egress and is counted for the same frontend.
+        let mut reply = PacketSpec::tcp(LOCAL_BE, BE_PORT, CLIENT, CLIENT_PORT);
+        reply.payload = b"hello".to_vec();
+        let reply = reply.build();
+        assert_events(&mut fx, &[(STAT_REV_XLATE, 1)], "reply on egress", |fx| {
+            run_translated(fx, PROG_TC_EGRESS, &reply, "reply");
+        });
+        assert_eq!(
+            fx.svc_stats(7),
+            SvcStats {
+                packets: 3,
+                bytes: 2 * ip_len(&syn) + ip_len(&reply),
+                connections: 1
+            },
+            "{prog}: reply counted"
+        );
+    }
+}
+
+#[test]
+fn counters_remote_backend_reply_on_ingress() {
+    let mut fx = nodeport_fixture(IPPROTO_UDP, &[remote_be(2, REMOTE_BE)]);
+    let pkt = PacketSpec::udp(CLIENT, CLIENT_PORT, NODE, NODE_PORT).build();
+    let out = run_translated(&fx, PROG_XDP, &pkt, "UDP to a remote backend");
+    let reply = PacketSpec::udp(REMOTE_BE, BE_PORT, NODE, out.sport).build();
+    assert_events(&mut fx, &[(STAT_REV_XLATE, 1)], "reply from remote", |fx| {
+        run_translated(fx, PROG_XDP, &reply, "reply");
+    });
+    assert_eq!(
+        fx.svc_stats(7),
+        SvcStats {
+            packets: 2,
+            bytes: ip_len(&pkt) + ip_len(&reply),
+            connections: 1
+        }
+    );
+}
+
+#[test]
+fn counters_say_why_traffic_passed() {
+    let mut fx = nodeport_fixture(IPPROTO_TCP, &[remote_be(2, REMOTE_BE)]);
+    fx.add_service(
+        [10, 96, 0, 10],
+        80,
+        IPPROTO_TCP,
+        SVC_FLAG_CLUSTER_IP,
+        8,
+        &[remote_be(3, REMOTE_BE2)],
+    );
+    fx.add_service([0; 4], 31_500, IPPROTO_TCP, NP_FLAGS, 9, &[]);
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 2, 0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    let mut frag = PacketSpec::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+    frag.frag = 0x2000;
+    let syn = syn_to_nodeport().build();
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "ssh to the node",
+            syn_to_nodeport_with(|s| s.dport = 22),
+            STAT_PASS_NOT_SERVICE,
+        ),
+        (
+            "cluster IP from outside",
+            PacketSpec::tcp(CLIENT, 1234, [10, 96, 0, 10], 80).build(),
+            STAT_PASS_INTERNAL,
+        ),
+        (
+            "nodePort without endpoints",
+            PacketSpec::tcp(CLIENT, 1234, NODE, 31_500).build(),
+            STAT_PASS_NO_ENDPOINTS,
+        ),
+        ("fragment", frag.build(), STAT_PASS_FRAGMENT),
+        (
+            "truncated",
+            syn[..syn.len() - 1].to_vec(),
+            STAT_PASS_MALFORMED,
+        ),
+        ("ARP", arp, STAT_PASS_OTHER_PROTO),
+        (
+            "ICMP",
+            syn_to_nodeport_with(|s| s.proto = 1),
+            STAT_PASS_OTHER_PROTO,
+        ),
+    ];
+    for (what, pkt, reason) in &cases {
+        for prog in [PROG_XDP, PROG_TC_INGRESS] {
+            assert_events(&mut fx, &[(*reason, 1)], &format!("{prog}: {what}"), |fx| {
+                assert_untouched(fx, prog, pkt, what)
+            });
+        }
+        // Egress counts translations only.
+        assert_events(&mut fx, &[], &format!("egress: {what}"), |fx| {
+            assert_untouched(fx, PROG_TC_EGRESS, pkt, what)
+        });
+    }
+    for idx in [7, 8, 9] {
+        assert_eq!(fx.svc_stats(idx), SvcStats::default(), "index {idx}");
+    }
+
+    // Not ready: nothing is looked at.
+    fx.set_config(0, SNAT_MIN, SNAT_MAX);
+    assert_events(&mut fx, &[(STAT_PASS_NOT_READY, 1)], "not ready", |fx| {
+        assert_untouched(fx, PROG_XDP, &syn, "not ready")
+    });
+}
+
+#[test]
+fn counters_backend_trouble() {
+    // The only backend vanished: no valid backend.
+    let mut fx = nodeport_fixture(IPPROTO_TCP, &[remote_be(2, REMOTE_BE)]);
+    fx.remove_backend(2);
+    let syn = syn_to_nodeport().build();
+    assert_events(
+        &mut fx,
+        &[(STAT_PASS_NO_BACKEND, 1)],
+        "missing backend",
+        |fx| assert_untouched(fx, PROG_XDP, &syn, "missing backend"),
+    );
+
+    // A flow's backend vanished: reselected, and not a new connection.
+    let mut fx = nodeport_fixture(
+        IPPROTO_TCP,
+        &[remote_be(2, REMOTE_BE), remote_be(3, REMOTE_BE2)],
+    );
+    run_translated(&fx, PROG_XDP, &syn, "first packet");
+    let ct = fx.ct_lookup(&ct_key(&parse(&syn))).unwrap();
+    fx.remove_backend(ct.backend_id);
+    assert_events(
+        &mut fx,
+        &[(STAT_FWD_XLATE, 1), (STAT_BACKEND_RESELECTED, 1)],
+        "reselection",
+        |fx| {
+            run_translated(fx, PROG_XDP, &syn, "after the backend was deleted");
+        },
+    );
+    let s = fx.svc_stats(7);
+    assert_eq!((s.packets, s.connections), (2, 1), "{s:?}");
+
+    // One SNAT port for two clients of one backend: the second finds none.
+    let mut fx = nodeport_fixture(IPPROTO_TCP, &[remote_be(2, REMOTE_BE)]);
+    fx.set_config(CFG_FLAG_READY, SNAT_MIN, SNAT_MIN);
+    run_translated(&fx, PROG_XDP, &syn, "first client");
+    let other = PacketSpec::tcp([192, 0, 2, 11], CLIENT_PORT, NODE, NODE_PORT).build();
+    assert_events(
+        &mut fx,
+        &[(STAT_SNAT_EXHAUSTED, 1)],
+        "SNAT exhausted",
+        |fx| assert_untouched(fx, PROG_XDP, &other, "no SNAT port left"),
+    );
+}
+
+#[test]
+fn counters_fib_forward_or_fallback() {
+    let mut fx = nodeport_fixture(IPPROTO_TCP, &[remote_be(2, REMOTE_BE)]);
+    fx.set_config(
+        CFG_FLAG_READY | CFG_FLAG_XDP_FIB_FORWARD,
+        SNAT_MIN,
+        SNAT_MAX,
+    );
+    let before = fx.events();
+    let (ret, _) = fx.run(PROG_XDP, &syn_to_nodeport().build());
+    let after = fx.events();
+    let d = |r: u32| after[r as usize] - before[r as usize];
+    assert_eq!(d(STAT_FWD_XLATE), 1);
+    if ret == XDP_PASS {
+        assert_eq!((d(STAT_FIB_FALLBACK), d(STAT_FIB_FORWARD)), (1, 0));
+    } else {
+        assert_eq!((d(STAT_FIB_FALLBACK), d(STAT_FIB_FORWARD)), (0, 1));
+    }
+    // Without the flag neither is counted.
+    fx.set_config(CFG_FLAG_READY, SNAT_MIN, SNAT_MAX);
+    let syn = PacketSpec::tcp(CLIENT, CLIENT_PORT + 1, NODE, NODE_PORT).build();
+    assert_events(&mut fx, &[(STAT_FWD_XLATE, 1)], "no FIB forwarding", |fx| {
+        run_translated(fx, PROG_XDP, &syn, "translated");
+    });
 }

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Pod,
-    maps::{Array, HashMap, Map, MapData, MapError},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
     config::Lb4Config,
@@ -18,6 +18,7 @@ use proxy_common::{
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    stats::{STAT_NAMES, SvcStats},
 };
 use serde::Serialize;
 
@@ -93,6 +94,21 @@ fn count_keys<K: Pod + Eq + Hash, V: Pod>(map: Map) -> Result<u64, MapError> {
     Ok(seen.len() as u64)
 }
 
+fn count_percpu_keys<K: Pod + Eq + Hash, V: Pod>(map: Map) -> Result<u64, MapError> {
+    let map: PerCpuHashMap<MapData, K, V> = PerCpuHashMap::try_from(map)?;
+    let mut seen = std::collections::HashSet::new();
+    for k in map.keys() {
+        match k {
+            Ok(k) => {
+                seen.insert(k);
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(seen.len() as u64)
+}
+
 /// How full one pinned map is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct MapFill {
@@ -136,7 +152,11 @@ pub fn fill_levels(root: &Path) -> Vec<MapFill> {
 fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
     let map = open(root, name)?;
     let info = match &map {
-        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => d.info()?,
+        Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d) => d.info()?,
         _ => bail!("{name} has an unexpected map type"),
     };
     let entries = match name {
@@ -147,6 +167,7 @@ fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
         names::CT4 => count_keys::<Ct4Key, Ct4Entry>(map),
         names::NAT4_REV => count_keys::<Ct4Key, Nat4RevEntry>(map),
         names::SOCK4_REV => count_keys::<Sock4RevKey, Sock4RevValue>(map),
+        names::SVC_STATS => count_percpu_keys::<u16, SvcStats>(map),
         // An array always holds max_entries elements.
         _ => Ok(u64::from(info.max_entries())),
     }
@@ -170,6 +191,9 @@ pub struct LbSnapshot {
     pub nodeport_addrs: BTreeSet<Ipv4Addr>,
     /// None when the config array could not be read.
     pub config: Option<Lb4Config>,
+    /// Traffic counters by reverse-NAT index (empty when unreadable, e.g. pins of an agent
+    /// that predates them).
+    pub svc_stats: BTreeMap<u16, FrontendStats>,
 }
 
 impl LbSnapshot {
@@ -184,6 +208,7 @@ impl LbSnapshot {
             rev_nat: rev_nat.into_iter().collect(),
             nodeport_addrs: npa.into_iter().map(|(k, _)| addr(k)).collect(),
             config: read_config(root).ok(),
+            svc_stats: read_svc_stats(root).unwrap_or_default(),
         })
     }
 
@@ -212,6 +237,65 @@ impl LbSnapshot {
             .find(|(k, v)| k.backend_slot == 0 && v.rev_nat_index == index)
             .map(|(k, _)| *k)
     }
+}
+
+/// One datapath event counter, summed over the CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EventCount {
+    /// `proxy_common::stats::STAT_NAMES`.
+    pub reason: &'static str,
+    pub count: u64,
+}
+
+/// The datapath's event counters (`KP_STATS_V1`), every known reason, summed over the CPUs.
+pub fn read_events(root: &Path) -> anyhow::Result<Vec<EventCount>> {
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open(root, names::STATS)?)
+        .with_context(|| format!("{} has an unexpected type", names::STATS))?;
+    STAT_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, reason)| {
+            let values = map
+                .get(&(i as u32), 0)
+                .with_context(|| format!("reading {}", names::STATS))?;
+            Ok(EventCount {
+                reason,
+                count: values.iter().copied().fold(0u64, u64::wrapping_add),
+            })
+        })
+        .collect()
+}
+
+/// Traffic counters of one frontend, summed over the CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FrontendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
+}
+
+/// The per-frontend counters (`KP_SVC_STATS_V1`) by reverse-NAT index, summed over the CPUs.
+/// Only frontends that have seen traffic have an entry.
+pub fn read_svc_stats(root: &Path) -> anyhow::Result<BTreeMap<u16, FrontendStats>> {
+    let map: PerCpuHashMap<MapData, u16, SvcStats> =
+        PerCpuHashMap::try_from(open(root, names::SVC_STATS)?)
+            .with_context(|| format!("{} has an unexpected type", names::SVC_STATS))?;
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (index, values) = match item {
+            Ok(kv) => kv,
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", names::SVC_STATS)),
+        };
+        let mut sum = FrontendStats::default();
+        for v in values.iter() {
+            sum.packets = sum.packets.wrapping_add(v.packets);
+            sum.bytes = sum.bytes.wrapping_add(v.bytes);
+            sum.connections = sum.connections.wrapping_add(v.connections);
+        }
+        out.insert(index, sum);
+    }
+    Ok(out)
 }
 
 pub fn read_config(root: &Path) -> anyhow::Result<Lb4Config> {

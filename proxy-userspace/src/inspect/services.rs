@@ -9,7 +9,7 @@ use proxy_common::lb::{
 use serde::Serialize;
 
 use super::{
-    maps::{LbSnapshot, addr, frontend_label, port, proto_name},
+    maps::{FrontendStats, LbSnapshot, addr, frontend_label, port, proto_name},
     table::Table,
 };
 
@@ -27,6 +27,8 @@ pub struct ServiceEntry {
     /// The master entry's slot count (0: no endpoints, connections are refused).
     pub backend_count: u16,
     pub backends: Vec<SlotEntry>,
+    /// What the datapath counted for this frontend (zero until it sees traffic).
+    pub traffic: FrontendStats,
 }
 
 /// One backend slot of a frontend.
@@ -117,6 +119,11 @@ pub fn list(snap: &LbSnapshot) -> Vec<ServiceEntry> {
             rev_nat_index: v.rev_nat_index,
             backend_count: v.count,
             backends: slots(snap, k, v),
+            traffic: snap
+                .svc_stats
+                .get(&v.rev_nat_index)
+                .copied()
+                .unwrap_or_default(),
         })
         .collect()
 }
@@ -133,7 +140,9 @@ pub fn slot_label(s: &SlotEntry) -> String {
 }
 
 pub fn render(entries: &[ServiceEntry]) -> String {
-    let mut t = Table::new(&["FRONTEND", "TYPE", "REV-NAT", "BACKENDS"]);
+    let mut t = Table::new(&[
+        "FRONTEND", "TYPE", "REV-NAT", "CONNS", "PACKETS", "BYTES", "BACKENDS",
+    ]);
     for e in entries {
         let backends = if e.backends.is_empty() {
             "(none: connections are refused)".to_string()
@@ -148,6 +157,9 @@ pub fn render(entries: &[ServiceEntry]) -> String {
             e.frontend.clone(),
             e.types.join(","),
             e.rev_nat_index.to_string(),
+            e.traffic.connections.to_string(),
+            e.traffic.packets.to_string(),
+            e.traffic.bytes.to_string(),
             backends,
         ]);
     }
@@ -241,20 +253,28 @@ pub(crate) mod tests {
 
     #[test]
     fn lists_frontends_with_their_backends() {
-        let snap = seed_snapshot();
+        let mut snap = seed_snapshot();
+        let traffic = FrontendStats {
+            packets: 12,
+            bytes: 960,
+            connections: 3,
+        };
+        snap.svc_stats.insert(2, traffic);
         let l = list(&snap);
         assert_eq!(l.len(), 2);
         assert_eq!(l[0].frontend, "0.0.0.0:30001/TCP (nodePort)");
         assert_eq!(l[0].types, ["NodePort", "External"]);
+        assert_eq!(l[0].traffic, traffic);
         assert_eq!(l[1].frontend, "10.96.100.208:8080/TCP");
         assert_eq!(l[1].backends.len(), 2);
         assert!(l[1].backends.iter().all(|b| b.state == "active"));
+        assert_eq!(l[1].traffic, FrontendStats::default());
         let want = "\
-FRONTEND                      TYPE               REV-NAT  BACKENDS
-0.0.0.0:30001/TCP (nodePort)  NodePort,External  2        1 => 10.244.1.10:80 (local, id 3)
-                                                          2 => 10.244.1.11:80 (local, id 4)
-10.96.100.208:8080/TCP        ClusterIP          1        1 => 10.244.1.10:80 (local, id 1)
-                                                          2 => 10.244.1.11:80 (local, id 2)
+FRONTEND                      TYPE               REV-NAT  CONNS  PACKETS  BYTES  BACKENDS
+0.0.0.0:30001/TCP (nodePort)  NodePort,External  2        3      12       960    1 => 10.244.1.10:80 (local, id 3)
+                                                                                 2 => 10.244.1.11:80 (local, id 4)
+10.96.100.208:8080/TCP        ClusterIP          1        0      0        0      1 => 10.244.1.10:80 (local, id 1)
+                                                                                 2 => 10.244.1.11:80 (local, id 2)
 ";
         assert_eq!(render(&l), want);
     }

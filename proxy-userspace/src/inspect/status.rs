@@ -16,7 +16,7 @@ use proxy_common::config::{CFG_FLAG_READY, CFG_FLAG_XDP_FIB_FORWARD};
 use serde::Serialize;
 
 use super::{
-    maps::{LbSnapshot, MapFill, fill_levels, read_config},
+    maps::{EventCount, LbSnapshot, MapFill, fill_levels, read_config, read_events},
     services,
     table::Table,
 };
@@ -73,6 +73,8 @@ pub struct Status {
     pub nodeport_addresses: Vec<Ipv4Addr>,
     pub links: Vec<LinkEntry>,
     pub maps: Vec<MapFill>,
+    /// The datapath's event counters by reason, summed over the CPUs (None: unreadable).
+    pub events: Option<Vec<EventCount>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentHealth>,
     /// Problems found: missing pins, unreadable maps, detached links, half-written entries,
@@ -238,7 +240,10 @@ pub fn collect(root: &Path, healthz: Option<SocketAddr>) -> Status {
         for m in &maps {
             if let Some(e) = &m.error {
                 errors.push(format!("map {}: {e}", m.name));
-            } else if m.name != proxy_common::maps::LB4_CONFIG && m.ratio() >= FULL_WARN_RATIO {
+            } else if m.name != proxy_common::maps::LB4_CONFIG
+                && !proxy_common::maps::COUNTERS.contains(&m.name.as_str())
+                && m.ratio() >= FULL_WARN_RATIO
+            {
                 errors.push(format!(
                     "map {} is {:.0}% full ({}/{})",
                     m.name,
@@ -280,6 +285,7 @@ pub fn collect(root: &Path, healthz: Option<SocketAddr>) -> Status {
             }
         }
     }
+    let events = if pinned { read_events(root).ok() } else { None };
     let agent = healthz.map(agent_health);
     if let Some(a) = &agent {
         if let Some(e) = &a.error {
@@ -305,6 +311,7 @@ pub fn collect(root: &Path, healthz: Option<SocketAddr>) -> Status {
             .unwrap_or_default(),
         links,
         maps,
+        events,
         agent,
         errors,
     }
@@ -383,7 +390,16 @@ pub fn render(s: &Status) -> String {
     out.push_str("\nMaps:\n");
     let mut t = Table::new(&["MAP", "ID", "ENTRIES", "MAX", "FILL"]);
     for m in &s.maps {
-        if m.error.is_some() {
+        if m.name == proxy_common::maps::STATS && m.error.is_none() {
+            // A counter array is always "full": its fill says nothing.
+            t.row(vec![
+                m.name.clone(),
+                opt(m.id),
+                m.entries.to_string(),
+                m.max_entries.to_string(),
+                "-".into(),
+            ]);
+        } else if m.error.is_some() {
             t.row(vec![
                 m.name.clone(),
                 "-".into(),
@@ -403,6 +419,27 @@ pub fn render(s: &Status) -> String {
     }
     for line in t.render().lines() {
         out.push_str(&format!("  {line}\n"));
+    }
+    out.push_str("\nDatapath events (since the maps were created):\n");
+    match &s.events {
+        None => out.push_str("  (unreadable)\n"),
+        Some(events) => {
+            let mut t = Table::new(&["REASON", "COUNT"]);
+            for e in events.iter().filter(|e| e.count > 0) {
+                t.row(vec![e.reason.to_string(), e.count.to_string()]);
+            }
+            if t.is_empty() {
+                out.push_str("  none counted yet\n");
+            } else {
+                for line in t.render().lines() {
+                    out.push_str(&format!("  {line}\n"));
+                }
+                let zero = events.iter().filter(|e| e.count == 0).count();
+                if zero > 0 {
+                    out.push_str(&format!("  ({zero} other reasons: 0)\n"));
+                }
+            }
+        }
     }
     out.push_str("\nErrors:\n");
     if s.errors.is_empty() {

@@ -6,13 +6,14 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, MapData, PerCpuHashMap},
 };
 use proxy_common::{
     config::Lb4Config,
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    stats::SvcStats,
 };
 
 /// The operations the map writer needs.
@@ -40,6 +41,9 @@ pub struct PinnedMaps {
     nodeport_addrs: HashMap<MapData, u32, u32>,
     sock_rev: HashMap<MapData, Sock4RevKey, Sock4RevValue>,
     config: Array<MapData, Lb4Config>,
+    /// The per-frontend counters: a frontend's entry goes with its reverse-NAT index, so a
+    /// later frontend given the same index starts from zero.
+    svc_stats: PerCpuHashMap<MapData, u16, SvcStats>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -61,6 +65,7 @@ impl PinnedMaps {
             nodeport_addrs: take(ebpf, names::LB4_NODEPORT_ADDRS)?,
             sock_rev: take(ebpf, names::SOCK4_REV)?,
             config: take(ebpf, names::LB4_CONFIG)?,
+            svc_stats: take(ebpf, names::SVC_STATS)?,
         })
     }
 
@@ -130,7 +135,8 @@ impl LbMaps for PinnedMaps {
             .with_context(|| format!("writing {}", names::LB4_REVERSE_NAT))
     }
     fn del_rev_nat(&mut self, index: u16) -> anyhow::Result<()> {
-        ignore_missing(self.rev_nat.remove(&index), names::LB4_REVERSE_NAT)
+        ignore_missing(self.rev_nat.remove(&index), names::LB4_REVERSE_NAT)?;
+        ignore_missing(self.svc_stats.remove(&index), names::SVC_STATS)
     }
     fn put_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()> {
         self.nodeport_addrs
