@@ -132,6 +132,8 @@ pub struct Status {
     programming_durations: Mutex<Histogram>,
     /// When the oldest change not yet programmed was seen.
     pending_since: Mutex<Option<Instant>>,
+    /// Since when every sync has failed (None: the last one succeeded).
+    failing_since: Mutex<Option<Instant>>,
     /// The last full object set (sources that deliver whole sets), to count changes by kind.
     objects: Mutex<BTreeMap<ObjectKey, K8sObject>>,
     pub sync_errors: AtomicU64,
@@ -156,6 +158,7 @@ impl Default for Status {
             sync_durations: Mutex::new(Histogram::new(&SYNC_BUCKETS)),
             programming_durations: Mutex::new(Histogram::new(&PROGRAMMING_BUCKETS)),
             pending_since: Mutex::default(),
+            failing_since: Mutex::default(),
             objects: Mutex::default(),
             sync_errors: AtomicU64::new(0),
             service_changes: AtomicU64::new(0),
@@ -174,6 +177,9 @@ pub fn now_unix() -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or_default()
 }
+
+/// How long syncs may keep failing before /healthz reports the node unhealthy.
+pub const SYNC_FAILING_UNHEALTHY: Duration = Duration::from_secs(10);
 
 impl Status {
     /// One object of `kind` was added, changed or deleted (event-driven sources).
@@ -217,6 +223,9 @@ impl Status {
 
     /// A sync programmed `desired` in `took`.
     pub fn record_sync(&self, took: Duration, desired: &DesiredState, no_local: NoLocalEndpoints) {
+        if let Ok(mut f) = self.failing_since.lock() {
+            *f = None;
+        }
         if let Ok(mut h) = self.sync_durations.lock() {
             h.observe(took.as_secs_f64());
         }
@@ -261,14 +270,34 @@ impl Status {
     /// A sync failed (it is retried as a full sync).
     pub fn record_sync_error(&self) {
         self.sync_errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut f) = self.failing_since.lock() {
+            f.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// How long every sync has been failing (zero when the last one succeeded).
+    pub fn sync_failing_for(&self) -> Duration {
+        self.failing_since
+            .lock()
+            .ok()
+            .and_then(|f| *f)
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
     }
 
     fn healthz(&self) -> (u16, String) {
         let last = self.last_sync_unix.lock().map(|t| *t).unwrap_or_default();
+        let failing = self.sync_failing_for();
         let body = format!(
-            "{{\"lastUpdated\": {last:.3}, \"currentTime\": {:.3}, \"nodeEligible\": true}}\n",
-            now_unix()
+            "{{\"lastUpdated\": {last:.3}, \"currentTime\": {:.3}, \"nodeEligible\": true, \"syncFailingSeconds\": {:.1}}}\n",
+            now_unix(),
+            failing.as_secs_f64()
         );
+        // The chosen mode stopped working: say so where node health is checked, instead of
+        // silently serving a stale dataplane.
+        if failing > SYNC_FAILING_UNHEALTHY {
+            return (503, body);
+        }
         if self.synced.load(Ordering::Relaxed) {
             (200, body)
         } else {
@@ -325,6 +354,12 @@ impl Status {
             "counter",
             "Syncs that failed and were retried as full syncs",
             self.sync_errors.load(Ordering::Relaxed) as f64,
+        );
+        single(
+            "kproxy_sync_failing_seconds",
+            "gauge",
+            "How long every sync has been failing (0 when the last one succeeded)",
+            self.sync_failing_for().as_secs_f64(),
         );
         single(
             "kproxy_synced",
@@ -775,5 +810,27 @@ mod tests {
                 external: 0
             }
         );
+    }
+
+    #[test]
+    fn healthz_fails_when_syncs_keep_failing() {
+        let status = Status::default();
+        status.synced.store(true, Ordering::Relaxed);
+        assert_eq!(status.healthz().0, 200);
+        status.record_sync_error();
+        // A failure that has just started is retried before the node is declared unhealthy.
+        assert_eq!(status.healthz().0, 200);
+        if let Ok(mut f) = status.failing_since.lock() {
+            *f = Instant::now().checked_sub(SYNC_FAILING_UNHEALTHY + Duration::from_secs(1));
+        }
+        let (code, body) = status.healthz();
+        assert_eq!(code, 503, "{body}");
+        assert!(status.metrics().contains("kproxy_sync_failing_seconds 11"));
+        status.record_sync(
+            Duration::from_millis(1),
+            &DesiredState::default(),
+            NoLocalEndpoints::default(),
+        );
+        assert_eq!(status.healthz().0, 200);
     }
 }
