@@ -18,7 +18,7 @@ use crate::{
     model::Model,
     netdev,
     source::kube::KubeSource,
-    source::manifests::ManifestWatcher,
+    source::manifests::{Level, ManifestWatcher},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -45,6 +45,31 @@ fn default_cgroup_root() -> anyhow::Result<PathBuf> {
         })
         .next()
         .context("no cgroup2 mount found: pass --cgroup-root")
+}
+
+/// `--cgroup-root` must be a cgroup v2 directory; checked before anything is installed.
+fn check_cgroup2_dir(path: &std::path::Path) -> anyhow::Result<()> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .with_context(|| format!("--cgroup-root {}: invalid path", path.display()))?;
+    // SAFETY: statfs writes into `st`, which we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let e = std::io::Error::last_os_error();
+        bail!("--cgroup-root {}: {e}", path.display());
+    }
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs between libcs"
+    )]
+    let on_cgroup2 = st.f_type as i64 == CGROUP2_SUPER_MAGIC;
+    if !path.is_dir() || !on_cgroup2 {
+        bail!(
+            "--cgroup-root {}: not a cgroup v2 directory (pass a directory under the cgroup2 mount)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn node_name(args: &RunArgs) -> String {
@@ -74,7 +99,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let cgroup_root = match &args.cgroup_root {
-        Some(p) => p.clone(),
+        Some(p) => {
+            check_cgroup2_dir(p)?;
+            p.clone()
+        }
         None => default_cgroup_root()?,
     };
 
@@ -168,12 +196,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         if let Source::Manifests(watcher) = &mut source
-            && let Some(objects) = watcher.poll()
+            && let Some((objects, diags)) = watcher.poll_with_diagnostics()
         {
-            status.observe_objects(&objects);
-            let changes = model.replace_all(objects);
-            have_objects = true;
-            dirty |= !changes.is_empty() || !status.synced.load(Ordering::Relaxed);
+            for d in &diags {
+                match d.level {
+                    Level::Warn => tracing::warn!("manifests: {}", d.message),
+                    Level::Debug => tracing::debug!("manifests: {}", d.message),
+                }
+            }
+            if objects.is_empty() && diags.iter().any(|d| d.level == Level::Warn) {
+                // Unreadable or wholly malformed (e.g. the directory replaced by a bad file):
+                // keep serving what was last programmed rather than removing every service.
+                tracing::warn!("manifests: nothing usable was read; keeping the last good state");
+            } else {
+                status.observe_objects(&objects);
+                let changes = model.replace_all(objects);
+                have_objects = true;
+                dirty |= !changes.is_empty() || !status.synced.load(Ordering::Relaxed);
+            }
         }
         let nodeport_addrs = match netdev::interface_addresses() {
             Ok(a) => netdev::nodeport_addresses(&a, &args.nodeport_addresses),
@@ -210,6 +250,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if !status.synced.swap(true, Ordering::Relaxed) {
                     tracing::info!(
                         frontends = desired.frontends.len(),
+                        writes = stats.writes,
+                        deletes = stats.deletes,
                         took_ms = took.as_secs_f64() * 1000.0,
                         "first sync programmed"
                     );

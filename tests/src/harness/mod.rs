@@ -15,6 +15,7 @@
 
 pub mod cluster;
 pub mod demo;
+pub mod faults;
 pub mod fixtures;
 pub mod manifests;
 pub mod probe;

@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod cleanup;
+pub mod ct_gc;
 pub mod maps;
 pub mod sock_destroy;
 pub mod writer;
@@ -60,6 +61,7 @@ impl EbpfDataplane {
         for dev in &settings.devices {
             set_accept_local(dev);
         }
+        ct_gc::spawn(settings.bpf_root.clone());
         Ok(Self {
             _ebpf: ebpf,
             settings,
