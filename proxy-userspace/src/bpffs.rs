@@ -29,6 +29,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 
 fn mount_bpffs(path: &Path) -> anyhow::Result<()> {
     let target = CString::new(path.as_os_str().as_bytes())?;
+    // Only root may look into the pin directory (the pins themselves are 0600 anyway).
     // SAFETY: plain mount(2) with valid C strings.
     let rc = unsafe {
         libc::mount(
@@ -36,7 +37,7 @@ fn mount_bpffs(path: &Path) -> anyhow::Result<()> {
             target.as_ptr(),
             c"bpf".as_ptr(),
             0,
-            std::ptr::null(),
+            c"mode=0700".as_ptr().cast(),
         )
     };
     if rc != 0 {

@@ -17,7 +17,7 @@ use aya::{
     },
 };
 
-use super::EbpfSettings;
+use super::{EbpfSettings, bpf_sys};
 
 /// Program names in the eBPF object.
 pub const PROG_CONNECT4: &str = "kproxy_sock4_connect";
@@ -158,14 +158,37 @@ fn attach_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin: &Path) -> anyh
         .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
         .try_into()?;
     prog.load()?;
-    // cgroup links cannot be updated in place by aya: attach the new program next to the old
-    // one (both translate identically; the second sees an already translated address), then
-    // swap the pin, which detaches the old one.
-    // Through bpf_link (kernel >= 5.7) the attachment is multi-program by nature; the
-    // kernel rejects explicit attach flags there, so the mode is the default.
+    // A link pinned by an earlier agent on this same cgroup: swap its program in place.
+    if pin.exists() {
+        match update_cgroup_link(pin, cgroup, prog) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(pin = %pin.display(), "in-place update failed: {e}"),
+        }
+    }
+    // Otherwise attach the new program next to the old one (both translate identically; the
+    // second sees an already translated address), then swap the pin, which detaches the old
+    // one. Through bpf_link the attachment is multi-program by nature; the kernel rejects
+    // explicit attach flags there, so the mode is the default.
     let id = prog.attach(cgroup, CgroupAttachMode::default())?;
     let link: FdLink = prog.take_link(id)?.try_into()?;
     pin_replacing(link, pin)
+}
+
+/// Updates the cgroup link pinned at `pin` to `prog` if it is attached to `cgroup`.
+/// Ok(false): it belongs to another cgroup (a changed --cgroup-root) and must be replaced.
+fn update_cgroup_link(pin: &Path, cgroup: &File, prog: &CgroupSockAddr) -> anyhow::Result<bool> {
+    use std::os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::fs::MetadataExt as _,
+    };
+    let link = bpf_sys::open_pinned(pin)?;
+    let (link_type, cgroup_id) = bpf_sys::link_target(&link)?;
+    if link_type != bpf_sys::BPF_LINK_TYPE_CGROUP || cgroup_id != cgroup.metadata()?.ino() {
+        return Ok(false);
+    }
+    bpf_sys::link_update(&link, prog.fd()?.as_fd().as_raw_fd())?;
+    Ok(true)
 }
 
 fn attach_xdp(ebpf: &mut Ebpf, dev: &str, pin: &Path) -> anyhow::Result<()> {

@@ -1,37 +1,15 @@
 //! `kproxy cleanup`: remove every link, map pin and directory the agent created.
 
-use std::{ffi::CString, io, os::unix::ffi::OsStrExt as _, path::Path};
+use std::path::Path;
 
-use super::attach::links_dir;
+use super::{attach::links_dir, bpf_sys};
 use crate::bpffs;
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_DETACH: libc::c_long = 34;
-
-/// Detaches the pinned link at `pin` now (BPF_LINK_DETACH), whoever else still holds it: a
-/// killed agent's descriptors, or the kernel's deferred release of the last reference,
-/// would otherwise leave the program attached for a while after the pin is gone.
-fn detach_pinned_link(pin: &Path) -> io::Result<()> {
-    let path = CString::new(pin.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
-    let mut get = [0u64; 2];
-    get[0] = path.as_ptr() as u64;
-    // SAFETY: bpf(2) with a zeroed attr of the size passed.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), 16usize) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = fd as i32;
-    // union bpf_attr for BPF_LINK_DETACH: link_fd (u32).
-    let mut detach = [0u32; 4];
-    detach[0] = fd as u32;
-    // SAFETY: as above.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_mut_ptr(), 16usize) };
-    let err = io::Error::last_os_error();
-    // SAFETY: closing the fd we opened.
-    unsafe { libc::close(fd) };
-    if rc < 0 { Err(err) } else { Ok(()) }
+/// Detaches the pinned link at `pin` now, whoever else still holds it: a killed agent's
+/// descriptors, or the kernel's deferred release of the last reference, would otherwise leave
+/// the program attached for a while after the pin is gone.
+fn detach_pinned_link(pin: &Path) -> std::io::Result<()> {
+    bpf_sys::link_detach(&bpf_sys::open_pinned(pin)?)
 }
 
 /// Removes what kproxy pinned under `bpf_root`, detaching every pinned link first. Returns the number of pins removed. Idempotent: a missing root is success.

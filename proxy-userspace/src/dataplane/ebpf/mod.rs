@@ -2,6 +2,7 @@
 //! driven through pinned maps.
 
 pub mod attach;
+pub mod bpf_sys;
 pub mod cleanup;
 pub mod ct_gc;
 pub mod maps;
