@@ -158,6 +158,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let mut last_sync_at: Option<Instant> = None;
+    let mut health_checks = crate::healthcheck::HealthChecks::new(status.clone());
     let mut model = Model::new();
     let mut have_objects = false;
     let mut dirty = true;
@@ -247,6 +248,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     tracing::error!("{r}");
                 }
                 status.record_sync(took, &desired, health::no_local_endpoints(&model, &desired));
+                health_checks.update(&model, &ctx);
                 if !status.synced.swap(true, Ordering::Relaxed) {
                     tracing::info!(
                         frontends = desired.frontends.len(),

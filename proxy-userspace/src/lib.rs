@@ -9,6 +9,7 @@ pub mod cli;
 pub mod dataplane;
 pub mod desired;
 pub mod health;
+pub mod healthcheck;
 pub mod inspect;
 pub mod mode;
 pub mod netdev;
