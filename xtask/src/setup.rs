@@ -93,6 +93,16 @@ pub fn setup() -> anyhow::Result<()> {
         );
         run(Command::new("rustup").args(["toolchain", "link", EBPF_TOOLCHAIN, "/usr"]))?;
     }
+    // deploy/ is validated against the Kubernetes schemas this PyPI package ships (offline).
+    if !quiet(Command::new("python3").args(["-m", "kubernetes_validate", "--version"])) {
+        eprintln!("xtask setup: installing kubernetes-validate (PyPI)");
+        let pip = ["-m", "pip", "install", "-q", "kubernetes-validate"];
+        if !quiet(Command::new("python3").args(pip)) {
+            run(Command::new("python3")
+                .args(pip)
+                .arg("--break-system-packages"))?;
+        }
+    }
     if !std::path::Path::new("/usr/lib/rustlib/src/rust/library/core").exists() {
         bail!(
             "Debian's rust-web-src did not install the library sources under /usr/lib/rustlib/src"
