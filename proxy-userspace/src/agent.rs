@@ -187,7 +187,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
-        if let Source::Kube(k) = &source {
+        if let Source::Kube(k) = &mut source {
+            for kind in k.take_changes() {
+                status.count_change(kind);
+            }
             if k.initial_sync_done() {
                 have_objects = true;
                 if model.has_pending() {

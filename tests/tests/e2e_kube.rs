@@ -187,6 +187,22 @@ fn api_source_end_to_end() {
     println!("endpoint change served within {took:?}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
 
+    // The API source's events feed kube-proxy's change metrics and programming latency.
+    let out = c
+        .node(1)
+        .output(&["curl", "-s", "-m", "3", "http://127.0.0.1:10249/metrics"])
+        .expect("scraping the metrics");
+    let metrics = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from the metrics:\n{metrics}"))
+    };
+    assert!(value("kubeproxy_sync_proxy_rules_service_changes_total") >= 2.0);
+    assert!(value("kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 3.0);
+    assert!(value("kubeproxy_network_programming_duration_seconds_count") >= 1.0);
+
     // 3. The API server away while traffic flows; a change made meanwhile.
     let asker = nodeport_asker(&c, 200);
     assert!(

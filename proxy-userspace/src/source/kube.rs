@@ -337,6 +337,8 @@ pub struct KubeSource {
     slices: Tracked<EndpointSlice>,
     nodes: Tracked<Node>,
     server: String,
+    /// Kinds of the changes handed to the model, not yet taken by the agent.
+    changes: Vec<ObjectKind>,
 }
 
 impl fmt::Debug for KubeSource {
@@ -412,6 +414,7 @@ impl KubeSource {
             slices: Tracked::new(ObjectKind::EndpointSlice),
             nodes: Tracked::new(ObjectKind::Node),
             server,
+            changes: Vec::new(),
         }
     }
 
@@ -435,17 +438,27 @@ impl KubeSource {
     }
 
     fn handle(&mut self, event: SourceEvent, model: &mut Model) -> bool {
+        let changes = &mut self.changes;
         match event {
             SourceEvent::Service(e) => self.services.handle(*e, &mut |o, n| {
                 model.on_service(o, n);
+                changes.push(ObjectKind::Service);
             }),
             SourceEvent::EndpointSlice(e) => self.slices.handle(*e, &mut |o, n| {
                 model.on_endpoint_slice(o, n);
+                changes.push(ObjectKind::EndpointSlice);
             }),
             SourceEvent::Node(e) => self.nodes.handle(*e, &mut |o, n| {
                 model.on_node(o, n);
+                changes.push(ObjectKind::Node);
             }),
         }
+    }
+
+    /// The kinds of the objects handed to the model since the last call, one entry per
+    /// added, changed or deleted object (for the change metrics).
+    pub fn take_changes(&mut self) -> Vec<ObjectKind> {
+        std::mem::take(&mut self.changes)
     }
 
     /// Services and EndpointSlices have both completed their initial list: the model is a
