@@ -203,27 +203,20 @@ impl<M: LbMaps> MapWriter<M> {
 
         let mut target = Contents::default();
         for f in &desired.frontends {
-            if target.services.len() + 1 + f.backends.len() > self.capacity.services {
+            let full = if target.services.len() + 1 + f.backends.len() > self.capacity.services {
+                Some((names::LB4_SERVICES, self.capacity.services))
+            } else if target.backends.len() + f.backends.len() > self.capacity.backends {
+                Some((names::LB4_BACKENDS, self.capacity.backends))
+            } else {
+                None
+            };
+            if let Some((map, entries)) = full {
                 rejected.push(format!(
-                    "service {} frontend {}:{}/{}: not programmed: map {} is full ({} entries)",
+                    "service {} frontend {}:{}/{}: not programmed: map {map} is full ({entries} entries)",
                     f.service,
                     f.address,
                     f.port,
                     f.protocol.as_str(),
-                    names::LB4_SERVICES,
-                    self.capacity.services
-                ));
-                continue;
-            }
-            if target.backends.len() + f.backends.len() > self.capacity.backends {
-                rejected.push(format!(
-                    "service {} frontend {}:{}/{}: not programmed: map {} is full ({} entries)",
-                    f.service,
-                    f.address,
-                    f.port,
-                    f.protocol.as_str(),
-                    names::LB4_BACKENDS,
-                    self.capacity.backends
                 ));
                 continue;
             }
@@ -653,6 +646,19 @@ mod tests {
         );
         assert!(out.stats.rejected[0].contains("KP_LB4_SVC_V1"));
         assert_eq!(master_of(w.maps(), "0.0.0.0", 30001).count, 2);
+    }
+
+    #[test]
+    fn a_full_backends_map_rejects_by_name_too() {
+        let capacity = Capacity {
+            services: 100,
+            backends: 3,
+        };
+        let mut w = MapWriter::with_capacity(MemoryMaps::default(), capacity);
+        let out = w.apply(&seed(), false).unwrap();
+        assert_eq!(out.stats.rejected.len(), 1, "{:?}", out.stats.rejected);
+        assert!(out.stats.rejected[0].contains("KP_LB4_BE_V1 is full (3 entries)"));
+        assert_eq!(w.maps().backends.len(), 2);
     }
 
     #[test]
