@@ -3,6 +3,10 @@
 
 use std::{
     fs::File,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, RawFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -11,9 +15,8 @@ use aya::{
     Ebpf,
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
+        links::FdLink,
         tc::{TcAttachOptions, qdisc_add_clsact},
-        xdp::XdpLink,
     },
 };
 
@@ -121,20 +124,6 @@ pub fn attach_all(ebpf: &mut Ebpf, settings: &EbpfSettings) -> anyhow::Result<Ve
     Ok(out)
 }
 
-fn pinned(path: &Path) -> Option<FdLink> {
-    if !path.exists() {
-        return None;
-    }
-    match PinnedLink::from_pin(path) {
-        Ok(link) => Some(link.into()),
-        Err(e) => {
-            tracing::warn!(pin = %path.display(), "unusable pinned link, replacing it: {e}");
-            let _ = std::fs::remove_file(path);
-            None
-        }
-    }
-}
-
 /// Pins a new link at `pin` atomically: pin beside it, then rename over the old pin (whose
 /// link, if any, is released and detached).
 fn pin_replacing(link: FdLink, pin: &Path) -> anyhow::Result<()> {
@@ -159,12 +148,10 @@ fn attach_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin: &Path) -> anyh
         .try_into()?;
     prog.load()?;
     // A link pinned by an earlier agent on this same cgroup: swap its program in place.
-    if pin.exists() {
-        match update_cgroup_link(pin, cgroup, prog) {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => tracing::debug!(pin = %pin.display(), "in-place update failed: {e}"),
-        }
+    let cgroup_id = cgroup.metadata()?.ino();
+    let prog_fd = prog.fd()?.as_fd().as_raw_fd();
+    if update_pinned_link(pin, bpf_sys::BPF_LINK_TYPE_CGROUP, cgroup_id, prog_fd) {
+        return Ok(());
     }
     // Otherwise attach the new program next to the old one (both translate identically; the
     // second sees an already translated address), then swap the pin, which detaches the old
@@ -175,20 +162,36 @@ fn attach_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin: &Path) -> anyh
     pin_replacing(link, pin)
 }
 
-/// Updates the cgroup link pinned at `pin` to `prog` if it is attached to `cgroup`.
-/// Ok(false): it belongs to another cgroup (a changed --cgroup-root) and must be replaced.
-fn update_cgroup_link(pin: &Path, cgroup: &File, prog: &CgroupSockAddr) -> anyhow::Result<bool> {
-    use std::os::{
-        fd::{AsFd as _, AsRawFd as _},
-        unix::fs::MetadataExt as _,
-    };
-    let link = bpf_sys::open_pinned(pin)?;
-    let (link_type, cgroup_id) = bpf_sys::link_target(&link)?;
-    if link_type != bpf_sys::BPF_LINK_TYPE_CGROUP || cgroup_id != cgroup.metadata()?.ino() {
-        return Ok(false);
+/// Swaps `prog_fd` into the link pinned at `pin` (BPF_LINK_UPDATE: no moment without a
+/// program) when that link is of `link_type` and attached to `target` (cgroup id or
+/// ifindex). Otherwise, or if the update fails, the old link is detached and its pin removed
+/// so that a fresh attachment can take its place; returns whether the update was done.
+fn update_pinned_link(pin: &Path, link_type: u32, target: u64, prog_fd: RawFd) -> bool {
+    if !pin.exists() {
+        return false;
     }
-    bpf_sys::link_update(&link, prog.fd()?.as_fd().as_raw_fd())?;
-    Ok(true)
+    let updated = bpf_sys::open_pinned(pin).and_then(|link| {
+        let (t, on) = bpf_sys::link_target(&link)?;
+        if (t, on) != (link_type, target) {
+            // Another cgroup or device (the flags changed): not ours to reuse.
+            let _ = bpf_sys::link_detach(&link);
+            return Ok(false);
+        }
+        bpf_sys::link_update(&link, prog_fd)?;
+        Ok(true)
+    });
+    match updated {
+        Ok(true) => return true,
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(pin = %pin.display(), "replacing a pinned link failed ({e}); re-attaching")
+        }
+    }
+    if let Ok(link) = bpf_sys::open_pinned(pin) {
+        let _ = bpf_sys::link_detach(&link);
+    }
+    let _ = std::fs::remove_file(pin);
+    false
 }
 
 fn attach_xdp(ebpf: &mut Ebpf, dev: &str, pin: &Path) -> anyhow::Result<()> {
@@ -199,22 +202,10 @@ fn attach_xdp(ebpf: &mut Ebpf, dev: &str, pin: &Path) -> anyhow::Result<()> {
     if prog.fd().is_err() {
         prog.load()?;
     }
-    if let Some(old) = pinned(pin) {
-        let link = XdpLink::try_from(old)?;
-        match prog.attach_to_link(link) {
-            Ok(id) => {
-                // The pin keeps the link; our handle can go.
-                let _ = prog.take_link(id)?;
-                return Ok(());
-            }
-            Err(e) => {
-                tracing::warn!(
-                    device = dev,
-                    "replacing the pinned XDP link failed ({e}); re-attaching"
-                );
-                let _ = std::fs::remove_file(pin);
-            }
-        }
+    let ifindex = crate::netdev::ifindex(dev).ok_or_else(|| anyhow!("no interface {dev}"))?;
+    let prog_fd = prog.fd()?.as_fd().as_raw_fd();
+    if update_pinned_link(pin, bpf_sys::BPF_LINK_TYPE_XDP, u64::from(ifindex), prog_fd) {
+        return Ok(());
     }
     let id = prog.attach(dev, XdpMode::Driver)?;
     let link: FdLink = prog.take_link(id)?.try_into()?;
@@ -235,21 +226,10 @@ fn attach_tc(
     if prog.fd().is_err() {
         prog.load()?;
     }
-    if let Some(old) = pinned(pin) {
-        let link = aya::programs::tc::SchedClassifierLink::try_from(old)?;
-        match prog.attach_to_link(link) {
-            Ok(id) => {
-                let _ = prog.take_link(id)?;
-                return Ok(());
-            }
-            Err(e) => {
-                tracing::warn!(
-                    device = dev,
-                    "replacing the pinned tc link failed ({e}); re-attaching"
-                );
-                let _ = std::fs::remove_file(pin);
-            }
-        }
+    let ifindex = crate::netdev::ifindex(dev).ok_or_else(|| anyhow!("no interface {dev}"))?;
+    let prog_fd = prog.fd()?.as_fd().as_raw_fd();
+    if update_pinned_link(pin, bpf_sys::BPF_LINK_TYPE_TCX, u64::from(ifindex), prog_fd) {
+        return Ok(());
     }
     // TCX (kernel >= 6.6) gives a pinnable link; older kernels need the clsact qdisc.
     let id = match prog.attach_with_options(

@@ -15,8 +15,10 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
-/// `enum bpf_link_type`: BPF_LINK_TYPE_CGROUP.
+/// `enum bpf_link_type` values of the links kproxy pins.
 pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+pub const BPF_LINK_TYPE_XDP: u32 = 6;
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64], size: usize) -> io::Result<i64> {
     // SAFETY: `attr` is a zero-initialised union bpf_attr of at least `size` bytes.
@@ -39,8 +41,8 @@ pub fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// A link's type and, for cgroup links, the id of the cgroup it is attached to (the cgroup
-/// directory's inode number on cgroup v2).
+/// A link's type and what it is attached to: for cgroup links the cgroup id (the cgroup
+/// directory's inode number on cgroup v2), for XDP and TCX links the interface index.
 pub fn link_target(link: &OwnedFd) -> io::Result<(u32, u64)> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-byte aligned union whose
     // cgroup member starts with cgroup_id (u64).
@@ -53,7 +55,12 @@ pub fn link_target(link: &OwnedFd) -> io::Result<(u32, u64)> {
     ];
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
     let link_type = (info[0] & 0xffff_ffff) as u32;
-    Ok((link_type, info[2]))
+    let target = match link_type {
+        BPF_LINK_TYPE_CGROUP => info[2],
+        // The xdp and tcx members start with a u32 ifindex.
+        _ => info[2] & 0xffff_ffff,
+    };
+    Ok((link_type, target))
 }
 
 /// Replaces the program of `link` atomically (BPF_LINK_UPDATE): no moment without one.
