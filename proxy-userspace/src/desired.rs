@@ -12,7 +12,7 @@ use tracing::warn;
 
 use crate::model::{
     EndpointInfo, EndpointsMap, NamespacedName, ServicePortInfo, ServicePortMap, ServiceType,
-    TargetPort,
+    SessionAffinity, TargetPort,
 };
 
 /// L4 protocol of a service port.
@@ -93,6 +93,50 @@ pub struct Frontend {
     pub protocol: Protocol,
     /// Sorted, deduplicated. Empty means "no endpoints": connections are refused.
     pub backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP`: the timeout in seconds after which a client's pick is
+    /// forgotten. `None`: every new flow picks freely.
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges` of a LoadBalancer service, on its LoadBalancer and nodePort
+    /// frontends (so the nodePort is no way around them). `None`: any source; `Some` lists
+    /// the only IPv4 sources allowed (an empty list, e.g. when all ranges are IPv6, allows
+    /// none).
+    pub source_ranges: Option<Vec<Ipv4Cidr>>,
+}
+
+/// An IPv4 network: `address` has no bits set beyond `prefix_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Cidr {
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    /// The network of `address/prefix_len` (host bits cleared); `None` when `prefix_len > 32`.
+    pub fn new(address: Ipv4Addr, prefix_len: u8) -> Option<Ipv4Cidr> {
+        if prefix_len > 32 {
+            return None;
+        }
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_len))
+            .unwrap_or(0);
+        Some(Ipv4Cidr {
+            address: Ipv4Addr::from(u32::from(address) & mask),
+            prefix_len,
+        })
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.address)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
 }
 
 impl Frontend {
@@ -117,6 +161,26 @@ pub struct NodeContext {
     pub node_name: String,
     /// Addresses of this node on which nodePorts are served.
     pub nodeport_addresses: Vec<Ipv4Addr>,
+}
+
+/// The IPv4 `loadBalancerSourceRanges` of a LoadBalancer service port (`None` when it has
+/// none, or is not a LoadBalancer: Kubernetes applies them to LoadBalancer services only).
+fn source_ranges(info: &ServicePortInfo) -> Option<Vec<Ipv4Cidr>> {
+    if info.service_type != ServiceType::LoadBalancer || info.load_balancer_source_ranges.is_empty()
+    {
+        return None;
+    }
+    let mut ranges: Vec<Ipv4Cidr> = info
+        .load_balancer_source_ranges
+        .iter()
+        .filter_map(|c| match c.address {
+            std::net::IpAddr::V4(a) => Ipv4Cidr::new(a, c.prefix_len),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
+    ranges.sort_unstable();
+    ranges.dedup();
+    Some(ranges)
 }
 
 /// Derives what the node serves from the service and endpoint maps, with Kubernetes'
@@ -144,7 +208,16 @@ pub fn build(
         let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
         let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
         let external = select_backends(eps, spn, info, node, info.external_policy_local());
+        let affinity_timeout = match info.session_affinity {
+            SessionAffinity::None => None,
+            SessionAffinity::ClientIp { timeout_seconds } => Some(timeout_seconds),
+        };
+        let restricted = source_ranges(info);
         let mut add = |kind, address, port, backends: &Vec<Backend>| {
+            let source_ranges = match kind {
+                FrontendKind::LoadBalancer | FrontendKind::NodePort => restricted.clone(),
+                FrontendKind::ClusterIp | FrontendKind::ExternalIp => None,
+            };
             let frontend = Frontend {
                 service: spn.clone(),
                 kind,
@@ -152,6 +225,8 @@ pub fn build(
                 port,
                 protocol: spn.protocol,
                 backends: backends.clone(),
+                affinity_timeout,
+                source_ranges,
             };
             match frontends.entry(frontend.key()) {
                 Entry::Vacant(e) => {
@@ -305,6 +380,36 @@ mod tests {
         assert_eq!(
             d.nodeport_addresses,
             vec![Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(192, 168, 1, 2)]
+        );
+    }
+
+    #[test]
+    fn affinity_and_source_ranges_reach_the_right_frontends() {
+        let svc = service(
+            "metadata: {name: lb}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.7\n  externalIPs: [203.0.113.5]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}\n  loadBalancerSourceRanges: [10.1.2.3/16, 2001:db8::/32, 10.1.0.0/16]\n  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}\n",
+        );
+        let v6_only = service(
+            "metadata: {name: v6}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.8\n  loadBalancerSourceRanges: [2001:db8::/32]\n  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.10}]}}\n",
+        );
+        let d = build_from(&[svc, v6_only], &[], "n1");
+        let net = Ipv4Cidr::new(Ipv4Addr::new(10, 1, 0, 0), 16).unwrap();
+        for f in &d.frontends {
+            let lb = f.service.name == "lb";
+            assert_eq!(f.affinity_timeout, lb.then_some(30), "{f:?}");
+            let want = match (f.kind, lb) {
+                (FrontendKind::ClusterIp | FrontendKind::ExternalIp, _) => None,
+                (_, true) => Some(vec![net]),
+                (_, false) => Some(vec![]),
+            };
+            assert_eq!(f.source_ranges, want, "{:?} of {}", f.kind, f.service);
+        }
+        assert_eq!(d.frontends.len(), 7);
+        assert!(net.contains(Ipv4Addr::new(10, 1, 200, 1)));
+        assert!(!net.contains(Ipv4Addr::new(10, 2, 0, 1)));
+        assert!(
+            Ipv4Cidr::new(Ipv4Addr::new(1, 2, 3, 4), 0)
+                .unwrap()
+                .contains(Ipv4Addr::BROADCAST)
         );
     }
 

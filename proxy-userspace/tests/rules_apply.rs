@@ -121,6 +121,8 @@ fn fe(
         port,
         protocol,
         backends,
+        affinity_timeout: None,
+        source_ranges: None,
     }
 }
 

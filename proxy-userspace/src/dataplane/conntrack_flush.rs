@@ -472,6 +472,8 @@ mod tests {
                     is_local: false,
                 })
                 .collect(),
+            affinity_timeout: None,
+            source_ranges: None,
         }
     }
 

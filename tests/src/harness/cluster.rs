@@ -134,6 +134,7 @@ pub struct ClusterBuilder {
     nodes: u8,
     pods: Vec<PodSpec>,
     testpod: Option<PathBuf>,
+    proxy_mode: Option<String>,
 }
 
 impl ClusterBuilder {
@@ -150,6 +151,12 @@ impl ClusterBuilder {
     /// The `kproxy-testpod` to use (integration tests pass `env!("CARGO_BIN_EXE_kproxy-testpod")`).
     pub fn testpod(mut self, path: impl Into<PathBuf>) -> Self {
         self.testpod = Some(path.into());
+        self
+    }
+
+    /// The agents' `--proxy-mode` (default `ebpf`).
+    pub fn proxy_mode(mut self, mode: &str) -> Self {
+        self.proxy_mode = Some(mode.into());
         self
     }
 
@@ -195,6 +202,8 @@ pub struct Cluster {
     pods: Vec<PodState>,
     /// Other processes started through `spawn` (ended on drop).
     extra: Vec<Proc>,
+    /// The agents' `--proxy-mode`.
+    proxy_mode: String,
 }
 
 impl Cluster {
@@ -237,6 +246,7 @@ impl Cluster {
             nodes: Vec::new(),
             pods: Vec::new(),
             extra: Vec::new(),
+            proxy_mode: b.proxy_mode.clone().unwrap_or_else(|| "ebpf".into()),
         };
         fs::create_dir_all(&manifests)?;
         c.cgroup_parent = Some(Cgroup::create(cg_root.join(&id))?);
@@ -751,6 +761,16 @@ impl Cluster {
 
     // ---- the agent ----
 
+    /// The agents' `--proxy-mode`.
+    pub fn proxy_mode(&self) -> &str {
+        &self.proxy_mode
+    }
+
+    /// Changes the `--proxy-mode` of agents started from now on.
+    pub fn set_proxy_mode(&mut self, mode: &str) {
+        self.proxy_mode = mode.into();
+    }
+
     /// The agent's argv for node `n` (without the binary).
     pub fn agent_args(&self, n: u8) -> Vec<String> {
         let node = &self.nodes[self.node_idx(n).unwrap()];
@@ -761,7 +781,7 @@ impl Cluster {
             "--hostname-override".into(),
             node.name.clone(),
             "--proxy-mode".into(),
-            "ebpf".into(),
+            self.proxy_mode.clone(),
             "--cluster-cidr".into(),
             CLUSTER_CIDR.into(),
             "--devices".into(),

@@ -445,6 +445,8 @@ mod tests {
                     is_local: true,
                 })
                 .collect(),
+            affinity_timeout: None,
+            source_ranges: None,
         }
     }
 

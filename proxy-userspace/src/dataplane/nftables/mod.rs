@@ -174,6 +174,8 @@ pub(crate) fn sample_desired() -> DesiredState {
             port: 80,
             protocol: Protocol::Tcp,
             backends: web.clone(),
+            affinity_timeout: None,
+            source_ranges: None,
         },
         Frontend {
             service: spn("web", "http", Protocol::Tcp),
@@ -182,6 +184,8 @@ pub(crate) fn sample_desired() -> DesiredState {
             port: 30080,
             protocol: Protocol::Tcp,
             backends: web.clone(),
+            affinity_timeout: None,
+            source_ranges: None,
         },
         Frontend {
             service: spn("web", "http", Protocol::Tcp),
@@ -190,6 +194,8 @@ pub(crate) fn sample_desired() -> DesiredState {
             port: 80,
             protocol: Protocol::Tcp,
             backends: web.clone(),
+            affinity_timeout: None,
+            source_ranges: None,
         },
         Frontend {
             service: spn("web", "http", Protocol::Tcp),
@@ -198,6 +204,8 @@ pub(crate) fn sample_desired() -> DesiredState {
             port: 80,
             protocol: Protocol::Tcp,
             backends: vec![be("10.244.1.5", 8080, true)],
+            affinity_timeout: None,
+            source_ranges: None,
         },
         Frontend {
             service: spn("empty", "", Protocol::Tcp),
@@ -206,6 +214,8 @@ pub(crate) fn sample_desired() -> DesiredState {
             port: 443,
             protocol: Protocol::Tcp,
             backends: vec![],
+            affinity_timeout: None,
+            source_ranges: None,
         },
         Frontend {
             service: spn("empty", "", Protocol::Tcp),
@@ -214,6 +224,8 @@ pub(crate) fn sample_desired() -> DesiredState {
             port: 30443,
             protocol: Protocol::Tcp,
             backends: vec![],
+            affinity_timeout: None,
+            source_ranges: None,
         },
         Frontend {
             service: spn("dns", "dns", Protocol::Udp),
@@ -226,6 +238,8 @@ pub(crate) fn sample_desired() -> DesiredState {
                 be("10.244.2.9", 5353, false),
                 be("10.244.3.9", 5353, false),
             ],
+            affinity_timeout: None,
+            source_ranges: None,
         },
     ];
     frontends.sort_by_key(|f| f.key());
