@@ -10,6 +10,7 @@
 pub mod config;
 pub mod conntrack;
 pub mod lb;
+pub mod maglev;
 pub mod maps;
 pub mod sock;
 pub mod stats;

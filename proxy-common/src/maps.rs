@@ -23,6 +23,11 @@ pub const STATS: &str = "KP_STATS_V1";
 /// Traffic per frontend (per-CPU hash, allocated on first use): `u16` reverse-NAT index ->
 /// [`crate::stats::SvcStats`].
 pub const SVC_STATS: &str = "KP_SVC_STATS_V1";
+/// Maglev tables of external frontends, by rows (hash, not preallocated):
+/// [`crate::maglev::MaglevKey`] -> [`crate::maglev::MaglevRow`].
+pub const MAGLEV: &str = "KP_MAGLEV_V1";
+/// The Maglev table size, one entry: [`crate::maglev::MaglevConfig`].
+pub const MAGLEV_CONFIG: &str = "KP_MAGLEV_CFG_V1";
 
 pub const LB4_SERVICES_MAX: u32 = 65_536;
 pub const LB4_BACKENDS_MAX: u32 = 65_536;
@@ -36,9 +41,12 @@ pub const STATS_MAX: u32 = 64;
 /// One entry per reverse-NAT index in use. Not preallocated: a per-CPU map this size would
 /// cost `65536 * 24 bytes` per CPU; entries appear when a frontend first sees traffic.
 pub const SVC_STATS_MAX: u32 = LB4_REVERSE_NAT_MAX;
+/// Rows of all Maglev tables: 17 rows per frontend at the default size, so ~15k external
+/// frontends. Not preallocated (a row is 4 KiB), so only rows in use cost memory.
+pub const MAGLEV_MAX: u32 = 262_144;
 
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 12] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -49,6 +57,8 @@ pub const ALL: [&str; 10] = [
     LB4_CONFIG,
     STATS,
     SVC_STATS,
+    MAGLEV,
+    MAGLEV_CONFIG,
 ];
 
 /// Maps that are counters, not state: their fill level is not a capacity concern.

@@ -4,9 +4,12 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
     config::{CFG_FLAG_READY, Lb4Config},
     lb::{Lb4Backend, Lb4Key, Lb4Service},
+    maglev::{MAGLEV_ROW_LEN, MaglevKey, lb4_flow_hash},
 };
 
-use crate::maps::{LB4_BACKENDS, LB4_CONFIG, LB4_NODEPORT_ADDRS, LB4_SERVICES};
+use crate::maps::{
+    LB4_BACKENDS, LB4_CONFIG, LB4_MAGLEV, LB4_NODEPORT_ADDRS, LB4_SERVICES, MAGLEV_CONFIG,
+};
 
 /// How many slots `lb4_select_backend` probes, from a random one onwards, before giving up
 /// (a slot or backend may be missing for a moment while the agent rewrites a service).
@@ -81,4 +84,38 @@ pub fn lb4_select_backend(key: &Lb4Key, svc: &Lb4Service) -> Option<(u32, Lb4Bac
         }
     }
     None
+}
+
+/// The backend the frontend's Maglev table gives this flow (addresses and ports be; `key` is
+/// the master key from [`lb4_lookup_service`]). `None` when Maglev is off, the frontend has
+/// no table (yet), or the entry names a backend that is gone or belongs elsewhere: the caller
+/// then falls back to [`lb4_select_backend`].
+#[inline(always)]
+pub fn lb4_select_backend_maglev(
+    key: &Lb4Key,
+    svc: &Lb4Service,
+    saddr: u32,
+    sport: u16,
+) -> Option<(u32, Lb4Backend)> {
+    let m = MAGLEV_CONFIG.get(0)?.table_size;
+    if m == 0 {
+        return None;
+    }
+    let pos = lb4_flow_hash(saddr, key.address, sport, key.dport, key.proto) % m;
+    let row_key = MaglevKey {
+        rev_nat_index: svc.rev_nat_index,
+        row: (pos / MAGLEV_ROW_LEN as u32) as u16,
+    };
+    // SAFETY: one u32 is copied out of the value at once.
+    let row = unsafe { LB4_MAGLEV.get(&row_key) }?;
+    // LLVM knows `pos % ROW_LEN < ROW_LEN` and drops the bounds check, but the verifier
+    // cannot follow a modulo by a constant: launder the offset so the check stays.
+    let offset = (pos % MAGLEV_ROW_LEN as u32) as usize;
+    // SAFETY: reads back the local just written.
+    let offset = unsafe { core::ptr::read_volatile(&offset) };
+    let id = *row.backend_ids.get(offset)?;
+    if id == 0 {
+        return None;
+    }
+    lb4_lookup_backend(id, svc.rev_nat_index).map(|backend| (id, backend))
 }

@@ -12,6 +12,7 @@ use proxy_common::{
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
+    maglev::{MaglevConfig, MaglevKey, MaglevRow},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
     stats::SvcStats,
@@ -42,6 +43,8 @@ const _: () = assert!(name_is("KP_SOCK4_REV_V1", names::SOCK4_REV));
 const _: () = assert!(name_is("KP_LB4_CFG_V1", names::LB4_CONFIG));
 const _: () = assert!(name_is("KP_STATS_V1", names::STATS));
 const _: () = assert!(name_is("KP_SVC_STATS_V1", names::SVC_STATS));
+const _: () = assert!(name_is("KP_MAGLEV_V1", names::MAGLEV));
+const _: () = assert!(name_is("KP_MAGLEV_CFG_V1", names::MAGLEV_CONFIG));
 
 #[map(name = "KP_LB4_SVC_V1")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
@@ -81,3 +84,12 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(names::STATS_MAX, 0);
 #[map(name = "KP_SVC_STATS_V1")]
 pub static SVC_STATS: PerCpuHashMap<u16, SvcStats> =
     PerCpuHashMap::pinned(names::SVC_STATS_MAX, BPF_F_NO_PREALLOC);
+
+/// Maglev tables of external frontends, by rows (`proxy_common::maglev`).
+#[map(name = "KP_MAGLEV_V1")]
+pub static LB4_MAGLEV: HashMap<MaglevKey, MaglevRow> =
+    HashMap::pinned(names::MAGLEV_MAX, BPF_F_NO_PREALLOC);
+
+/// The Maglev table size (0 = random selection).
+#[map(name = "KP_MAGLEV_CFG_V1")]
+pub static MAGLEV_CONFIG: Array<MaglevConfig> = Array::pinned(1, 0);

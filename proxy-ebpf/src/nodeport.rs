@@ -25,7 +25,10 @@ use crate::{
         snat4_alloc_port,
     },
     ctx::{NetCtx, PktErr},
-    lb::{lb4_config, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
+    lb::{
+        lb4_config, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend,
+        lb4_select_backend_maglev,
+    },
     parse::{
         ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, parse4,
     },
@@ -206,7 +209,13 @@ fn lb4_flow_get(
     let (backend_id, backend, mut preferred) = match reuse {
         Some(found) => found,
         None => {
-            let Some((id, backend)) = lb4_select_backend(key, svc) else {
+            // Maglev first (the same backend on every node), random slots if its entry is
+            // missing or stale.
+            let selected = match lb4_select_backend_maglev(key, svc, pkt.saddr, pkt.sport) {
+                Some(found) => Some(found),
+                None => lb4_select_backend(key, svc),
+            };
+            let Some((id, backend)) = selected else {
                 return Err(STAT_PASS_NO_BACKEND);
             };
             if ct.is_some() {

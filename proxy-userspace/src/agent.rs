@@ -127,6 +127,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             cgroup_root: cgroup_root.clone(),
             devices: devices.clone(),
             xdp_fib_forward: args.xdp_fib_forward,
+            maglev_table_size: match args.lb_algorithm {
+                crate::cli::LbAlgorithm::Maglev => Some(args.maglev_table_size),
+                crate::cli::LbAlgorithm::Random => None,
+            },
         },
         cluster_cidr: args.cluster_cidr,
     };

@@ -196,6 +196,33 @@ pub struct RunArgs {
     /// instead of passing them to the kernel's stack.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub xdp_fib_forward: bool,
+
+    /// How the eBPF mode picks a backend for traffic entering the node (nodePort, externalIP,
+    /// LoadBalancer): `maglev` (consistent hashing: every node picks the same backend for a
+    /// flow) or `random`. Socket-level load balancing is always random.
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Maglev)]
+    pub lb_algorithm: LbAlgorithm,
+
+    /// Entries of each frontend's Maglev table: a prime (more entries, more even spread,
+    /// 4 bytes each per external frontend).
+    #[arg(long, value_name = "PRIME", default_value_t = proxy_common::maglev::MAGLEV_TABLE_SIZE_DEFAULT,
+          value_parser = parse_maglev_table_size)]
+    pub maglev_table_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbAlgorithm {
+    /// Maglev consistent hashing (Eisenbud et al., 2016).
+    Maglev,
+    /// A random backend per new flow.
+    Random,
+}
+
+fn parse_maglev_table_size(s: &str) -> Result<u32, String> {
+    let m: u32 = s
+        .parse()
+        .map_err(|e| format!("--maglev-table-size {s:?}: {e}"))?;
+    crate::dataplane::ebpf::maglev::validate_table_size(m)
 }
 
 #[derive(Debug, clap::Args)]

@@ -101,6 +101,34 @@ pub fn bpf_prog_test_run(prog_fd: i32, data: &[u8]) -> io::Result<(u32, Vec<u8>)
     Ok((attr.retval, out))
 }
 
+/// Runs the program `prog_fd` `repeat` times on `data` in the kernel (BPF_PROG_TEST_RUN with
+/// `repeat`); returns its last return value and the kernel's average time per run in ns.
+/// Each run starts from the original packet; maps keep what earlier runs wrote (so after the
+/// first run a flow is established).
+pub fn bpf_prog_test_run_repeat(prog_fd: i32, data: &[u8], repeat: u32) -> io::Result<(u32, u32)> {
+    let mut attr = BpfAttrTestRun {
+        prog_fd: prog_fd as u32,
+        data_size_in: data.len() as u32,
+        data_in: data.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix; the input buffer outlives the call; no
+    // output buffer is given (data_out 0).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut BpfAttrTestRun,
+            size_of::<BpfAttrTestRun>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((attr.retval, attr.duration))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Packets
 
@@ -443,6 +471,16 @@ impl Fixture {
         };
         svcs.insert(Lb4Key::new(be32(addr), be16(port), proto, 0), master, 0)
             .unwrap();
+    }
+
+    /// Forgets every flow the programs tracked (CT4), as a node that never saw them.
+    pub fn ct_clear(&mut self) {
+        let mut m: HashMap<&mut MapData, Ct4Key, Ct4Entry> =
+            HashMap::try_from(self.map(maps::CT4)).unwrap();
+        let keys: Vec<Ct4Key> = m.keys().map(|k| k.unwrap()).collect();
+        for k in keys {
+            let _ = m.remove(&k);
+        }
     }
 
     pub fn remove_backend(&mut self, id: u32) {

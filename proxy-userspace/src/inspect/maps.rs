@@ -168,6 +168,9 @@ fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
         names::NAT4_REV => count_keys::<Ct4Key, Nat4RevEntry>(map),
         names::SOCK4_REV => count_keys::<Sock4RevKey, Sock4RevValue>(map),
         names::SVC_STATS => count_percpu_keys::<u16, SvcStats>(map),
+        names::MAGLEV => {
+            count_keys::<proxy_common::maglev::MaglevKey, proxy_common::maglev::MaglevRow>(map)
+        }
         // An array always holds max_entries elements.
         _ => Ok(u64::from(info.max_entries())),
     }

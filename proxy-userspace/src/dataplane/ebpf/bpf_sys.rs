@@ -75,3 +75,38 @@ pub fn link_detach(link: &OwnedFd) -> io::Result<()> {
     let mut attr = [link.as_raw_fd() as u64, 0];
     bpf(BPF_LINK_DETACH, &mut attr, 16).map(|_| ())
 }
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `count` entries in one BPF_MAP_UPDATE_BATCH (kernel 5.6+, hash and array maps):
+/// `keys` and `values` point to `count` contiguous keys and values of the map's sizes.
+/// Returns how many entries the kernel processed, also on error (the batch stops at the first
+/// failing entry; the entries before it are written).
+///
+/// # Safety
+/// `keys` and `values` must be valid for reads of `count` keys/values of the map's sizes.
+pub unsafe fn map_update_batch(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: *const u8,
+    values: *const u8,
+    count: u32,
+) -> (u32, io::Result<()>) {
+    // struct { in_batch, out_batch, keys, values (u64 each); count, map_fd (u32);
+    // elem_flags, flags (u64) } of union bpf_attr.
+    let mut attr = [
+        0,
+        0,
+        keys as u64,
+        values as u64,
+        u64::from(count) | ((map.as_raw_fd() as u64) << 32),
+        0,
+        0,
+        0,
+    ];
+    let rc = bpf(BPF_MAP_UPDATE_BATCH, &mut attr, 56);
+    let processed = (attr[4] & 0xffff_ffff) as u32;
+    match rc {
+        Ok(_) => (processed, Ok(())),
+        Err(e) => (processed, Err(e)),
+    }
+}

@@ -1,16 +1,21 @@
 //! Access to the load-balancing maps: the pinned kernel maps, and an in-memory twin for
 //! tests of the writer's order and idempotency.
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, OwnedFd},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuHashMap},
+    Ebpf, Pod,
+    maps::{Array, HashMap, Map, MapData, PerCpuHashMap},
 };
 use proxy_common::{
     config::Lb4Config,
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
+    maglev::{MaglevConfig, MaglevKey, MaglevRow},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
     stats::SvcStats,
@@ -31,6 +36,33 @@ pub trait LbMaps {
     fn del_rev_nat(&mut self, index: u16) -> anyhow::Result<()>;
     fn put_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()>;
     fn del_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()>;
+
+    fn maglev_rows(&self) -> anyhow::Result<Vec<(MaglevKey, MaglevRow)>>;
+    fn put_maglev_row(&mut self, key: MaglevKey, row: &MaglevRow) -> anyhow::Result<()>;
+    fn del_maglev_row(&mut self, key: MaglevKey) -> anyhow::Result<()>;
+
+    // Many entries of one map at once; the order within one call does not matter (the
+    // writer orders the calls). The kernel maps write them in batches.
+    fn put_services(&mut self, entries: &[(Lb4Key, Lb4Service)]) -> anyhow::Result<()> {
+        entries
+            .iter()
+            .try_for_each(|(k, v)| self.put_service(*k, *v))
+    }
+    fn put_backends(&mut self, entries: &[(u32, Lb4Backend)]) -> anyhow::Result<()> {
+        entries
+            .iter()
+            .try_for_each(|(k, v)| self.put_backend(*k, *v))
+    }
+    fn put_rev_nats(&mut self, entries: &[(u16, Lb4RevNat)]) -> anyhow::Result<()> {
+        entries
+            .iter()
+            .try_for_each(|(k, v)| self.put_rev_nat(*k, *v))
+    }
+    fn put_maglev_rows(&mut self, entries: &[(MaglevKey, Arc<MaglevRow>)]) -> anyhow::Result<()> {
+        entries
+            .iter()
+            .try_for_each(|(k, v)| self.put_maglev_row(*k, v))
+    }
 }
 
 /// The pinned kernel maps.
@@ -44,6 +76,70 @@ pub struct PinnedMaps {
     /// The per-frontend counters: a frontend's entry goes with its reverse-NAT index, so a
     /// later frontend given the same index starts from zero.
     svc_stats: PerCpuHashMap<MapData, u16, SvcStats>,
+    maglev: HashMap<MapData, MaglevKey, MaglevRow>,
+    maglev_config: Array<MapData, MaglevConfig>,
+    /// Descriptors for batched updates (aya 0.14 has no batch API).
+    batch_fds: BatchFds,
+    /// False once the kernel refused a batch (before 5.6): single updates from then on.
+    batch_supported: bool,
+}
+
+struct BatchFds {
+    services: OwnedFd,
+    backends: OwnedFd,
+    rev_nat: OwnedFd,
+    maglev: OwnedFd,
+}
+
+/// A second descriptor of the map `name` (for raw batch calls), taken before aya wraps it.
+fn dup_fd(ebpf: &Ebpf, name: &str) -> anyhow::Result<OwnedFd> {
+    let map = ebpf
+        .map(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
+    let Map::HashMap(data) = map else {
+        anyhow::bail!("map {name} is not a hash map");
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("duplicating the descriptor of {name}"))
+}
+
+/// Entries per BPF_MAP_UPDATE_BATCH call: bounds the staging buffers (rows are 4 KB).
+const BATCH_MAX: usize = 1024;
+
+/// Writes `entries` with BPF_MAP_UPDATE_BATCH. `Ok(false)` when the kernel does not support
+/// batches for this map (nothing written: the caller writes one by one).
+fn update_batch<K: Pod, V: Pod>(
+    fd: &OwnedFd,
+    entries: &[(K, V)],
+    name: &str,
+) -> anyhow::Result<bool> {
+    for chunk in entries.chunks(BATCH_MAX) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        // SAFETY: `keys` and `values` hold `chunk.len()` contiguous keys and values of the
+        // map's key and value types (the same Pod types the kernel map was created with).
+        let (done, result) = unsafe {
+            super::bpf_sys::map_update_batch(
+                fd.as_fd(),
+                keys.as_ptr().cast(),
+                values.as_ptr().cast(),
+                chunk.len() as u32,
+            )
+        };
+        if let Err(e) = result {
+            let unsupported = matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
+                || e.raw_os_error() == Some(524); // ENOTSUPP
+            if unsupported && done == 0 && std::ptr::eq(chunk.as_ptr(), entries.as_ptr()) {
+                return Ok(false);
+            }
+            return Err(anyhow::Error::new(e)).with_context(|| {
+                format!("writing {name} (batch of {}, {done} written)", chunk.len())
+            });
+        }
+    }
+    Ok(true)
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -58,7 +154,17 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 
 impl PinnedMaps {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let batch_fds = BatchFds {
+            services: dup_fd(ebpf, names::LB4_SERVICES)?,
+            backends: dup_fd(ebpf, names::LB4_BACKENDS)?,
+            rev_nat: dup_fd(ebpf, names::LB4_REVERSE_NAT)?,
+            maglev: dup_fd(ebpf, names::MAGLEV)?,
+        };
         Ok(Self {
+            maglev: take(ebpf, names::MAGLEV)?,
+            maglev_config: take(ebpf, names::MAGLEV_CONFIG)?,
+            batch_fds,
+            batch_supported: true,
             services: take(ebpf, names::LB4_SERVICES)?,
             backends: take(ebpf, names::LB4_BACKENDS)?,
             rev_nat: take(ebpf, names::LB4_REVERSE_NAT)?,
@@ -73,6 +179,31 @@ impl PinnedMaps {
         self.config
             .set(0, config, 0)
             .with_context(|| format!("writing {}", names::LB4_CONFIG))
+    }
+
+    /// The Maglev table size the datapath uses (0 = random selection).
+    pub fn set_maglev_config(&mut self, table_size: u32) -> anyhow::Result<()> {
+        self.maglev_config
+            .set(0, MaglevConfig { table_size }, 0)
+            .with_context(|| format!("writing {}", names::MAGLEV_CONFIG))
+    }
+
+    /// `entries` in batches when the kernel supports it; `Ok(false)` if it does not.
+    fn try_batch<K: Pod, V: Pod>(
+        &mut self,
+        fd: fn(&BatchFds) -> &OwnedFd,
+        entries: &[(K, V)],
+        name: &str,
+    ) -> anyhow::Result<bool> {
+        if !self.batch_supported || entries.len() < 2 {
+            return Ok(false);
+        }
+        let done = update_batch(fd(&self.batch_fds), entries, name)?;
+        if !done {
+            tracing::info!("the kernel has no batched map updates: writing entries one by one");
+            self.batch_supported = false;
+        }
+        Ok(done)
     }
 
     /// Whether the socket with this cookie was sent to `address:port` by the socket hooks.
@@ -149,6 +280,50 @@ impl LbMaps for PinnedMaps {
             names::LB4_NODEPORT_ADDRS,
         )
     }
+    fn maglev_rows(&self) -> anyhow::Result<Vec<(MaglevKey, MaglevRow)>> {
+        collect(self.maglev.iter(), names::MAGLEV)
+    }
+    fn put_maglev_row(&mut self, key: MaglevKey, row: &MaglevRow) -> anyhow::Result<()> {
+        self.maglev
+            .insert(key, row, 0)
+            .with_context(|| format!("writing {}", names::MAGLEV))
+    }
+    fn del_maglev_row(&mut self, key: MaglevKey) -> anyhow::Result<()> {
+        ignore_missing(self.maglev.remove(&key), names::MAGLEV)
+    }
+    fn put_services(&mut self, entries: &[(Lb4Key, Lb4Service)]) -> anyhow::Result<()> {
+        if !self.try_batch(|f| &f.services, entries, names::LB4_SERVICES)? {
+            entries
+                .iter()
+                .try_for_each(|(k, v)| self.put_service(*k, *v))?;
+        }
+        Ok(())
+    }
+    fn put_backends(&mut self, entries: &[(u32, Lb4Backend)]) -> anyhow::Result<()> {
+        if !self.try_batch(|f| &f.backends, entries, names::LB4_BACKENDS)? {
+            entries
+                .iter()
+                .try_for_each(|(k, v)| self.put_backend(*k, *v))?;
+        }
+        Ok(())
+    }
+    fn put_rev_nats(&mut self, entries: &[(u16, Lb4RevNat)]) -> anyhow::Result<()> {
+        if !self.try_batch(|f| &f.rev_nat, entries, names::LB4_REVERSE_NAT)? {
+            entries
+                .iter()
+                .try_for_each(|(k, v)| self.put_rev_nat(*k, *v))?;
+        }
+        Ok(())
+    }
+    fn put_maglev_rows(&mut self, entries: &[(MaglevKey, Arc<MaglevRow>)]) -> anyhow::Result<()> {
+        let plain: Vec<(MaglevKey, MaglevRow)> = entries.iter().map(|(k, v)| (*k, **v)).collect();
+        if !self.try_batch(|f| &f.maglev, &plain, names::MAGLEV)? {
+            plain
+                .iter()
+                .try_for_each(|(k, v)| self.put_maglev_row(*k, v))?;
+        }
+        Ok(())
+    }
 }
 
 /// Deleting what is already gone is success: the writer is idempotent.
@@ -177,6 +352,8 @@ pub enum Op {
     DelRevNat(u16),
     PutNodeportAddress(u32),
     DelNodeportAddress(u32),
+    PutMaglevRow(MaglevKey),
+    DelMaglevRow(MaglevKey),
 }
 
 /// In-memory maps that record every operation, with an optional capacity for the services map.
@@ -187,6 +364,7 @@ pub struct MemoryMaps {
     pub backends: std::collections::BTreeMap<u32, Lb4Backend>,
     pub rev_nat: std::collections::BTreeMap<u16, Lb4RevNat>,
     pub nodeport: std::collections::BTreeSet<u32>,
+    pub maglev: std::collections::BTreeMap<MaglevKey, MaglevRow>,
     pub ops: Vec<Op>,
     /// Fail the n-th write from now (for error-recovery tests).
     pub fail_at: Option<usize>,
@@ -259,6 +437,19 @@ impl LbMaps for MemoryMaps {
     fn del_nodeport_address(&mut self, address_be: u32) -> anyhow::Result<()> {
         self.step(Op::DelNodeportAddress(address_be))?;
         self.nodeport.remove(&address_be);
+        Ok(())
+    }
+    fn maglev_rows(&self) -> anyhow::Result<Vec<(MaglevKey, MaglevRow)>> {
+        Ok(self.maglev.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_maglev_row(&mut self, key: MaglevKey, row: &MaglevRow) -> anyhow::Result<()> {
+        self.step(Op::PutMaglevRow(key))?;
+        self.maglev.insert(key, *row);
+        Ok(())
+    }
+    fn del_maglev_row(&mut self, key: MaglevKey) -> anyhow::Result<()> {
+        self.step(Op::DelMaglevRow(key))?;
+        self.maglev.remove(&key);
         Ok(())
     }
 }

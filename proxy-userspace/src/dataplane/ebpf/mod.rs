@@ -5,6 +5,7 @@ pub mod attach;
 pub mod bpf_sys;
 pub mod cleanup;
 pub mod ct_gc;
+pub mod maglev;
 pub mod maps;
 pub mod sock_destroy;
 pub mod writer;
@@ -32,6 +33,8 @@ pub struct EbpfSettings {
     pub cgroup_root: PathBuf,
     pub devices: Vec<String>,
     pub xdp_fib_forward: bool,
+    /// Maglev table size for traffic entering the node; None = random selection.
+    pub maglev_table_size: Option<u32>,
 }
 
 pub struct EbpfDataplane {
@@ -57,8 +60,10 @@ impl EbpfDataplane {
             tracing::debug!("kernel-side logging not enabled: {e}");
         }
         let attachments = attach::attach_all(&mut ebpf, &settings)?;
-        let maps = PinnedMaps::take(&mut ebpf)?;
-        let writer = MapWriter::new(maps);
+        let mut maps = PinnedMaps::take(&mut ebpf)?;
+        maps.set_maglev_config(settings.maglev_table_size.unwrap_or(0))?;
+        let mut writer = MapWriter::new(maps);
+        writer.set_maglev(settings.maglev_table_size);
         for dev in &settings.devices {
             set_accept_local(dev);
         }

@@ -1,8 +1,9 @@
 //! Writes a [`DesiredState`] into the load-balancing maps, changing only what differs.
 //!
-//! Order (Cilium's): backends -> backend slots -> reverse NAT -> frontend master entries
-//! (with `count`) -> removed masters -> removed slots -> removed reverse NAT -> removed
-//! backends. A frontend that shrinks gets its lower `count` before its surplus slots go, and
+//! Order (Cilium's): backends -> backend slots -> reverse NAT -> Maglev table rows ->
+//! frontend master entries (with `count`) -> removed masters -> removed slots -> removed
+//! reverse NAT -> removed Maglev rows -> removed backends. Each step is one batched map
+//! update where the kernel allows it (`LbMaps::put_*_batch`). A frontend that shrinks gets its lower `count` before its surplus slots go, and
 //! a backend is deleted only after no slot names it, so a reader never follows a slot to
 //! nothing. The writer is idempotent; after an error it re-reads the maps (a full sync)
 //! instead of trusting its record.
@@ -10,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use proxy_common::{
@@ -17,10 +19,11 @@ use proxy_common::{
         BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP,
         SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT,
     },
+    maglev::{MAGLEV_ROW_LEN, MaglevKey, MaglevRow},
     maps as names,
 };
 
-use super::maps::LbMaps;
+use super::{maglev, maps::LbMaps};
 use crate::{
     dataplane::ApplyStats,
     desired::{DesiredState, Frontend, FrontendKind, Protocol},
@@ -46,6 +49,7 @@ pub struct ApplyOutcome {
 pub struct Capacity {
     pub services: usize,
     pub backends: usize,
+    pub maglev_rows: usize,
 }
 
 impl Default for Capacity {
@@ -53,8 +57,18 @@ impl Default for Capacity {
         Self {
             services: names::LB4_SERVICES_MAX as usize,
             backends: names::LB4_BACKENDS_MAX as usize,
+            maglev_rows: names::MAGLEV_MAX as usize,
         }
     }
+}
+
+/// A frontend's last computed Maglev table: recomputed only when its size or its backends
+/// (ids and identities) change. Rows are shared with the writer's record, so comparing an
+/// unchanged row is a pointer comparison.
+struct MaglevCached {
+    table_size: u32,
+    members: Vec<(u32, [u8; 6])>,
+    rows: Vec<Arc<MaglevRow>>,
 }
 
 /// What the maps hold, as far as the writer knows.
@@ -63,6 +77,7 @@ struct Contents {
     services: BTreeMap<Lb4Key, Lb4Service>,
     backends: BTreeMap<u32, Lb4Backend>,
     rev_nat: BTreeMap<u16, Lb4RevNat>,
+    maglev: BTreeMap<MaglevKey, Arc<MaglevRow>>,
     nodeport: BTreeSet<u32>,
 }
 
@@ -72,6 +87,11 @@ impl Contents {
             services: maps.services()?.into_iter().collect(),
             backends: maps.backends()?.into_iter().collect(),
             rev_nat: maps.rev_nats()?.into_iter().collect(),
+            maglev: maps
+                .maglev_rows()?
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
             nodeport: maps.nodeport_addresses()?.into_iter().collect(),
         })
     }
@@ -82,6 +102,9 @@ pub struct MapWriter<M> {
     /// None after an error or before the first apply: re-read the maps.
     known: Option<Contents>,
     capacity: Capacity,
+    /// Maglev table size for external frontends; None = random selection only.
+    maglev_table_size: Option<u32>,
+    maglev_cache: HashMap<u16, MaglevCached>,
 }
 
 fn be_addr(ip: Ipv4Addr) -> u32 {
@@ -145,7 +168,16 @@ impl<M: LbMaps> MapWriter<M> {
             maps,
             known: None,
             capacity,
+            maglev_table_size: None,
+            maglev_cache: HashMap::new(),
         }
+    }
+
+    /// Builds Maglev tables of `table_size` (a validated prime) for external frontends, or
+    /// none (`None`: the datapath selects at random).
+    pub fn set_maglev(&mut self, table_size: Option<u32>) {
+        self.maglev_table_size = table_size;
+        self.maglev_cache.clear();
     }
 
     pub fn maps(&self) -> &M {
@@ -177,7 +209,7 @@ impl<M: LbMaps> MapWriter<M> {
     /// Computes the map contents for `desired`, keeping the reverse-NAT indexes and backend
     /// ids that the maps already use for the same frontends and backends.
     fn target(
-        &self,
+        &mut self,
         desired: &DesiredState,
         known: &Contents,
         rejected: &mut Vec<String>,
@@ -202,6 +234,7 @@ impl<M: LbMaps> MapWriter<M> {
         let mut ids = Allocator::new(used_ids, u32::MAX);
 
         let mut target = Contents::default();
+        let mut members = Vec::new();
         for f in &desired.frontends {
             let full = if target.services.len() + 1 + f.backends.len() > self.capacity.services {
                 Some((names::LB4_SERVICES, self.capacity.services))
@@ -233,8 +266,20 @@ impl<M: LbMaps> MapWriter<M> {
                 ));
                 continue;
             };
-            self.target_frontend(f, master_key, index, &id_of, &mut ids, &mut target);
+            members.clear();
+            self.target_frontend(
+                f,
+                master_key,
+                index,
+                &id_of,
+                &mut ids,
+                &mut target,
+                &mut members,
+            );
+            self.target_maglev(f, index, &mut members, &mut target);
         }
+        let live: BTreeSet<u16> = target.rev_nat.keys().copied().collect();
+        self.maglev_cache.retain(|index, _| live.contains(index));
         target.nodeport = desired
             .nodeport_addresses
             .iter()
@@ -243,6 +288,9 @@ impl<M: LbMaps> MapWriter<M> {
         target
     }
 
+    /// Adds the frontend's backends, slots, reverse NAT and master entry to `target`, and its
+    /// backends' (id, Maglev identity) to `members`.
+    #[allow(clippy::too_many_arguments)]
     fn target_frontend(
         &self,
         f: &Frontend,
@@ -251,6 +299,7 @@ impl<M: LbMaps> MapWriter<M> {
         id_of: &HashMap<(u16, u32, u16, u8), u32>,
         ids: &mut Allocator<u32>,
         target: &mut Contents,
+        members: &mut Vec<(u32, [u8; 6])>,
     ) {
         let flags = frontend_flags(f.kind);
         let proto = f.protocol.number();
@@ -271,6 +320,7 @@ impl<M: LbMaps> MapWriter<M> {
                     _pad: 0,
                 },
             );
+            members.push((id, maglev::backend_identity(b.address, b.port)));
             slots += 1;
             target.services.insert(
                 Lb4Key {
@@ -306,6 +356,72 @@ impl<M: LbMaps> MapWriter<M> {
         );
     }
 
+    /// The Maglev table rows of an external frontend (from the cache when its backends did not
+    /// change). Frontends whose rows do not fit are served by random selection.
+    fn target_maglev(
+        &mut self,
+        f: &Frontend,
+        index: u16,
+        members: &mut Vec<(u32, [u8; 6])>,
+        target: &mut Contents,
+    ) {
+        let Some(m) = self.maglev_table_size else {
+            return;
+        };
+        if f.kind == FrontendKind::ClusterIp || members.is_empty() {
+            return;
+        }
+        members.sort_unstable();
+        let rows = proxy_common::maglev::maglev_rows(m) as usize;
+        if target.maglev.len() + rows > self.capacity.maglev_rows {
+            tracing::warn!(
+                service = %f.service,
+                "map {} is full: frontend {}:{} balances at random",
+                names::MAGLEV,
+                f.address,
+                f.port
+            );
+            return;
+        }
+        let fresh = match self.maglev_cache.get(&index) {
+            Some(c) => c.table_size != m || c.members != *members,
+            None => true,
+        };
+        if fresh {
+            let identities: Vec<[u8; 6]> = members.iter().map(|(_, i)| *i).collect();
+            let table = maglev::table(&identities, m);
+            let rows = table
+                .chunks(MAGLEV_ROW_LEN)
+                .map(|chunk| {
+                    let mut row = MaglevRow {
+                        backend_ids: [0; MAGLEV_ROW_LEN],
+                    };
+                    for (slot, &member) in row.backend_ids.iter_mut().zip(chunk) {
+                        *slot = members[member as usize].0;
+                    }
+                    Arc::new(row)
+                })
+                .collect();
+            self.maglev_cache.insert(
+                index,
+                MaglevCached {
+                    table_size: m,
+                    members: std::mem::take(members),
+                    rows,
+                },
+            );
+        }
+        if let Some(cached) = self.maglev_cache.get(&index) {
+            for (row, value) in cached.rows.iter().enumerate() {
+                let key = MaglevKey {
+                    rev_nat_index: index,
+                    row: row as u16,
+                };
+                target.maglev.insert(key, value.clone());
+            }
+        }
+    }
+
     fn write(
         &mut self,
         target: &Contents,
@@ -314,31 +430,29 @@ impl<M: LbMaps> MapWriter<M> {
     ) -> anyhow::Result<()> {
         let maps = &mut self.maps;
         let stats = &mut outcome.stats;
-        for (id, b) in &target.backends {
-            if known.backends.get(id) != Some(b) {
-                maps.put_backend(*id, *b)?;
-                known.backends.insert(*id, *b);
-                stats.writes += 1;
-            }
-        }
-        for slots_first in [true, false] {
-            for (k, v) in &target.services {
-                if (k.backend_slot != 0) == slots_first && known.services.get(k) != Some(v) {
-                    maps.put_service(*k, *v)?;
-                    known.services.insert(*k, *v);
-                    stats.writes += 1;
-                }
-            }
-            if slots_first {
-                for (i, r) in &target.rev_nat {
-                    if known.rev_nat.get(i) != Some(r) {
-                        maps.put_rev_nat(*i, *r)?;
-                        known.rev_nat.insert(*i, *r);
-                        stats.writes += 1;
-                    }
-                }
-            }
-        }
+        let backends: Vec<(u32, Lb4Backend)> = changed(&target.backends, &known.backends);
+        maps.put_backends(&backends)?;
+        stats.writes += record(&mut known.backends, backends);
+        let slots: Vec<(Lb4Key, Lb4Service)> = changed(&target.services, &known.services)
+            .into_iter()
+            .filter(|(k, _)| k.backend_slot != 0)
+            .collect();
+        maps.put_services(&slots)?;
+        stats.writes += record(&mut known.services, slots);
+        let rev_nats = changed(&target.rev_nat, &known.rev_nat);
+        maps.put_rev_nats(&rev_nats)?;
+        stats.writes += record(&mut known.rev_nat, rev_nats);
+        let rows = changed(&target.maglev, &known.maglev);
+        maps.put_maglev_rows(&rows)?;
+        stats.writes += record(&mut known.maglev, rows);
+        // The master entries (with `count`) last: a frontend becomes visible, or grows, only
+        // once everything it points to is in place.
+        let masters: Vec<(Lb4Key, Lb4Service)> = changed(&target.services, &known.services)
+            .into_iter()
+            .filter(|(k, _)| k.backend_slot == 0)
+            .collect();
+        maps.put_services(&masters)?;
+        stats.writes += record(&mut known.services, masters);
         for masters_first in [true, false] {
             let stale: Vec<Lb4Key> = known
                 .services
@@ -363,6 +477,17 @@ impl<M: LbMaps> MapWriter<M> {
         for i in stale {
             maps.del_rev_nat(i)?;
             known.rev_nat.remove(&i);
+            stats.deletes += 1;
+        }
+        let stale: Vec<MaglevKey> = known
+            .maglev
+            .keys()
+            .filter(|k| !target.maglev.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            maps.del_maglev_row(k)?;
+            known.maglev.remove(&k);
             stats.deletes += 1;
         }
         let still_used: BTreeSet<(u32, u16, u8)> = target
@@ -411,6 +536,25 @@ impl<M: LbMaps> MapWriter<M> {
         }
         Ok(())
     }
+}
+
+/// The entries of `target` that `known` lacks or holds with another value.
+fn changed<K: Ord + Copy, V: PartialEq + Clone>(
+    target: &BTreeMap<K, V>,
+    known: &BTreeMap<K, V>,
+) -> Vec<(K, V)> {
+    target
+        .iter()
+        .filter(|(k, v)| known.get(k) != Some(v))
+        .map(|(k, v)| (*k, v.clone()))
+        .collect()
+}
+
+/// Records written entries in the writer's view of the maps; returns how many.
+fn record<K: Ord, V>(known: &mut BTreeMap<K, V>, written: Vec<(K, V)>) -> usize {
+    let n = written.len();
+    known.extend(written);
+    n
 }
 
 #[cfg(test)]
@@ -637,6 +781,7 @@ mod tests {
         let capacity = Capacity {
             services: 4,
             backends: 100,
+            ..Capacity::default()
         };
         let mut w = MapWriter::with_capacity(MemoryMaps::default(), capacity);
         let out = w.apply(&seed(), false).unwrap();
@@ -655,6 +800,7 @@ mod tests {
         let capacity = Capacity {
             services: 100,
             backends: 3,
+            ..Capacity::default()
         };
         let mut w = MapWriter::with_capacity(MemoryMaps::default(), capacity);
         let out = w.apply(&seed(), false).unwrap();
@@ -687,5 +833,96 @@ mod tests {
         )]);
         let out = w.apply(&udp_only, false).unwrap();
         assert_eq!(out.removed_backends[0].protocol, Protocol::Tcp);
+    }
+
+    fn maglev_rows_of(maps: &MemoryMaps, index: u16) -> Vec<u32> {
+        maps.maglev
+            .iter()
+            .filter(|(k, _)| k.rev_nat_index == index)
+            .flat_map(|(_, r)| r.backend_ids)
+            .collect()
+    }
+
+    #[test]
+    fn maglev_tables_only_for_external_frontends_written_before_masters() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        w.set_maglev(Some(251));
+        w.apply(&seed(), false).unwrap();
+        let np = master_of(w.maps(), "0.0.0.0", 30001);
+        let cip = master_of(w.maps(), "10.96.100.208", 8080);
+        let table = maglev_rows_of(w.maps(), np.rev_nat_index);
+        assert_eq!(table.len(), 1000, "one row of 1000 for M = 251");
+        let used: BTreeSet<u32> = table[..251].iter().copied().collect();
+        let ids: BTreeSet<u32> = w
+            .maps()
+            .backends
+            .iter()
+            .filter(|(_, b)| b.rev_nat_index == np.rev_nat_index)
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(
+            used, ids,
+            "every table entry names one of the frontend's backends"
+        );
+        assert!(table[251..].iter().all(|&id| id == 0));
+        assert!(maglev_rows_of(w.maps(), cip.rev_nat_index).is_empty());
+        let ops = &w.maps().ops;
+        let row = position(ops, |o| matches!(o, Op::PutMaglevRow(_)));
+        let master = position(
+            ops,
+            |o| matches!(o, Op::PutService(k, _) if k.backend_slot == 0),
+        );
+        assert!(row < master, "{ops:?}");
+        // Unchanged backends: nothing rewritten.
+        let n = w.maps().ops.len();
+        w.apply(&seed(), false).unwrap();
+        assert_eq!(w.maps().ops.len(), n);
+        // Frontend gone: its rows go too.
+        w.apply(&state(vec![]), false).unwrap();
+        assert!(w.maps().maglev.is_empty());
+    }
+
+    #[test]
+    fn two_writers_with_the_same_backends_pick_the_same_backend_addresses() {
+        let backends = [
+            ("10.244.1.10", 80),
+            ("10.244.1.11", 80),
+            ("10.244.2.12", 80),
+        ];
+        let mut a = MapWriter::new(MemoryMaps::default());
+        a.set_maglev(Some(251));
+        a.apply(
+            &state(vec![frontend("0.0.0.0", 30001, Protocol::Tcp, &backends)]),
+            false,
+        )
+        .unwrap();
+        // The second "node" knows other frontends first, so its ids and indexes differ.
+        let mut b = MapWriter::new(MemoryMaps::default());
+        b.set_maglev(Some(251));
+        let mut reversed = backends;
+        reversed.reverse();
+        b.apply(
+            &state(vec![
+                frontend("10.96.0.1", 443, Protocol::Tcp, &[("10.244.9.9", 6443)]),
+                frontend("0.0.0.0", 30001, Protocol::Tcp, &reversed),
+            ]),
+            false,
+        )
+        .unwrap();
+        let addr_table = |w: &MapWriter<MemoryMaps>| -> Vec<(u32, u16)> {
+            let idx = master_of(w.maps(), "0.0.0.0", 30001).rev_nat_index;
+            maglev_rows_of(w.maps(), idx)[..251]
+                .iter()
+                .map(|id| {
+                    let be = w.maps().backends[id];
+                    (be.address, be.port)
+                })
+                .collect()
+        };
+        assert_ne!(
+            master_of(a.maps(), "0.0.0.0", 30001).rev_nat_index,
+            master_of(b.maps(), "0.0.0.0", 30001).rev_nat_index
+        );
+        assert_eq!(addr_table(&a), addr_table(&b));
     }
 }
