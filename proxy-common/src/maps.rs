@@ -29,8 +29,10 @@ pub const MAGLEV: &str = "KP_MAGLEV_V1";
 /// The Maglev table size, one entry: [`crate::maglev::MaglevConfig`].
 pub const MAGLEV_CONFIG: &str = "KP_MAGLEV_CFG_V1";
 
-pub const LB4_SERVICES_MAX: u32 = 65_536;
-pub const LB4_BACKENDS_MAX: u32 = 65_536;
+/// 10,000 Services x 10 endpoints need 110,000 entries (a master and a slot per backend).
+pub const LB4_SERVICES_MAX: u32 = 131_072;
+/// 10,000 Services x 10 endpoints need 100,000 backends.
+pub const LB4_BACKENDS_MAX: u32 = 131_072;
 pub const LB4_REVERSE_NAT_MAX: u32 = 65_536;
 pub const LB4_NODEPORT_ADDRS_MAX: u32 = 256;
 pub const CT4_MAX: u32 = 262_144;

@@ -41,6 +41,16 @@ enum Task {
     /// Build a small cluster of network namespaces with nginx pods, serve the example
     /// Service through kproxy, show balancing and churn, clean up.
     Demo,
+    /// Benchmark every proxy mode side by side (needs root; not part of `test`): prints a
+    /// table and writes results.json, BENCHMARKS-data.md and SVG plots to --out.
+    Bench {
+        /// The short flavour (about 2-3 minutes): fewer Services, shorter runs.
+        #[arg(long)]
+        quick: bool,
+        /// Where the results go.
+        #[arg(long, value_name = "DIR", default_value = "bench-results")]
+        out: PathBuf,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -135,6 +145,17 @@ fn main() -> anyhow::Result<()> {
                 "-D",
                 "warnings",
             ]))
+        }
+        Task::Bench { quick, out } => {
+            require_root("the benchmark")?;
+            setup::setup()?;
+            build_release()?;
+            let mut cmd = Command::new(workspace_root().join("target/release/kproxy-bench"));
+            cmd.arg("--out").arg(workspace_root().join(out));
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
         }
         Task::Demo => {
             require_root("the demo")?;

@@ -105,6 +105,21 @@ fn dup_fd(ebpf: &Ebpf, name: &str) -> anyhow::Result<OwnedFd> {
         .with_context(|| format!("duplicating the descriptor of {name}"))
 }
 
+/// The `max_entries` the kernel map `name` was created with (an adopted pin keeps the size
+/// of the agent that created it).
+fn max_entries(ebpf: &Ebpf, name: &str) -> anyhow::Result<usize> {
+    let map = ebpf
+        .map(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
+    let Map::HashMap(data) = map else {
+        anyhow::bail!("map {name} is not a hash map");
+    };
+    Ok(data
+        .info()
+        .with_context(|| format!("reading the info of {name}"))?
+        .max_entries() as usize)
+}
+
 /// Entries per BPF_MAP_UPDATE_BATCH call: bounds the staging buffers (rows are 4 KB).
 const BATCH_MAX: usize = 1024;
 
@@ -153,6 +168,15 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 impl PinnedMaps {
+    /// The capacities of the kernel maps as created (see [`max_entries`]).
+    pub fn capacity(ebpf: &Ebpf) -> anyhow::Result<super::writer::Capacity> {
+        Ok(super::writer::Capacity {
+            services: max_entries(ebpf, names::LB4_SERVICES)?,
+            backends: max_entries(ebpf, names::LB4_BACKENDS)?,
+            maglev_rows: max_entries(ebpf, names::MAGLEV)?,
+        })
+    }
+
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let batch_fds = BatchFds {
             services: dup_fd(ebpf, names::LB4_SERVICES)?,

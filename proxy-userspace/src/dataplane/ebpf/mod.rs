@@ -60,9 +60,10 @@ impl EbpfDataplane {
             tracing::debug!("kernel-side logging not enabled: {e}");
         }
         let attachments = attach::attach_all(&mut ebpf, &settings)?;
+        let capacity = PinnedMaps::capacity(&ebpf)?;
         let mut maps = PinnedMaps::take(&mut ebpf)?;
         maps.set_maglev_config(settings.maglev_table_size.unwrap_or(0))?;
-        let mut writer = MapWriter::new(maps);
+        let mut writer = MapWriter::with_capacity(maps, capacity);
         writer.set_maglev(settings.maglev_table_size);
         for dev in &settings.devices {
             set_accept_local(dev);
