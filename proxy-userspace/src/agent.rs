@@ -127,6 +127,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             cgroup_root: cgroup_root.clone(),
             devices: devices.clone(),
             xdp_fib_forward: args.xdp_fib_forward,
+            device_ingress_xdp: args.device_ingress == crate::cli::DeviceIngress::Xdp,
             maglev_table_size: match args.lb_algorithm {
                 crate::cli::LbAlgorithm::Maglev => Some(args.maglev_table_size),
                 crate::cli::LbAlgorithm::Random => None,

@@ -197,6 +197,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub xdp_fib_forward: bool,
 
+    /// The eBPF mode's program on the devices' ingress: `xdp` (native XDP, tc where it cannot
+    /// attach) or `tc` (always tc; e.g. on veth devices, where native XDP costs a copy per
+    /// packet).
+    #[arg(long, value_enum, default_value_t = DeviceIngress::Xdp)]
+    pub device_ingress: DeviceIngress,
+
     /// How the eBPF mode picks a backend for traffic entering the node (nodePort, externalIP,
     /// LoadBalancer): `maglev` (consistent hashing: every node picks the same backend for a
     /// flow) or `random`. Socket-level load balancing is always random.
@@ -208,6 +214,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PRIME", default_value_t = proxy_common::maglev::MAGLEV_TABLE_SIZE_DEFAULT,
           value_parser = parse_maglev_table_size)]
     pub maglev_table_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceIngress {
+    Xdp,
+    Tc,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

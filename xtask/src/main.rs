@@ -42,7 +42,8 @@ enum Task {
     /// Service through kproxy, show balancing and churn, clean up.
     Demo,
     /// Benchmark every proxy mode side by side (needs root; not part of `test`): prints a
-    /// table and writes results.json, BENCHMARKS-data.md and SVG plots to --out.
+    /// table and writes results.json, BENCHMARKS-data.md and SVG plots to --out; a full run
+    /// (not --quick) into the default --out also rewrites BENCHMARKS.md's data section.
     Bench {
         /// The short flavour (about 2-3 minutes): fewer Services, shorter runs.
         #[arg(long)]
@@ -151,9 +152,13 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             build_release()?;
             let mut cmd = Command::new(workspace_root().join("target/release/kproxy-bench"));
+            let default_out = out == Path::new("bench-results");
             cmd.arg("--out").arg(workspace_root().join(out));
             if quick {
                 cmd.arg("--quick");
+            } else if default_out {
+                cmd.arg("--update-benchmarks")
+                    .arg(workspace_root().join("BENCHMARKS.md"));
             }
             run(&mut cmd)
         }

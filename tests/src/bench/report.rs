@@ -310,6 +310,24 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
+const DATA_START: &str = "<!-- bench-data:start -->";
+const DATA_END: &str = "<!-- bench-data:end -->";
+
+/// Replaces the generated part of BENCHMARKS.md (between the bench-data markers) with this
+/// run's markdown; the hand-written text around it stays.
+pub fn update_benchmarks_md(r: &Report, path: &Path) -> Result<()> {
+    let text = fs::read_to_string(path)?;
+    let (Some(a), Some(b)) = (text.find(DATA_START), text.find(DATA_END)) else {
+        anyhow::bail!(
+            "{} has no {DATA_START} ... {DATA_END} section",
+            path.display()
+        );
+    };
+    let updated = format!("{}{DATA_START}\n{}{}", &text[..a], markdown(r), &text[b..]);
+    fs::write(path, updated)?;
+    Ok(())
+}
+
 /// Writes results.json, BENCHMARKS-data.md and the SVG plots into `dir`.
 pub fn write_all(r: &Report, dir: &Path) -> Result<()> {
     fs::write(dir.join("results.json"), serde_json::to_string_pretty(r)?)?;

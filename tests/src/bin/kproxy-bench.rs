@@ -30,6 +30,8 @@ const WEB_IP: &str = "10.96.50.1";
 struct Settings {
     quick: bool,
     out: PathBuf,
+    /// BENCHMARKS.md whose generated section this run replaces (`--update-benchmarks PATH`).
+    benchmarks_md: Option<PathBuf>,
     flood_secs: u64,
     iperf_secs: u64,
     connect_secs: u64,
@@ -39,6 +41,9 @@ struct Settings {
     /// Service counts for the programming-time runs.
     scales: Vec<usize>,
     prog_run_repeat: u32,
+    /// Each throughput measurement is repeated this often; the best round counts (other
+    /// load on the machine only ever lowers a round's result).
+    rounds: usize,
 }
 
 fn main() -> Result<()> {
@@ -64,29 +69,38 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("bench-results"));
+    let benchmarks_md = args
+        .iter()
+        .position(|a| a == "--update-benchmarks")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
     let settings = if quick {
         Settings {
             quick,
             out,
-            flood_secs: 3,
+            benchmarks_md,
+            flood_secs: 2,
             iperf_secs: 2,
             connect_secs: 2,
             latency_samples: 200,
             latency_scale: 1000,
             scales: vec![1000],
             prog_run_repeat: 200_000,
+            rounds: 2,
         }
     } else {
         Settings {
             quick,
             out,
-            flood_secs: 8,
-            iperf_secs: 5,
-            connect_secs: 5,
+            benchmarks_md,
+            flood_secs: 4,
+            iperf_secs: 3,
+            connect_secs: 3,
             latency_samples: 1000,
             latency_scale: 5000,
             scales: vec![1000, 10_000],
             prog_run_repeat: 2_000_000,
+            rounds: 3,
         }
     };
     fs::create_dir_all(&settings.out)?;
@@ -118,6 +132,10 @@ fn main() -> Result<()> {
     report.total_secs = started.elapsed().as_secs_f64();
     report.machine = sys_stats::machine_description();
     report::write_all(&report, &settings.out)?;
+    if let Some(md) = &settings.benchmarks_md {
+        report::update_benchmarks_md(&report, md)?;
+        eprintln!("bench: updated the data section of {}", md.display());
+    }
     print!("{}", report::table(&report));
     eprintln!(
         "bench: done in {:.0} s; results in {}",
@@ -127,13 +145,14 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// ebpf, nftables, iptables, and userspace when the built kproxy has it.
+/// ebpf (XDP), ebpf-tc (the same with `--device-ingress tc`), nftables, iptables, and
+/// userspace when the built kproxy has it.
 fn modes() -> Result<Vec<String>> {
     let help = std::process::Command::new(kproxy_bin()?)
         .args(["run", "--help"])
         .output()?;
     let help = String::from_utf8_lossy(&help.stdout);
-    let mut modes: Vec<String> = ["ebpf", "nftables", "iptables"]
+    let mut modes: Vec<String> = ["ebpf", "ebpf-tc", "nftables", "iptables"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -246,28 +265,41 @@ fn run_baseline(c: &mut Cluster, s: &Settings) -> Result<ModeResult> {
     start_servers(c)?;
     let pod = c.pod_ip("pod-a");
     let mut r = ModeResult::new("no proxy (pod IP)");
-    let (rate, cpu) = udp_rate(c, pod, UDP_PORT, s.flood_secs)?;
+    let (rate, cpu) = best_udp_rate(c, pod, UDP_PORT, s)?;
     r.udp_pps = Some(rate);
     r.cpu_ns_per_pkt = cpu;
-    r.tcp_gbps = iperf(c, pod, IPERF_PORT, s.iperf_secs).ok();
+    r.tcp_gbps = best(s.rounds, || iperf(c, pod, IPERF_PORT, s.iperf_secs)).ok();
     Ok(r)
+}
+
+/// The agent's `--proxy-mode` and extra flags for a benchmark mode name.
+fn agent_mode(mode: &str) -> (&str, &'static [&'static str]) {
+    match mode {
+        "ebpf-tc" => ("ebpf", &["--device-ingress", "tc"]),
+        other => (other, &[]),
+    }
+}
+
+fn start_mode_agent(c: &mut Cluster, mode: &str) -> Result<()> {
+    let (proxy_mode, extra) = agent_mode(mode);
+    c.set_proxy_mode(proxy_mode);
+    c.start_agent_with(1, extra)
 }
 
 fn run_mode(c: &mut Cluster, s: &Settings, mode: &str) -> Result<ModeResult> {
     let _ = c.remove_manifest("fill.yaml");
     write_base(c)?;
-    c.set_proxy_mode(mode);
-    c.start_agent(1)?;
+    start_mode_agent(c, mode)?;
     c.wait_healthy(1, Duration::from_secs(60))?;
     let node = c.node_ip(1);
     let mut r = ModeResult::new(mode);
-    let (rate, cpu) = udp_rate(c, node, UDP_NODEPORT, s.flood_secs)?;
+    let (rate, cpu) = best_udp_rate(c, node, UDP_NODEPORT, s)?;
     r.udp_pps = Some(rate);
     r.cpu_ns_per_pkt = cpu;
-    r.tcp_gbps = iperf(c, node, IPERF_NODEPORT, s.iperf_secs)
+    r.tcp_gbps = best(s.rounds, || iperf(c, node, IPERF_NODEPORT, s.iperf_secs))
         .map_err(|e| eprintln!("bench: iperf3 via {mode}: {e:#}"))
         .ok();
-    r.conn_per_sec = connect_rate(c, s.connect_secs)
+    r.conn_per_sec = best(s.rounds, || connect_rate(c, s.connect_secs))
         .map_err(|e| eprintln!("bench: connect rate via {mode}: {e:#}"))
         .ok();
     r.latency_small_us = connect_latency(c, s.latency_samples).ok();
@@ -280,7 +312,9 @@ fn run_mode(c: &mut Cluster, s: &Settings, mode: &str) -> Result<ModeResult> {
     r.latency_scale_us = connect_latency(c, s.latency_samples).ok();
     let _ = c.stop_agent(1);
     let _ = c.agent_cleanup(1);
-    for &n in &s.scales {
+    // The control plane of ebpf-tc is ebpf's: measured once.
+    let scales: &[usize] = if mode == "ebpf-tc" { &[] } else { &s.scales };
+    for &n in scales {
         match program_scale(c, mode, n) {
             Ok(sr) => r.scale.push(sr),
             Err(e) => eprintln!("bench: {mode} at {n} services: {e:#}"),
@@ -296,7 +330,7 @@ fn program_scale(c: &mut Cluster, mode: &str, n: usize) -> Result<ScaleResult> {
     c.write_manifest_text("fill.yaml", &filler_yaml(n, 10, false))?;
     let before = sync_lines(c);
     let t0 = Instant::now();
-    c.start_agent(1)?;
+    start_mode_agent(c, mode)?;
     c.wait_healthy(1, Duration::from_secs(600))?;
     let wall = t0.elapsed();
     let first = took_ms(&c.agent_log(1), before).context("no first sync in the agent log")?;
@@ -361,6 +395,36 @@ fn took_ms(log: &str, index: usize) -> Option<f64> {
 
 fn me() -> Result<String> {
     Ok(std::env::current_exe()?.display().to_string())
+}
+
+/// The highest of `rounds` results (an error only if every round failed).
+fn best(rounds: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut best: Option<f64> = None;
+    let mut last_err = None;
+    for _ in 0..rounds.max(1) {
+        match f() {
+            Ok(v) => best = Some(best.map_or(v, |b: f64| b.max(v))),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    best.ok_or_else(|| last_err.unwrap_or_else(|| anyhow::anyhow!("no round ran")))
+}
+
+/// The round with the highest delivered rate, with that round's CPU cost.
+fn best_udp_rate(
+    c: &mut Cluster,
+    dst: Ipv4Addr,
+    port: u16,
+    s: &Settings,
+) -> Result<(f64, Option<f64>)> {
+    let mut best: Option<(f64, Option<f64>)> = None;
+    for _ in 0..s.rounds.max(1) {
+        let round = udp_rate(c, dst, port, s.flood_secs)?;
+        if best.is_none_or(|b| round.0 > b.0) {
+            best = Some(round);
+        }
+    }
+    best.context("no round ran")
 }
 
 /// UDP flood from the client to `dst:port`, counted at pod-a's sink. Returns delivered

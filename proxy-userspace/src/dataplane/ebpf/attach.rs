@@ -76,7 +76,12 @@ pub fn attach_all(ebpf: &mut Ebpf, settings: &EbpfSettings) -> anyhow::Result<Ve
 
     for dev in &settings.devices {
         let xdp_pin = dir.join(format!("xdp@{dev}"));
-        match attach_xdp(ebpf, dev, &xdp_pin) {
+        let xdp = if settings.device_ingress_xdp {
+            attach_xdp(ebpf, dev, &xdp_pin)
+        } else {
+            Err(anyhow::anyhow!("--device-ingress tc"))
+        };
+        match xdp {
             Ok(()) => {
                 kept.push(xdp_pin);
                 out.push(Attachment {
@@ -87,7 +92,7 @@ pub fn attach_all(ebpf: &mut Ebpf, settings: &EbpfSettings) -> anyhow::Result<Ve
             Err(e) => {
                 tracing::warn!(
                     device = %dev,
-                    "native XDP unavailable ({e:#}); using tc ingress on this device instead"
+                    "native XDP unavailable or not wanted ({e:#}); using tc ingress on this device instead"
                 );
                 let pin = dir.join(format!("tc_ingress@{dev}"));
                 attach_tc(ebpf, PROG_TC_INGRESS, dev, TcAttachType::Ingress, &pin)

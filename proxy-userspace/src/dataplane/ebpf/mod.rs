@@ -33,6 +33,8 @@ pub struct EbpfSettings {
     pub cgroup_root: PathBuf,
     pub devices: Vec<String>,
     pub xdp_fib_forward: bool,
+    /// XDP on the devices' ingress (else tc, as where native XDP cannot attach).
+    pub device_ingress_xdp: bool,
     /// Maglev table size for traffic entering the node; None = random selection.
     pub maglev_table_size: Option<u32>,
 }
