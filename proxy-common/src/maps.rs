@@ -63,5 +63,8 @@ pub const ALL: [&str; 12] = [
     MAGLEV_CONFIG,
 ];
 
+/// Maps that hold one settings entry: an array that is always "full".
+pub const SETTINGS: [&str; 2] = [LB4_CONFIG, MAGLEV_CONFIG];
+
 /// Maps that are counters, not state: their fill level is not a capacity concern.
 pub const COUNTERS: [&str; 2] = [STATS, SVC_STATS];

@@ -240,7 +240,7 @@ pub fn collect(root: &Path, healthz: Option<SocketAddr>) -> Status {
         for m in &maps {
             if let Some(e) = &m.error {
                 errors.push(format!("map {}: {e}", m.name));
-            } else if m.name != proxy_common::maps::LB4_CONFIG
+            } else if !proxy_common::maps::SETTINGS.contains(&m.name.as_str())
                 && !proxy_common::maps::COUNTERS.contains(&m.name.as_str())
                 && m.ratio() >= FULL_WARN_RATIO
             {
