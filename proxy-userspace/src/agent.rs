@@ -166,6 +166,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut retry_at: Option<Instant> = None;
     let mut retry_delay = RETRY_MIN;
     let mut last_nodeport_addrs = Vec::new();
+    let mut last_nodeport_addrs6: Vec<std::net::Ipv6Addr> = Vec::new();
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -230,6 +231,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             last_nodeport_addrs = nodeport_addrs;
             dirty = true;
         }
+        // `--nodeport-addresses` takes IPv4 CIDRs; like kube-proxy with no CIDR of a family,
+        // the IPv6 family then serves nodePorts on every (global) IPv6 address.
+        match netdev::interface_addresses6() {
+            Ok(a) if a != last_nodeport_addrs6 => {
+                last_nodeport_addrs6 = a;
+                dirty = true;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("listing IPv6 addresses: {e}"),
+        }
         if !have_objects || !dirty || retry_at.is_some_and(|t| Instant::now() < t) {
             continue;
         }
@@ -241,6 +252,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let ctx = NodeContext {
             node_name: node.clone(),
             nodeport_addresses: last_nodeport_addrs.clone(),
+            nodeport_addresses6: last_nodeport_addrs6.clone(),
             zone: model.node_zone(&node),
         };
         let started = Instant::now();

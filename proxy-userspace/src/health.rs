@@ -802,6 +802,7 @@ mod tests {
             node_name: "n1".into(),
             nodeport_addresses: vec![],
             zone: None,
+            ..Default::default()
         };
         let desired = model.desired(&node);
         assert_eq!(

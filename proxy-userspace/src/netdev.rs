@@ -1,6 +1,12 @@
 //! This network namespace's interfaces and IPv4 addresses, and CIDR matching.
 
-use std::{collections::BTreeSet, ffi::CStr, fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    collections::BTreeSet,
+    ffi::CStr,
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 /// An IPv4 prefix such as `10.244.0.0/16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +94,40 @@ pub fn interface_addresses() -> std::io::Result<Vec<InterfaceAddress>> {
     unsafe { libc::freeifaddrs(head) };
     out.sort();
     Ok(out)
+}
+
+/// The global IPv6 addresses of this network namespace (sorted; no loopback, link-local or
+/// v4-mapped addresses: none of them can take a nodePort from another host).
+pub fn interface_addresses6() -> std::io::Result<Vec<Ipv6Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = BTreeSet::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family we check first.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET6 {
+            continue;
+        }
+        // SAFETY: AF_INET6 addresses are sockaddr_in6.
+        let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+        let address = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+        let link_local = address.segments()[0] & 0xffc0 == 0xfe80;
+        if !address.is_loopback() && !link_local && address.to_ipv4_mapped().is_none() {
+            out.insert(address);
+        }
+    }
+    // SAFETY: `head` came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out.into_iter().collect())
 }
 
 /// The interfaces that carry node traffic: those with an address that is not loopback and

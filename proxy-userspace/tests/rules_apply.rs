@@ -192,6 +192,7 @@ fn state() -> DesiredState {
     DesiredState {
         frontends,
         nodeport_addresses: vec![Ipv4Addr::new(192, 168, 1, 1)],
+        ..DesiredState::default()
     }
 }
 
@@ -454,6 +455,7 @@ fn conntrack_flush_deletes_stale_udp_entries() {
             ),
         ],
         nodeport_addresses: vec![Ipv4Addr::new(192, 168, 1, 1)],
+        ..DesiredState::default()
     };
     let mut new = old.clone();
     for f in &mut new.frontends {
@@ -613,6 +615,7 @@ fn traffic_state() -> DesiredState {
     DesiredState {
         frontends,
         nodeport_addresses: vec![Ipv4Addr::new(192, 168, 1, 1)],
+        ..DesiredState::default()
     }
 }
 

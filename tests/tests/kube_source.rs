@@ -134,6 +134,7 @@ impl Agent {
                 node_name: NODE.into(),
                 nodeport_addresses: vec![Ipv4Addr::new(198, 18, 0, 11)],
                 zone: None,
+                ..Default::default()
             })
             .frontends
     }
@@ -145,6 +146,7 @@ fn mysvc_backends(m: &Model) -> Option<Vec<String>> {
         node_name: NODE.into(),
         nodeport_addresses: Vec::new(),
         zone: None,
+        ..Default::default()
     });
     d.frontends
         .iter()

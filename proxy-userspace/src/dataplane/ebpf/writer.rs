@@ -454,6 +454,7 @@ mod tests {
         DesiredState {
             frontends,
             nodeport_addresses: vec!["198.18.0.1".parse().unwrap()],
+            ..DesiredState::default()
         }
     }
 

@@ -249,6 +249,7 @@ pub(crate) fn sample_desired() -> DesiredState {
             "192.168.1.1".parse().unwrap(),
             "192.168.1.2".parse().unwrap(),
         ],
+        ..DesiredState::default()
     }
 }
 
