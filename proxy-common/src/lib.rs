@@ -10,6 +10,8 @@
 pub mod config;
 pub mod conntrack;
 pub mod lb;
+pub mod lb6;
 pub mod maps;
 pub mod sock;
+pub mod sock6;
 pub mod stats;

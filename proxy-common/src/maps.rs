@@ -23,6 +23,16 @@ pub const STATS: &str = "KP_STATS_V1";
 /// Traffic per frontend (per-CPU hash, allocated on first use): `u16` reverse-NAT index ->
 /// [`crate::stats::SvcStats`].
 pub const SVC_STATS: &str = "KP_SVC_STATS_V1";
+/// IPv6 service frontends and slots: [`crate::lb6::Lb6Key`] -> [`crate::lb6::Lb6Service`].
+pub const LB6_SERVICES: &str = "KP_LB6_SVC_V1";
+/// IPv6 backends by id: `u32` -> [`crate::lb6::Lb6Backend`].
+pub const LB6_BACKENDS: &str = "KP_LB6_BE_V1";
+/// IPv6 reverse NAT by index: `u16` -> [`crate::lb6::Lb6RevNat`].
+pub const LB6_REVERSE_NAT: &str = "KP_LB6_RNAT_V1";
+/// IPv6 addresses of this node that accept nodePorts: `[u32; 4]` (be words) -> `u32` (1).
+pub const LB6_NODEPORT_ADDRS: &str = "KP_LB6_NPA_V1";
+/// Socket-level reverse translation for `recvmsg6`/`getpeername6` (LRU).
+pub const SOCK6_REV: &str = "KP_SOCK6_REV_V1";
 
 pub const LB4_SERVICES_MAX: u32 = 65_536;
 pub const LB4_BACKENDS_MAX: u32 = 65_536;
@@ -36,9 +46,14 @@ pub const STATS_MAX: u32 = 64;
 /// One entry per reverse-NAT index in use. Not preallocated: a per-CPU map this size would
 /// cost `65536 * 24 bytes` per CPU; entries appear when a frontend first sees traffic.
 pub const SVC_STATS_MAX: u32 = LB4_REVERSE_NAT_MAX;
+pub const LB6_SERVICES_MAX: u32 = 65_536;
+pub const LB6_BACKENDS_MAX: u32 = 65_536;
+pub const LB6_REVERSE_NAT_MAX: u32 = 65_536;
+pub const LB6_NODEPORT_ADDRS_MAX: u32 = 256;
+pub const SOCK6_REV_MAX: u32 = 262_144;
 
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 15] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -49,6 +64,11 @@ pub const ALL: [&str; 10] = [
     LB4_CONFIG,
     STATS,
     SVC_STATS,
+    LB6_SERVICES,
+    LB6_BACKENDS,
+    LB6_REVERSE_NAT,
+    LB6_NODEPORT_ADDRS,
+    SOCK6_REV,
 ];
 
 /// Maps that are counters, not state: their fill level is not a capacity concern.

@@ -9,10 +9,12 @@ mod csum;
 mod ct;
 mod ctx;
 mod lb;
+mod lb6;
 mod maps;
 mod nodeport;
 mod parse;
 mod sock;
+mod sock6;
 mod stats;
 
 use aya_ebpf::{
@@ -60,6 +62,46 @@ pub fn kproxy_sock4_recvmsg(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn kproxy_sock4_getpeername(ctx: SockAddrContext) -> i32 {
     match sock::sock4_xlate_rev(&ctx) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn kproxy_sock6_connect(ctx: SockAddrContext) -> i32 {
+    match sock6::sock6_xlate_fwd(
+        &ctx,
+        STAT_SOCK_CONNECT_XLATE,
+        STAT_SOCK_CONNECT_NO_ENDPOINTS,
+    ) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn kproxy_sock6_sendmsg(ctx: SockAddrContext) -> i32 {
+    match sock6::sock6_xlate_fwd(
+        &ctx,
+        STAT_SOCK_SENDMSG_XLATE,
+        STAT_SOCK_SENDMSG_NO_ENDPOINTS,
+    ) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn kproxy_sock6_recvmsg(ctx: SockAddrContext) -> i32 {
+    match sock6::sock6_xlate_rev(&ctx) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn kproxy_sock6_getpeername(ctx: SockAddrContext) -> i32 {
+    match sock6::sock6_xlate_rev(&ctx) {
         Ok(v) => v,
         Err(_) => 1,
     }

@@ -12,8 +12,10 @@ use proxy_common::{
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
+    lb6::{Lb6Backend, Lb6Key, Lb6RevNat, Lb6Service},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    sock6::{Sock6RevKey, Sock6RevValue},
     stats::SvcStats,
 };
 
@@ -42,6 +44,11 @@ const _: () = assert!(name_is("KP_SOCK4_REV_V1", names::SOCK4_REV));
 const _: () = assert!(name_is("KP_LB4_CFG_V1", names::LB4_CONFIG));
 const _: () = assert!(name_is("KP_STATS_V1", names::STATS));
 const _: () = assert!(name_is("KP_SVC_STATS_V1", names::SVC_STATS));
+const _: () = assert!(name_is("KP_LB6_SVC_V1", names::LB6_SERVICES));
+const _: () = assert!(name_is("KP_LB6_BE_V1", names::LB6_BACKENDS));
+const _: () = assert!(name_is("KP_LB6_RNAT_V1", names::LB6_REVERSE_NAT));
+const _: () = assert!(name_is("KP_LB6_NPA_V1", names::LB6_NODEPORT_ADDRS));
+const _: () = assert!(name_is("KP_SOCK6_REV_V1", names::SOCK6_REV));
 
 #[map(name = "KP_LB4_SVC_V1")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
@@ -81,3 +88,23 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(names::STATS_MAX, 0);
 #[map(name = "KP_SVC_STATS_V1")]
 pub static SVC_STATS: PerCpuHashMap<u16, SvcStats> =
     PerCpuHashMap::pinned(names::SVC_STATS_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "KP_LB6_SVC_V1")]
+pub static LB6_SERVICES: HashMap<Lb6Key, Lb6Service> = HashMap::pinned(names::LB6_SERVICES_MAX, 0);
+
+#[map(name = "KP_LB6_BE_V1")]
+pub static LB6_BACKENDS: HashMap<u32, Lb6Backend> = HashMap::pinned(names::LB6_BACKENDS_MAX, 0);
+
+/// Not read by the datapath today, like its IPv4 twin.
+#[map(name = "KP_LB6_RNAT_V1")]
+pub static LB6_REVERSE_NAT: HashMap<u16, Lb6RevNat> =
+    HashMap::pinned(names::LB6_REVERSE_NAT_MAX, 0);
+
+/// be address words -> flags (unused).
+#[map(name = "KP_LB6_NPA_V1")]
+pub static LB6_NODEPORT_ADDRS: HashMap<[u32; 4], u32> =
+    HashMap::pinned(names::LB6_NODEPORT_ADDRS_MAX, 0);
+
+#[map(name = "KP_SOCK6_REV_V1")]
+pub static SOCK6_REV: LruHashMap<Sock6RevKey, Sock6RevValue> =
+    LruHashMap::pinned(names::SOCK6_REV_MAX, 0);

@@ -36,11 +36,15 @@ pub const PROG_XDP: &str = "kproxy_xdp_ingress";
 pub const PROG_TC_INGRESS: &str = "kproxy_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "kproxy_tc_egress";
 pub const PROG_CONNECT4: &str = "kproxy_sock4_connect";
-pub const PROGS_SOCK: [&str; 4] = [
+pub const PROGS_SOCK: [&str; 8] = [
     PROG_CONNECT4,
     "kproxy_sock4_sendmsg",
     "kproxy_sock4_recvmsg",
     "kproxy_sock4_getpeername",
+    "kproxy_sock6_connect",
+    "kproxy_sock6_sendmsg",
+    "kproxy_sock6_recvmsg",
+    "kproxy_sock6_getpeername",
 ];
 
 // ---------------------------------------------------------------------------------------------

@@ -27,15 +27,23 @@ pub const PROG_CONNECT4: &str = "kproxy_sock4_connect";
 pub const PROG_SENDMSG4: &str = "kproxy_sock4_sendmsg";
 pub const PROG_RECVMSG4: &str = "kproxy_sock4_recvmsg";
 pub const PROG_GETPEERNAME4: &str = "kproxy_sock4_getpeername";
+pub const PROG_CONNECT6: &str = "kproxy_sock6_connect";
+pub const PROG_SENDMSG6: &str = "kproxy_sock6_sendmsg";
+pub const PROG_RECVMSG6: &str = "kproxy_sock6_recvmsg";
+pub const PROG_GETPEERNAME6: &str = "kproxy_sock6_getpeername";
 pub const PROG_XDP: &str = "kproxy_xdp_ingress";
 pub const PROG_TC_INGRESS: &str = "kproxy_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "kproxy_tc_egress";
 
-const CGROUP_PROGRAMS: [&str; 4] = [
+const CGROUP_PROGRAMS: [&str; 8] = [
     PROG_CONNECT4,
     PROG_SENDMSG4,
     PROG_RECVMSG4,
     PROG_GETPEERNAME4,
+    PROG_CONNECT6,
+    PROG_SENDMSG6,
+    PROG_RECVMSG6,
+    PROG_GETPEERNAME6,
 ];
 
 /// Where the links live: `<bpf-root>/links`.

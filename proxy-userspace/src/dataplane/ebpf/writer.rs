@@ -92,13 +92,13 @@ fn addr_from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
 }
 
-fn protocol_from_number(n: u8) -> Option<Protocol> {
+pub(super) fn protocol_from_number(n: u8) -> Option<Protocol> {
     [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
         .into_iter()
         .find(|p| p.number() == n)
 }
 
-fn frontend_flags(kind: FrontendKind) -> u16 {
+pub(super) fn frontend_flags(kind: FrontendKind) -> u16 {
     match kind {
         FrontendKind::ClusterIp => SVC_FLAG_CLUSTER_IP,
         FrontendKind::NodePort => SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL,
@@ -107,14 +107,14 @@ fn frontend_flags(kind: FrontendKind) -> u16 {
 }
 
 /// Hands out the lowest numbers not in use, never one the maps still hold.
-struct Allocator<T> {
+pub(super) struct Allocator<T> {
     used: BTreeSet<T>,
     cursor: T,
     max: T,
 }
 
 impl<T: Copy + Ord + From<u8> + std::ops::Add<Output = T>> Allocator<T> {
-    fn new(used: BTreeSet<T>, max: T) -> Self {
+    pub(super) fn new(used: BTreeSet<T>, max: T) -> Self {
         Self {
             used,
             cursor: T::from(1),
@@ -122,7 +122,7 @@ impl<T: Copy + Ord + From<u8> + std::ops::Add<Output = T>> Allocator<T> {
         }
     }
 
-    fn next(&mut self) -> Option<T> {
+    pub(super) fn next(&mut self) -> Option<T> {
         while self.used.contains(&self.cursor) {
             if self.cursor >= self.max {
                 return None;
