@@ -1,0 +1,273 @@
+//! IPv6 and dual-stack Services on a dual-stack cluster (every address of the IPv4 harness
+//! kept, IPv6 ones added). Asserted as a user sees it: which pod answered, the source it
+//! saw, the peer getpeername() shows, refusals.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use kproxy_tests::harness::{
+    AskLine, Cluster, Place, PodSpec,
+    manifests::{EndpointSlice, Object, Protocol, Service},
+    probe::{self, show},
+    sys,
+};
+
+const TESTPOD: &str = env!("CARGO_BIN_EXE_kproxy-testpod");
+const CIP4: &str = "10.96.100.208";
+const CIP6: &str = "fd00:10:96::208";
+const PORT: u16 = 8080;
+
+fn dual_stack_cluster(nodes: u8, pods: &[(&str, u8)]) -> Cluster {
+    let mut b = Cluster::builder()
+        .nodes(nodes)
+        .testpod(TESTPOD)
+        .dual_stack()
+        .pod(PodSpec::new("pod-z", 1).http_ports(&[]));
+    for (name, node) in pods {
+        b = b.pod(PodSpec::new(name, *node));
+    }
+    b.build().expect("building the dual-stack cluster")
+}
+
+/// `web`: 8080 -> 80/TCP over the given IPv4 and IPv6 endpoints (separate slices).
+fn write_web(c: &Cluster, svc: Service, v4: &[&str], v6: &[&str]) -> u64 {
+    let mut objs: Vec<Object> = vec![svc.into()];
+    if !v4.is_empty() {
+        objs.push(
+            EndpointSlice::for_service("web")
+                .port("http", Protocol::Tcp, 80)
+                .endpoints(v4.iter().map(|p| c.endpoint(p)))
+                .into(),
+        );
+    }
+    objs.push(
+        EndpointSlice::for_service("web")
+            .named("web-v6")
+            .ipv6()
+            .port("http", Protocol::Tcp, 80)
+            .endpoints(v6.iter().map(|p| c.endpoint6(p)))
+            .into(),
+    );
+    c.write_manifests("web.yaml", &objs).unwrap()
+}
+
+fn web_service() -> Service {
+    Service::cluster_ip("web", CIP4).port("http", Protocol::Tcp, PORT, 80, None)
+}
+
+fn url6(ip: &str) -> String {
+    format!("http://[{ip}]:{PORT}/")
+}
+
+/// Waits until `place` gets an answer from `url`.
+fn wait_served(place: &Place, url: &str) {
+    let ok = sys::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        probe::curl(place, url, Duration::from_secs(1))
+            .unwrap()
+            .ok()
+            .then_some(())
+    });
+    assert!(ok.is_some(), "{} -> {url}: never served", place.label);
+}
+
+/// `n` requests; returns the set of pods that answered and asserts every one did, with the
+/// client's own address `source` seen by the pod (no SNAT).
+fn answered_by(place: &Place, url: &str, n: usize, source: &str) -> BTreeSet<String> {
+    let results = probe::curl_n(place, url, n, Duration::from_secs(3)).unwrap();
+    let mut pods = BTreeSet::new();
+    for r in &results {
+        assert!(r.ok(), "{} -> {url}: {r}", place.label);
+        assert_eq!(
+            r.seen_source(),
+            Some(source),
+            "{} -> {url}: {r}",
+            place.label
+        );
+        pods.insert(r.pod().unwrap().to_string());
+    }
+    pods
+}
+
+fn tcp_ask(c: &Cluster, place: &Place, target: &str, count: &str) -> Vec<AskLine> {
+    c.ask(
+        place,
+        &[
+            "tcp-ask",
+            target,
+            "--http",
+            "--count",
+            count,
+            "--timeout-ms",
+            "2000",
+        ],
+        Duration::from_secs(30),
+    )
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// A dual-stack Service answers over its IPv6 cluster IP from a pod and from a host process
+/// (backends on both nodes, the client's IPv6 address kept), getpeername() shows the
+/// service, a v4-mapped destination goes through the IPv4 frontend, and IPv4 still works.
+/// `kproxy cleanup` then removes the IPv6 maps and links with the rest.
+#[test]
+fn dual_stack_service_over_ipv6_and_ipv4() {
+    let mut c = dual_stack_cluster(2, &[("pod-a", 1), ("pod-b", 2)]);
+    write_web(
+        &c,
+        web_service().dual_stack(CIP6),
+        &["pod-a", "pod-b"],
+        &["pod-a", "pod-b"],
+    );
+    c.start_agent_ready(1).expect("starting the agent");
+    let both = set(&["pod-a", "pod-b"]);
+
+    let pod = c.pod("pod-z");
+    let pod6 = c.pod_ip6("pod-z").to_string();
+    wait_served(&pod, &url6(CIP6));
+    assert_eq!(
+        answered_by(&pod, &url6(CIP6), 20, &pod6),
+        both,
+        "pod over IPv6"
+    );
+
+    let host = c.node(1);
+    let host6 = kproxy_tests::harness::cluster::node_ip6(1).to_string();
+    assert_eq!(
+        answered_by(&host, &url6(CIP6), 20, &host6),
+        both,
+        "host over IPv6"
+    );
+
+    // getpeername() on the translated IPv6 socket shows the service, not the pod.
+    let target6 = format!("[{CIP6}]:{PORT}");
+    for l in tcp_ask(&c, &pod, &target6, "4") {
+        match &l.outcome {
+            kproxy_tests::harness::Outcome::Ok { peer, .. } => {
+                assert_eq!(peer, &target6, "getpeername on {l}")
+            }
+            _ => panic!("{target6}: {l}"),
+        }
+    }
+
+    // IPv4 unchanged.
+    let url4 = format!("http://{CIP4}:{PORT}/");
+    let pod4 = c.pod_ip("pod-z").to_string();
+    assert_eq!(answered_by(&pod, &url4, 20, &pod4), both, "pod over IPv4");
+
+    // An IPv6 socket to the v4-mapped cluster IP: balanced by the IPv4 frontend, peer shown
+    // v4-mapped.
+    let mapped = format!("[::ffff:{CIP4}]:{PORT}");
+    let lines = tcp_ask(&c, &pod, &mapped, "20");
+    let pods: BTreeSet<String> = lines
+        .iter()
+        .filter_map(|l| l.pod().map(String::from))
+        .collect();
+    assert!(
+        lines.iter().all(|l| l.is_ok()),
+        "{mapped}:\n{}",
+        show(&lines)
+    );
+    assert_eq!(pods, both, "{mapped}:\n{}", show(&lines));
+    assert!(
+        lines.iter().all(|l| matches!(&l.outcome, kproxy_tests::harness::Outcome::Ok { peer, .. } if *peer == mapped)),
+        "{mapped}: getpeername should show the v4-mapped service:\n{}",
+        show(&lines)
+    );
+
+    // Cleanup takes the IPv6 maps and links too.
+    c.stop_agent(1);
+    let out = c.agent_cleanup(1).expect("kproxy cleanup");
+    assert!(out.status.success(), "cleanup: {out:?}");
+    let root = c.node_bpf_root(1);
+    assert!(
+        !root.join("KP_LB6_SVC_V1").exists() && !root.join("links").exists(),
+        "left behind in {}",
+        root.display()
+    );
+    let r = probe::curl(&pod, &url6(CIP6), Duration::from_secs(2)).unwrap();
+    assert!(!r.ok(), "{CIP6} still served after cleanup: {r}");
+}
+
+/// An IPv6-only Service: served over IPv6 (pod and host), refused at once without
+/// endpoints, and following endpoint churn with no request to a removed pod afterwards.
+#[test]
+fn ipv6_only_service_refusal_and_churn() {
+    let mut c = dual_stack_cluster(1, &[("pod-a", 1), ("pod-b", 1), ("pod-c", 1)]);
+    let svc = || web_service().ipv6_only(CIP6);
+    write_web(&c, svc(), &[], &["pod-a", "pod-b"]);
+    c.start_agent_ready(1).expect("starting the agent");
+    let pod = c.pod("pod-z");
+    let pod6 = c.pod_ip6("pod-z").to_string();
+    wait_served(&pod, &url6(CIP6));
+    assert_eq!(
+        answered_by(&pod, &url6(CIP6), 20, &pod6),
+        set(&["pod-a", "pod-b"])
+    );
+
+    // No endpoints: refused at once (ECONNREFUSED from connect()), not a timeout.
+    let target6 = format!("[{CIP6}]:{PORT}");
+    write_web(&c, svc(), &[], &[]);
+    let refused = sys::wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
+        tcp_ask(&c, &pod, &target6, "1")
+            .first()
+            .is_some_and(|l| l.is_errno("ECONNREFUSED"))
+            .then_some(())
+    });
+    assert!(
+        refused.is_some(),
+        "{target6} never refused without endpoints"
+    );
+    let r = probe::curl(&pod, &url6(CIP6), Duration::from_secs(3)).unwrap();
+    assert!(
+        r.refused() && r.elapsed < Duration::from_secs(1),
+        "should be refused at once: {r}"
+    );
+
+    // Churn: pod-a and pod-b back, then replaced by pod-c under load.
+    write_web(&c, svc(), &[], &["pod-a", "pod-b"]);
+    wait_served(&pod, &url6(CIP6));
+    let asker = c.ask_start(
+        &pod,
+        &[
+            "tcp-ask",
+            &target6,
+            "--http",
+            "--count",
+            "60",
+            "--interval-ms",
+            "50",
+            "--timeout-ms",
+            "1000",
+        ],
+    );
+    assert!(
+        asker
+            .wait_line(Duration::from_secs(5), |l| l.seq >= 10)
+            .is_some(),
+        "client did not start"
+    );
+    let t_change = write_web(&c, svc(), &[], &["pod-c"]);
+    let lines = asker.finish(Duration::from_secs(60)).expect("client");
+    let timeline = show(&lines);
+    let first_c = lines
+        .iter()
+        .find(|l| l.pod() == Some("pod-c"))
+        .unwrap_or_else(|| panic!("pod-c never answered:\n{timeline}"));
+    let after: Vec<&AskLine> = lines.iter().filter(|l| l.ts_ms >= first_c.ts_ms).collect();
+    println!(
+        "IPv6 churn: slice change -> first pod-c answer {} ms; {} requests after it",
+        first_c.ts_ms as i64 - t_change as i64,
+        after.len()
+    );
+    assert!(
+        after.iter().all(|l| l.pod() == Some("pod-c")),
+        "after the change only pod-c may answer (and none may fail):\n{timeline}"
+    );
+    assert!(
+        lines.iter().all(|l| l.is_ok()),
+        "no request may fail (pods a and b still run):\n{timeline}"
+    );
+    assert!(c.agent_running(1), "the agent exited");
+}
