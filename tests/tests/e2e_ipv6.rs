@@ -271,3 +271,74 @@ fn ipv6_only_service_refusal_and_churn() {
     );
     assert!(c.agent_running(1), "the agent exited");
 }
+
+/// In a rule mode (`table ip6 kproxy` / ip6tables chains): a dual-stack Service over its IPv6
+/// cluster IP from a pod (backends on both nodes), refused without
+/// endpoints, and the IPv6 rules gone after `kproxy cleanup`.
+fn rule_mode_ipv6_cluster_ip(mode: &str, rules_present: fn(&Place) -> bool) {
+    let mut c = dual_stack_cluster(2, &[("pod-a", 1), ("pod-b", 2)]);
+    c.set_proxy_mode(mode);
+    write_web(
+        &c,
+        web_service().dual_stack(CIP6),
+        &["pod-a", "pod-b"],
+        &["pod-a", "pod-b"],
+    );
+    c.start_agent_ready(1).expect("starting the agent");
+    let pod = c.pod("pod-z");
+    let pod6 = c.pod_ip6("pod-z").to_string();
+    wait_served(&pod, &url6(CIP6));
+    // No IPv6 cluster CIDR is known to the rule modes: traffic to an endpoint on another
+    // node is masqueraded to the node (as IPv4 without --cluster-cidr); a local endpoint
+    // sees the pod.
+    let node6 = kproxy_tests::harness::cluster::node_ip6(1).to_string();
+    let results = probe::curl_n(&pod, &url6(CIP6), 20, Duration::from_secs(3)).unwrap();
+    let mut pods = BTreeSet::new();
+    for r in &results {
+        let want = match r.pod() {
+            Some("pod-a") => &pod6,
+            Some("pod-b") => &node6,
+            _ => panic!("{mode}: {r}"),
+        };
+        assert_eq!(r.seen_source(), Some(want.as_str()), "{mode}: {r}");
+        pods.insert(r.pod().unwrap().to_string());
+    }
+    assert_eq!(pods, set(&["pod-a", "pod-b"]), "{mode}: pod over IPv6");
+    let url4 = format!("http://{CIP4}:{PORT}/");
+    assert_eq!(
+        answered_by(&pod, &url4, 10, &c.pod_ip("pod-z").to_string()),
+        set(&["pod-a", "pod-b"]),
+        "{mode}: pod over IPv4"
+    );
+
+    write_web(&c, web_service().dual_stack(CIP6), &["pod-a", "pod-b"], &[]);
+    let refused = sys::wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
+        let r = probe::curl(&pod, &url6(CIP6), Duration::from_secs(2)).unwrap();
+        r.refused().then_some(r)
+    });
+    let r = refused.unwrap_or_else(|| panic!("{mode}: {CIP6} never refused without endpoints"));
+    assert!(
+        r.elapsed < Duration::from_secs(1),
+        "{mode}: refused at once: {r}"
+    );
+
+    let node = c.node(1);
+    assert!(rules_present(&node), "{mode}: no IPv6 rules while running");
+    c.stop_agent(1);
+    let out = c.agent_cleanup(1).expect("kproxy cleanup");
+    assert!(out.status.success(), "cleanup: {out:?}");
+    assert!(
+        !rules_present(&node),
+        "{mode}: IPv6 rules left after cleanup"
+    );
+}
+
+fn nft_ip6_table(node: &Place) -> bool {
+    let out = node.output(&["nft", "list", "tables"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("table ip6 kproxy")
+}
+
+#[test]
+fn nftables_mode_ipv6_cluster_ip() {
+    rule_mode_ipv6_cluster_ip("nftables", nft_ip6_table);
+}

@@ -423,7 +423,13 @@ impl Cluster {
             format!("addr add {POD_GATEWAY}/32 dev lo scope link"),
         ])?;
         if self.dual_stack {
-            netns.ip_batch(&[format!("addr add {}/64 dev eth0 nodad", node_ip6(n))])?;
+            // A default route, as real nodes have: packets to service addresses then reach
+            // the forward hook (where the rule modes reject them without endpoints) instead
+            // of being answered "no route" by the kernel.
+            netns.ip_batch(&[
+                format!("addr add {}/64 dev eth0 nodad", node_ip6(n)),
+                "route add ::/0 dev eth0".into(),
+            ])?;
             netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
         for (k, v) in [

@@ -4,11 +4,15 @@
 //! a full one replaces the whole table (on start, when asked, after any error), a partial one
 //! rewrites only the chains and map elements that changed; nothing changed, nothing is run.
 //!
-//! IPv4 only. `localhost:nodePort` is not served (it would need
+//! IPv6 frontends go to `table ip6 kproxy` of the same structure (`render6.rs`), replaced
+//! as a whole when they change and removed when there are none.
+//!
+//! `localhost:nodePort` is not served (it would need
 //! `net.ipv4.conf.all.route_localnet`, which kproxy does not set); `net.ipv4.ip_forward` is
 //! the node's business.
 
 pub mod render;
+pub mod render6;
 
 use std::{
     io::Write as _,
@@ -34,6 +38,8 @@ pub struct NftablesDataplane {
     applied: Option<render::Model>,
     /// The state that rendering came from, for the stale UDP conntrack flush.
     previous: DesiredState,
+    /// The `table ip6 kproxy` transaction last applied (None: not trusted, apply again).
+    applied6: Option<String>,
 }
 
 impl NftablesDataplane {
@@ -44,6 +50,7 @@ impl NftablesDataplane {
             settings,
             applied: None,
             previous: DesiredState::default(),
+            applied6: None,
         })
     }
 
@@ -101,6 +108,8 @@ pub fn cleanup() -> anyhow::Result<bool> {
     }
     run_with_stdin("nft", &["-f", "-"], &render::render_cleanup())
         .context("deleting table ip kproxy")?;
+    run_with_stdin("nft", &["-f", "-"], &render6::render_cleanup6())
+        .context("deleting table ip6 kproxy")?;
     Ok(true)
 }
 
@@ -121,6 +130,34 @@ impl Dataplane for NftablesDataplane {
     }
 
     fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
+        let v6_changes = self.apply6(desired, full)?;
+        let mut stats = self.apply4(desired, full)?;
+        stats.writes += v6_changes;
+        Ok(stats)
+    }
+}
+
+impl NftablesDataplane {
+    /// Makes `table ip6 kproxy` match `desired.frontends6` (one full transaction when it
+    /// changed; the table deleted when there is nothing IPv6 to serve). Returns the number
+    /// of commands run.
+    fn apply6(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<usize> {
+        let text = if desired.frontends6.is_empty() {
+            render6::render_cleanup6()
+        } else {
+            render6::render6(desired, self.settings.render.masquerade_bit)
+        };
+        if !full && self.applied6.as_deref() == Some(text.as_str()) {
+            return Ok(0);
+        }
+        self.applied6 = None;
+        run_with_stdin("nft", &["-f", "-"], &text).context("applying table ip6 kproxy")?;
+        let commands = text.lines().count();
+        self.applied6 = Some(text);
+        Ok(commands)
+    }
+
+    fn apply4(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
         let next = render::model(desired, &self.settings.render);
         let text = match (self.applied.take(), full) {
             (Some(prev), false) => match render::render_partial(&prev, &next) {
