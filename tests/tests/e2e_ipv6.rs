@@ -342,3 +342,13 @@ fn nft_ip6_table(node: &Place) -> bool {
 fn nftables_mode_ipv6_cluster_ip() {
     rule_mode_ipv6_cluster_ip("nftables", nft_ip6_table);
 }
+
+fn ip6tables_chains(node: &Place) -> bool {
+    let out = node.output(&["ip6tables-save", "-t", "nat"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(":KPROXY-SERVICES")
+}
+
+#[test]
+fn iptables_mode_ipv6_cluster_ip() {
+    rule_mode_ipv6_cluster_ip("iptables", ip6tables_chains);
+}
