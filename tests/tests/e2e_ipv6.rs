@@ -273,8 +273,9 @@ fn ipv6_only_service_refusal_and_churn() {
 }
 
 /// In a rule mode (`table ip6 kproxy` / ip6tables chains): a dual-stack Service over its IPv6
-/// cluster IP from a pod (backends on both nodes), refused without
-/// endpoints, and the IPv6 rules gone after `kproxy cleanup`.
+/// cluster IP from a pod (backends on both nodes), refused without endpoints; switching to
+/// the eBPF mode and back leaves nothing of the other, and `kproxy cleanup` removes the
+/// IPv6 rules.
 fn rule_mode_ipv6_cluster_ip(mode: &str, rules_present: fn(&Place) -> bool) {
     let mut c = dual_stack_cluster(2, &[("pod-a", 1), ("pod-b", 2)]);
     c.set_proxy_mode(mode);
@@ -324,6 +325,37 @@ fn rule_mode_ipv6_cluster_ip(mode: &str, rules_present: fn(&Place) -> bool) {
 
     let node = c.node(1);
     assert!(rules_present(&node), "{mode}: no IPv6 rules while running");
+
+    // Switching to the eBPF mode removes the IPv6 rules and serves IPv6 at socket level.
+    write_web(
+        &c,
+        web_service().dual_stack(CIP6),
+        &["pod-a", "pod-b"],
+        &["pod-a", "pod-b"],
+    );
+    c.stop_agent(1);
+    c.set_proxy_mode("ebpf");
+    c.start_agent_ready(1)
+        .expect("starting the agent in eBPF mode");
+    assert!(
+        !rules_present(&node),
+        "{mode}: IPv6 rules left after switching to ebpf"
+    );
+    assert_eq!(
+        answered_by(&pod, &url6(CIP6), 10, &pod6),
+        set(&["pod-a", "pod-b"]),
+        "{mode} -> ebpf: pod over IPv6"
+    );
+
+    // And back, then `kproxy cleanup` removes them.
+    c.stop_agent(1);
+    c.set_proxy_mode(mode);
+    c.start_agent_ready(1).expect("starting the agent again");
+    wait_served(&pod, &url6(CIP6));
+    assert!(
+        rules_present(&node),
+        "{mode}: no IPv6 rules after switching back"
+    );
     c.stop_agent(1);
     let out = c.agent_cleanup(1).expect("kproxy cleanup");
     assert!(out.status.success(), "cleanup: {out:?}");
