@@ -384,3 +384,58 @@ fn ip6tables_chains(node: &Place) -> bool {
 fn iptables_mode_ipv6_cluster_ip() {
     rule_mode_ipv6_cluster_ip("iptables", ip6tables_chains);
 }
+
+/// UDP over IPv6 at socket level: a dual-stack DNS-like Service reached over its IPv6
+/// cluster IP with unconnected (sendmsg6/recvmsg6 per datagram) and connected sockets
+/// (connect6); replies show the service address, both pods answer.
+#[test]
+fn udp_over_ipv6_cluster_ip() {
+    let mut c = dual_stack_cluster(1, &[("pod-a", 1), ("pod-b", 1)]);
+    for p in ["pod-a", "pod-b"] {
+        c.start_udp_serve6(p, 5353).expect("udp-serve on IPv6");
+    }
+    let svc = Service::cluster_ip("dns", "10.96.0.53")
+        .dual_stack("fd00:10:96::53")
+        .port("dns", Protocol::Udp, 53, 5353, None);
+    let slice = EndpointSlice::for_service("dns")
+        .named("dns-v6")
+        .ipv6()
+        .port("dns", Protocol::Udp, 5353)
+        .endpoints(["pod-a", "pod-b"].map(|p| c.endpoint6(p)));
+    c.write_manifests("dns.yaml", &[svc.into(), slice.into()])
+        .unwrap();
+    c.start_agent_ready(1).expect("starting the agent");
+    let pod = c.pod("pod-z");
+    let target = "[fd00:10:96::53]:53";
+    for connected in [false, true] {
+        let mut args = vec!["udp-ask", target, "--count", "20", "--timeout-ms", "1000"];
+        if connected {
+            args.push("--connected");
+        }
+        let lines = c.ask(&pod, &args, Duration::from_secs(60));
+        let timeline = show(&lines);
+        assert_eq!(lines.len(), 20, "{timeline}");
+        for l in &lines {
+            match &l.outcome {
+                kproxy_tests::harness::Outcome::Ok { peer, .. } => {
+                    assert_eq!(peer, target, "connected={connected}: reply source {l}")
+                }
+                _ => panic!("connected={connected}: {l}\n{timeline}"),
+            }
+        }
+        let pods: BTreeSet<String> = lines
+            .iter()
+            .filter_map(|l| l.pod().map(String::from))
+            .collect();
+        // Unconnected: every datagram picks afresh. Connected: one socket, one backend.
+        if connected {
+            assert_eq!(
+                pods.len(),
+                1,
+                "a connected socket keeps its backend:\n{timeline}"
+            );
+        } else {
+            assert_eq!(pods, set(&["pod-a", "pod-b"]), "{timeline}");
+        }
+    }
+}

@@ -691,6 +691,36 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts `kproxy-testpod udp-serve <pod> [<pod ipv6>]:<port>` in pod `name`
+    /// (dual-stack clusters).
+    pub fn start_udp_serve6(&mut self, name: &str, port: u16) -> Result<()> {
+        let pi = self.pod_idx(name)?;
+        let place = self.pod(name);
+        let log = self.pods[pi].dir.join(format!("udp6-{port}.out"));
+        let _ = fs::remove_file(&log);
+        let addr = format!("[{}]:{port}", self.pod_ip6(name));
+        let tp = self.testpod.to_string_lossy().into_owned();
+        let proc = place.spawn_logged(
+            &format!("udp-serve {name}:[{port}]"),
+            &[&tp, "udp-serve", name, &addr],
+            &log,
+        )?;
+        self.pods[pi].udp.push(proc);
+        let ok = sys::wait_for(Duration::from_secs(5), Duration::from_millis(10), || {
+            fs::read_to_string(&log)
+                .ok()
+                .filter(|s| s.contains("listening"))
+                .map(|_| ())
+        });
+        if ok.is_none() {
+            bail!(
+                "udp-serve in pod {name} did not start: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
     /// Stops pod `name`'s udp-serve processes (SIGKILL by pid).
     pub fn stop_udp_serve(&mut self, name: &str) -> Result<()> {
         let pi = self.pod_idx(name)?;
