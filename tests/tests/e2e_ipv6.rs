@@ -484,3 +484,76 @@ fn ipv6_nodeport() {
         );
     }
 }
+
+/// A connected IPv6 UDP socket (a DNS client) moves off a backend removed from the slice:
+/// the agent closes it (SOCK_DESTROY over AF_INET6 sock_diag), the client reconnects, and
+/// from 1 s after the old server stopped every query is answered by the remaining pod.
+#[test]
+fn connected_udp6_client_moves_off_removed_backend() {
+    let mut c = dual_stack_cluster(1, &[("pod-a", 1), ("pod-b", 1)]);
+    for p in ["pod-a", "pod-b"] {
+        c.start_udp_serve6(p, 5353).expect("udp-serve on IPv6");
+    }
+    let write = |c: &Cluster, pods: &[&str]| {
+        let svc = Service::cluster_ip("dns", "10.96.0.53")
+            .dual_stack("fd00:10:96::53")
+            .port("dns", Protocol::Udp, 53, 5353, None);
+        let slice = EndpointSlice::for_service("dns")
+            .named("dns-v6")
+            .ipv6()
+            .port("dns", Protocol::Udp, 5353)
+            .endpoints(pods.iter().map(|p| c.endpoint6(p)));
+        c.write_manifests("dns.yaml", &[svc.into(), slice.into()])
+            .unwrap()
+    };
+    write(&c, &["pod-a", "pod-b"]);
+    c.start_agent_ready(1).expect("starting the agent");
+    let pod = c.pod("pod-z");
+    let target = "[fd00:10:96::53]:53";
+    let asker = c.ask_start(
+        &pod,
+        &[
+            "udp-ask",
+            target,
+            "--connected",
+            "--count",
+            "100",
+            "--interval-ms",
+            "50",
+            "--timeout-ms",
+            "300",
+        ],
+    );
+    let first = asker
+        .wait_line(Duration::from_secs(5), |l| l.is_ok())
+        .unwrap_or_else(|| panic!("no answer:\n{}", show(&asker.peek())));
+    let used = first.pod().unwrap().to_string();
+    let other = if used == "pod-a" { "pod-b" } else { "pod-a" };
+    std::thread::sleep(Duration::from_millis(300));
+    write(&c, &[other]);
+    // Applied once fresh queries only reach `other`.
+    let applied = sys::wait_for(Duration::from_secs(5), Duration::from_millis(20), || {
+        let l = c.ask(
+            &pod,
+            &["udp-ask", target, "--timeout-ms", "500"],
+            Duration::from_secs(5),
+        );
+        (l.len() == 1 && l[0].pod() == Some(other)).then_some(())
+    });
+    assert!(applied.is_some(), "fresh queries still reach {used}");
+    std::thread::sleep(Duration::from_millis(200));
+    let t_stop = sys::epoch_ms();
+    c.stop_udp_serve(&used).unwrap();
+    let lines = asker.finish(Duration::from_secs(60)).expect("client");
+    let all = show(&lines);
+    let late: Vec<&AskLine> = lines.iter().filter(|l| l.ts_ms >= t_stop + 1000).collect();
+    assert!(late.len() >= 10, "the client stopped too early:\n{all}");
+    assert!(
+        late.iter().all(|l| l.pod() == Some(other)),
+        "1 s after {used} stopped every query must be answered by {other}:\n{all}"
+    );
+    assert!(
+        c.agent_log(1).contains("closed connected IPv6 UDP sockets"),
+        "the agent did not close the IPv6 socket"
+    );
+}

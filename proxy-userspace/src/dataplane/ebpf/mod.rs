@@ -97,6 +97,37 @@ impl EbpfDataplane {
     }
 }
 
+impl EbpfDataplane {
+    /// Closes the connected IPv6 UDP sockets our hooks sent to a removed backend (the IPv6
+    /// twin of the IPv4 close in `apply`).
+    fn close_udp_sockets6(&self, removed: &[writer6::RemovedBackend6]) {
+        let gone: HashSet<(std::net::Ipv6Addr, u16)> = removed
+            .iter()
+            .filter(|b| b.protocol == Protocol::Udp)
+            .map(|b| (b.address, b.port))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let maps = self.writer6.maps();
+        let destroyed = sock_destroy::destroy_udp_sockets6(
+            &self.settings.cgroup_root,
+            &gone,
+            |cookie, addr, port| maps.socket_was_translated(cookie, addr, port),
+        );
+        match destroyed {
+            Ok(n) if n > 0 => {
+                tracing::info!(
+                    sockets = n,
+                    "closed connected IPv6 UDP sockets of removed backends"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("closing IPv6 UDP sockets of removed backends: {e:#}"),
+        }
+    }
+}
+
 /// A packet SNATed to the node's own address may be passed to the kernel's stack (when
 /// XDP cannot forward it itself); without accept_local the stack drops it as a martian.
 fn set_accept_local(device: &str) {
@@ -146,17 +177,7 @@ impl Dataplane for EbpfDataplane {
         stats.writes += outcome6.stats.writes;
         stats.deletes += outcome6.stats.deletes;
         stats.rejected.extend(outcome6.stats.rejected);
-        // Connected IPv6 UDP sockets of removed backends are not closed yet (the sock_diag
-        // scan is IPv4-only): they keep their backend until the application reconnects.
-        if outcome6
-            .removed_backends
-            .iter()
-            .any(|b| b.protocol == Protocol::Udp)
-        {
-            tracing::debug!(
-                "IPv6 UDP backends removed; their connected sockets are left as they are"
-            );
-        }
+        self.close_udp_sockets6(&outcome6.removed_backends);
         Ok(stats)
     }
 }
