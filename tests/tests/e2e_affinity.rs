@@ -1,0 +1,252 @@
+//! `sessionAffinity: ClientIP` end to end, the same scenarios in every mode that implements
+//! it (`ebpf`, `nftables`, `iptables`), on one node with three pods:
+//! - sticky: repeated connections of the outside client to the nodePort, of a pod and of the
+//!   node's host to the cluster IP, each reach one pod; other client addresses (extra
+//!   addresses on the client) are balanced over the pods and stick too; removing the pinned
+//!   pod's endpoint moves the client to a live pod without a failed request;
+//! - timeout: with `timeoutSeconds: 2`, a client's connections stick within the timeout and
+//!   are balanced again once it has passed.
+//!
+//! Clients: eBPF keys the outside client by source address (XDP) and in-node clients by
+//! network namespace (socket hooks); the rule modes key every client by source address.
+
+mod semantics_common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use kproxy_tests::harness::{Cluster, Place, PodSpec, fixtures::CLIENT_POD, probe::CurlResult};
+use semantics_common::*;
+
+const TESTPOD: &str = env!("CARGO_BIN_EXE_kproxy-testpod");
+const CLUSTER_IP: &str = "10.96.102.10";
+const NODE_PORT: u16 = 30102;
+const PODS: [&str; 3] = ["pod-a", "pod-b", "pod-c"];
+/// Extra addresses of the outside client (the harness gives it 198.18.0.100).
+const EXTRA_CLIENTS: [&str; 8] = [
+    "198.18.0.101",
+    "198.18.0.102",
+    "198.18.0.103",
+    "198.18.0.104",
+    "198.18.0.105",
+    "198.18.0.106",
+    "198.18.0.107",
+    "198.18.0.108",
+];
+
+fn sticky_service(timeout: u32) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {CLUSTER_IP}\n  clusterIPs: [{CLUSTER_IP}]\n  selector: {{app: sticky}}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n  ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: 80, nodePort: {NODE_PORT}}}\n"
+    )
+}
+
+fn write_sticky(c: &Cluster, timeout: u32, pods: &[&str]) {
+    let eps: Vec<Ep> = pods.iter().map(|p| Ep::of(c, p)).collect();
+    write(
+        c,
+        "sticky.yaml",
+        &[
+            sticky_service(timeout),
+            slice("sticky-1", "sticky", &[("http", "TCP", 80)], &eps),
+        ],
+    );
+}
+
+/// One node with pod-a/b/c behind the sticky Service, the agent in `mode` ready, routes for
+/// the node's host, and the extra client addresses.
+fn cluster(mode: &str, timeout: u32) -> Cluster {
+    let mut c = Cluster::builder()
+        .proxy_mode(mode)
+        .nodes(1)
+        .testpod(TESTPOD)
+        .pod(web_pod("pod-a"))
+        .pod(web_pod("pod-b"))
+        .pod(web_pod("pod-c"))
+        .pod(PodSpec::new(CLIENT_POD, 1).http_ports(&[]))
+        .build()
+        .expect("building the cluster");
+    write_sticky(&c, timeout, &PODS);
+    // A host process's connect() to a cluster IP needs a route before netfilter can DNAT it
+    // (the eBPF socket hook needs none; harmless there).
+    let node = c.node(1);
+    let ns = node.netns.as_ref().expect("node netns");
+    c.ok(ns.ip(&["route", "add", "10.96.0.0/12", "dev", "eth0"]));
+    let client = c.client();
+    let cns = client.netns.as_ref().expect("client netns");
+    for a in EXTRA_CLIENTS {
+        c.ok(cns.ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"]));
+    }
+    c.start_agent_ready(1).expect("starting the agent");
+    c
+}
+
+fn web_pod(name: &str) -> PodSpec {
+    PodSpec::new(name, 1).http_ports(&[80])
+}
+
+/// One curl from `place`, from the source address `src` when given.
+fn curl_from(place: &Place, src: Option<&str>, url: &str) -> CurlResult {
+    let mut argv = vec!["curl", "-sS", "--max-time", "2", "--connect-timeout", "2"];
+    if let Some(src) = src {
+        argv.extend(["--interface", src]);
+    }
+    argv.push(url);
+    let start = Instant::now();
+    let out = place
+        .output_timeout(&argv, Duration::from_secs(8))
+        .expect("running curl");
+    CurlResult {
+        exit: out.status.code().unwrap_or(-1),
+        body: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// `n` connections from `place` (source `src`); all must succeed. Returns the pods that
+/// answered, in order.
+fn picks(c: &Cluster, place: &Place, src: Option<&str>, url: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let r = curl_from(place, src, url);
+            c.check(r.ok(), || {
+                format!(
+                    "{} ({src:?}) -> {url}: request {i} failed: {r}",
+                    place.label
+                )
+            });
+            r.pod().unwrap_or_default().to_string()
+        })
+        .collect()
+}
+
+/// Asserts every connection went to one pod; returns it.
+fn assert_one_pod(c: &Cluster, picks: &[String], what: &str) -> String {
+    let distinct: BTreeSet<&String> = picks.iter().collect();
+    c.check(distinct.len() == 1, || {
+        format!(
+            "{} {what}: connections should all reach one pod: {picks:?}",
+            c.proxy_mode()
+        )
+    });
+    picks[0].clone()
+}
+
+fn nodeport_url(c: &Cluster) -> String {
+    format!("http://{}:{NODE_PORT}/", c.node_ip(1))
+}
+
+fn cluster_ip_url() -> String {
+    format!("http://{CLUSTER_IP}/")
+}
+
+fn sticky(mode: &str) {
+    let c = cluster(mode, 3600);
+    let client = c.client();
+    let np = nodeport_url(&c);
+    let cip = cluster_ip_url();
+    wait_served(&c, &client, &np, "nodePort", |_| true);
+
+    let pinned = assert_one_pod(&c, &picks(&c, &client, None, &np, 12), "client -> nodePort");
+    println!("{mode}: client 198.18.0.100 -> nodePort pinned to {pinned}");
+    let from_pod = picks(&c, &c.pod(CLIENT_POD), None, &cip, 12);
+    assert_one_pod(&c, &from_pod, "pod-z -> cluster IP");
+    let from_host = picks(&c, &c.node(1), None, &cip, 12);
+    assert_one_pod(&c, &from_host, "node1 host -> cluster IP");
+
+    // Other clients: each sticks to its pod, and they do not all get the same one (with 3
+    // pods and 9 clients in all, one pod for everyone has p = 3^-8).
+    let mut by_client: BTreeMap<&str, String> = BTreeMap::new();
+    by_client.insert("198.18.0.100", pinned.clone());
+    for a in EXTRA_CLIENTS {
+        let p = assert_one_pod(&c, &picks(&c, &client, Some(a), &np, 4), a);
+        by_client.insert(a, p);
+    }
+    println!("{mode}: picks per client address: {by_client:?}");
+    let distinct: BTreeSet<&String> = by_client.values().collect();
+    c.check(distinct.len() > 1, || {
+        format!("{mode}: 9 client addresses all went to one pod: {by_client:?}")
+    });
+
+    // The pinned pod leaves the Service (the pod keeps running): the client moves to a live
+    // pod, and no request fails meanwhile.
+    let rest: Vec<&str> = PODS.iter().copied().filter(|p| *p != pinned).collect();
+    write_sticky(&c, 3600, &rest);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    loop {
+        let r = curl_from(&client, None, &np);
+        c.check(r.ok(), || {
+            format!("{mode}: a request failed while {pinned} left the Service: {r}")
+        });
+        let p = r.pod().unwrap_or_default().to_string();
+        let moved = p != pinned;
+        seen.push(p);
+        if moved {
+            break;
+        }
+        c.check(Instant::now() < deadline, || {
+            format!("{mode}: the client still reaches the removed {pinned}: {seen:?}")
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = picks(&c, &client, None, &np, 10);
+    let new_pin = assert_one_pod(&c, &after, "client -> nodePort after the move");
+    c.check(
+        new_pin != pinned && rest.contains(&new_pin.as_str()),
+        || format!("{mode}: moved to {new_pin}, want one of {rest:?}"),
+    );
+    println!("{mode}: after removing {pinned}'s endpoint the client moved to {new_pin} ({seen:?})");
+}
+
+fn timeout(mode: &str) {
+    let c = cluster(mode, 2);
+    let client = c.client();
+    let np = nodeport_url(&c);
+    wait_served(&c, &client, &np, "nodePort", |_| true);
+    // Rounds of 3 quick connections: each round sticks to one pod; between rounds the 2 s
+    // timeout passes, so rounds are balanced afresh (8 rounds on one pod: p = 3^-7).
+    let mut rounds = Vec::new();
+    for _ in 0..8 {
+        let p = assert_one_pod(&c, &picks(&c, &client, None, &np, 3), "one round");
+        rounds.push(p);
+        std::thread::sleep(Duration::from_millis(3500));
+    }
+    println!("{mode}: pods per round (timeout 2 s, 3.5 s apart): {rounds:?}");
+    let distinct: BTreeSet<&String> = rounds.iter().collect();
+    c.check(distinct.len() > 1, || {
+        format!("{mode}: the pick never changed after the timeout: {rounds:?}")
+    });
+}
+
+#[test]
+fn affinity_sticky_ebpf() {
+    sticky("ebpf");
+}
+
+#[test]
+fn affinity_sticky_nftables() {
+    sticky("nftables");
+}
+
+#[test]
+fn affinity_sticky_iptables() {
+    sticky("iptables");
+}
+
+#[test]
+fn affinity_timeout_ebpf() {
+    timeout("ebpf");
+}
+
+#[test]
+fn affinity_timeout_nftables() {
+    timeout("nftables");
+}
+
+#[test]
+fn affinity_timeout_iptables() {
+    timeout("iptables");
+}
