@@ -17,7 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kproxy_tests::harness::{Cluster, Place, PodSpec, fixtures::CLIENT_POD, probe::CurlResult};
+use kproxy_tests::harness::{
+    Cluster, Place, PodSpec, fixtures::CLIENT_POD, kproxy_bin, probe::CurlResult,
+};
 use semantics_common::*;
 
 const TESTPOD: &str = env!("CARGO_BIN_EXE_kproxy-testpod");
@@ -170,6 +172,10 @@ fn sticky(mode: &str) {
         format!("{mode}: 9 client addresses all went to one pod: {by_client:?}")
     });
 
+    if mode == "ebpf" {
+        check_list_affinity(&c, &pinned);
+    }
+
     // The pinned pod leaves the Service (the pod keeps running): the client moves to a live
     // pod, and no request fails meanwhile.
     let rest: Vec<&str> = PODS.iter().copied().filter(|p| *p != pinned).collect();
@@ -199,6 +205,52 @@ fn sticky(mode: &str) {
         || format!("{mode}: moved to {new_pin}, want one of {rest:?}"),
     );
     println!("{mode}: after removing {pinned}'s endpoint the client moved to {new_pin} ({seen:?})");
+}
+
+/// `kproxy list affinity -o json` shows the client's live entry for the nodePort, naming the
+/// pod that answered, and the in-node clients' netns entries for the cluster IP.
+fn check_list_affinity(c: &Cluster, pinned: &str) {
+    let bin = c.ok(kproxy_bin());
+    let root = c.node_bpf_root(1);
+    let argv = [
+        bin.to_str().unwrap(),
+        "list",
+        "affinity",
+        "--bpf-root",
+        root.to_str().unwrap(),
+        "-o",
+        "json",
+    ];
+    let out = c.ok(c.node(1).output_timeout(&argv, Duration::from_secs(30)));
+    let text = String::from_utf8_lossy(&out.stdout);
+    c.check(out.status.success(), || format!("{argv:?}: {text}"));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let entries = v["entries"].as_array().expect("entries");
+    let pinned_ip = c.pod_ip(pinned).to_string();
+    let mine = entries
+        .iter()
+        .find(|e| e["client"] == "198.18.0.100")
+        .unwrap_or_else(|| panic!("no entry for the client: {text}"));
+    assert_eq!(
+        mine["frontend"],
+        format!("0.0.0.0:{NODE_PORT}/TCP (nodePort)"),
+        "{text}"
+    );
+    assert_eq!(mine["backend"], format!("{pinned_ip}:80"), "{text}");
+    assert_eq!(mine["live"], true, "{text}");
+    assert_eq!(mine["timeout_seconds"], 3600, "{text}");
+    let netns = entries
+        .iter()
+        .filter(|e| e["client_kind"] == "netns")
+        .filter(|e| e["frontend"] == format!("{CLUSTER_IP}:80/TCP"))
+        .count();
+    // pod-z's and the node host's namespaces.
+    assert_eq!(netns, 2, "{text}");
+    println!("$ kproxy list affinity\n{}", {
+        let argv: Vec<&str> = argv[..5].to_vec();
+        let out = c.ok(c.node(1).output_timeout(&argv, Duration::from_secs(30)));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
 }
 
 fn timeout(mode: &str) {

@@ -57,7 +57,7 @@ pub fn list(cmd: &ListCommand) -> anyhow::Result<()> {
             emit(a.output, &backends::list(&snap), |v| backends::render(v))
         }
         ListCommand::Conntrack(a) => list_conntrack(a),
-        ListCommand::Affinity(a) => emit(a.output, &affinity::list(), affinity::render),
+        ListCommand::Affinity(a) => emit(a.output, &affinity::list(&a.bpf_root)?, affinity::render),
     }
 }
 
