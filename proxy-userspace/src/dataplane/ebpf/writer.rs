@@ -264,7 +264,7 @@ impl<M: LbMaps> MapWriter<M> {
                 continue;
             };
             let flags = frontend_flags(f, &desired.nodeport_addresses);
-            self.target_frontend(f, master_key, index, flags, &id_of, &mut ids, &mut target);
+            Self::target_frontend(f, master_key, index, flags, &id_of, &mut ids, &mut target);
         }
         target.nodeport = desired
             .nodeport_addresses
@@ -275,7 +275,6 @@ impl<M: LbMaps> MapWriter<M> {
     }
 
     fn target_frontend(
-        &self,
         f: &Frontend,
         master_key: Lb4Key,
         index: u16,
