@@ -4,6 +4,7 @@
 //!   node's host to the cluster IP, each reach one pod; other client addresses (extra
 //!   addresses on the client) are balanced over the pods and stick too; removing the pinned
 //!   pod's endpoint moves the client to a live pod without a failed request;
+//! - switch: ClientIP -> None -> ClientIP takes effect both ways;
 //! - timeout: with `timeoutSeconds: 2`, a client's connections stick within the timeout and
 //!   are balanced again once it has passed.
 //!
@@ -38,13 +39,24 @@ const EXTRA_CLIENTS: [&str; 8] = [
     "198.18.0.108",
 ];
 
-fn sticky_service(timeout: u32) -> String {
+/// The Service, with ClientIP affinity of `timeout` seconds, or none (`None`).
+fn sticky_service(timeout: Option<u32>) -> String {
+    let affinity = match timeout {
+        Some(t) => format!(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n"
+        ),
+        None => "  sessionAffinity: None\n".to_string(),
+    };
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {CLUSTER_IP}\n  clusterIPs: [{CLUSTER_IP}]\n  selector: {{app: sticky}}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n  ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: 80, nodePort: {NODE_PORT}}}\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {CLUSTER_IP}\n  clusterIPs: [{CLUSTER_IP}]\n  selector: {{app: sticky}}\n{affinity}  ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: 80, nodePort: {NODE_PORT}}}\n"
     )
 }
 
 fn write_sticky(c: &Cluster, timeout: u32, pods: &[&str]) {
+    write_service(c, Some(timeout), pods);
+}
+
+fn write_service(c: &Cluster, timeout: Option<u32>, pods: &[&str]) {
     let eps: Vec<Ep> = pods.iter().map(|p| Ep::of(c, p)).collect();
     write(
         c,
@@ -271,6 +283,72 @@ fn timeout(mode: &str) {
     c.check(distinct.len() > 1, || {
         format!("{mode}: the pick never changed after the timeout: {rounds:?}")
     });
+}
+
+/// Kubernetes' "should be able to switch session affinity": ClientIP -> None -> ClientIP,
+/// via the nodePort and (from a pod) the cluster IP.
+fn switch(mode: &str) {
+    let c = cluster(mode, 3600);
+    let client = c.client();
+    let pod = c.pod(CLIENT_POD);
+    let np = nodeport_url(&c);
+    let cip = cluster_ip_url();
+    wait_served(&c, &client, &np, "nodePort", |_| true);
+    assert_one_pod(
+        &c,
+        &picks(&c, &client, None, &np, 8),
+        "client -> nodePort, ClientIP",
+    );
+    assert_one_pod(
+        &c,
+        &picks(&c, &pod, None, &cip, 8),
+        "pod-z -> cluster IP, ClientIP",
+    );
+    // Off: connections are balanced again (24 on one of 3 pods: p = 3^-23 per place).
+    write_service(&c, None, &PODS);
+    for (place, url, what) in [
+        (&client, &np, "client -> nodePort"),
+        (&pod, &cip, "pod-z -> cluster IP"),
+    ] {
+        let ok = wait_until(Duration::from_secs(10), || {
+            let p = picks(&c, place, None, url, 24);
+            p.iter().collect::<BTreeSet<_>>().len() > 1
+        });
+        c.check(ok, || {
+            format!("{mode} {what}: still sticky after sessionAffinity: None")
+        });
+    }
+    // On again: sticky again.
+    write_service(&c, Some(3600), &PODS);
+    for (place, url, what) in [
+        (&client, &np, "client -> nodePort"),
+        (&pod, &cip, "pod-z -> cluster IP"),
+    ] {
+        let ok = wait_until(Duration::from_secs(10), || {
+            let p = picks(&c, place, None, url, 10);
+            p.iter().collect::<BTreeSet<_>>().len() == 1
+        });
+        c.check(ok, || {
+            format!("{mode} {what}: not sticky after ClientIP came back")
+        });
+        assert_one_pod(&c, &picks(&c, place, None, url, 10), what);
+    }
+    println!("{mode}: affinity switched ClientIP -> None -> ClientIP");
+}
+
+#[test]
+fn affinity_switch_ebpf() {
+    switch("ebpf");
+}
+
+#[test]
+fn affinity_switch_nftables() {
+    switch("nftables");
+}
+
+#[test]
+fn affinity_switch_iptables() {
+    switch("iptables");
 }
 
 #[test]
