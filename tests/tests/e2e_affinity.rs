@@ -258,6 +258,23 @@ fn check_list_affinity(c: &Cluster, pinned: &str) {
         .count();
     // pod-z's and the node host's namespaces.
     assert_eq!(netns, 2, "{text}");
+    // trace agrees: a new flow of the client follows its affinity.
+    let dst = format!("{}:{NODE_PORT}/tcp", c.node_ip(1));
+    let argv = [
+        bin.to_str().unwrap(),
+        "trace",
+        "198.18.0.100:1",
+        &dst,
+        "--bpf-root",
+        root.to_str().unwrap(),
+        "-o",
+        "json",
+    ];
+    let out = c.ok(c.node(1).output_timeout(&argv, Duration::from_secs(30)));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let t: serde_json::Value = serde_json::from_str(&text).expect("trace JSON");
+    assert_eq!(t["verdict"], "affinity", "{text}");
+    assert_eq!(t["backend"]["address"], pinned_ip, "{text}");
     println!("$ kproxy list affinity\n{}", {
         let argv: Vec<&str> = argv[..5].to_vec();
         let out = c.ok(c.node(1).output_timeout(&argv, Duration::from_secs(30)));

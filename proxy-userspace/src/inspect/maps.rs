@@ -333,6 +333,25 @@ pub fn frontend_label(key: &Lb4Key) -> String {
     s
 }
 
+/// The loadBalancerSourceRanges entries pinned under `root`.
+pub fn read_src_ranges(
+    root: &Path,
+) -> anyhow::Result<Vec<crate::dataplane::ebpf::writer::SrcRange>> {
+    let map: LpmTrie<MapData, Lb4SrcRangeKey, u8> =
+        LpmTrie::try_from(open(root, names::LB4_SRC_RANGE)?).with_context(|| {
+            format!("{} has an unexpected type or layout", names::LB4_SRC_RANGE)
+        })?;
+    let mut out = Vec::new();
+    for k in map.keys() {
+        match k {
+            Ok(k) => out.push(crate::dataplane::ebpf::maps::src_range_of(&k)),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", names::LB4_SRC_RANGE)),
+        }
+    }
+    Ok(out)
+}
+
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`, which stamps conntrack entries.
 pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into `ts`, which we own.
