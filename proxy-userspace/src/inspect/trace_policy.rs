@@ -177,12 +177,14 @@ mod tests {
 
     /// nodePort 30001/TCP (rev-NAT 3) with affinity 60 s and source ranges, backends 1 and 2.
     fn snapshot() -> LbSnapshot {
-        let mut s = LbSnapshot::default();
-        s.config = Some(Lb4Config {
-            flags: CFG_FLAG_READY,
-            snat_port_min: 61000,
-            snat_port_max: 65535,
-        });
+        let mut s = LbSnapshot {
+            config: Some(Lb4Config {
+                flags: CFG_FLAG_READY,
+                snat_port_min: 61000,
+                snat_port_max: 65535,
+            }),
+            ..LbSnapshot::default()
+        };
         s.nodeport_addrs.insert(NODE);
         let flags =
             SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL | SVC_FLAG_AFFINITY | SVC_FLAG_SOURCE_RANGES;
