@@ -168,6 +168,29 @@ fn wait_denied(
     }
 }
 
+/// `kproxy_datapath_events_total{reason="drop_source_range"}` of node1's agent.
+fn drop_count(c: &Cluster) -> f64 {
+    let out = c
+        .node(1)
+        .output_timeout(
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:10249/metrics",
+            ],
+            Duration::from_secs(10),
+        )
+        .expect("curl metrics");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let series = "kproxy_datapath_events_total{reason=\"drop_source_range\"} ";
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series}in the metrics:\n{text}"))
+}
+
 fn scenario(mode: &str) {
     let c = cluster(mode);
     let client = c.client();
@@ -189,6 +212,16 @@ fn scenario(mode: &str) {
         true,
         "outside -> nodePort",
     );
+    if mode == "ebpf" {
+        // The drops are counted by reason.
+        let drops = drop_count(&c);
+        c.check(drops >= 4.0, || {
+            format!(
+                "kproxy_datapath_events_total{{reason=\"drop_source_range\"}} = {drops}, want >= 4"
+            )
+        });
+        println!("ebpf: {drops} packets dropped by source ranges so far");
+    }
     // The cluster IP is not restricted.
     wait_allowed(&c, &pod, None, &cip, "pod -> cluster IP");
     wait_allowed(&c, &host, None, &cip, "host -> cluster IP");
