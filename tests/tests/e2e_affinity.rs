@@ -2,7 +2,8 @@
 //! it (`ebpf`, `nftables`, `iptables`), on one node with three pods:
 //! - sticky: repeated connections of the outside client to the nodePort, of a pod and of the
 //!   node's host to the cluster IP, each reach one pod; other client addresses (extra
-//!   addresses on the client) are balanced over the pods and stick too; removing the pinned
+//!   addresses on the client) are balanced over the pods and stick too; UDP exchanges of a pod
+//!   (a new socket each) stick as well; removing the pinned
 //!   pod's endpoint moves the client to a live pod without a failed request;
 //! - switch: ClientIP -> None -> ClientIP takes effect both ways;
 //! - timeout: with `timeoutSeconds: 2`, a client's connections stick within the timeout and
@@ -26,6 +27,8 @@ use semantics_common::*;
 const TESTPOD: &str = env!("CARGO_BIN_EXE_kproxy-testpod");
 const CLUSTER_IP: &str = "10.96.102.10";
 const NODE_PORT: u16 = 30102;
+const UDP_PORT: u16 = 5353;
+const UDP_NODE_PORT: u16 = 30153;
 const PODS: [&str; 3] = ["pod-a", "pod-b", "pod-c"];
 /// Extra addresses of the outside client (the harness gives it 198.18.0.100).
 const EXTRA_CLIENTS: [&str; 8] = [
@@ -48,7 +51,7 @@ fn sticky_service(timeout: Option<u32>) -> String {
         None => "  sessionAffinity: None\n".to_string(),
     };
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {CLUSTER_IP}\n  clusterIPs: [{CLUSTER_IP}]\n  selector: {{app: sticky}}\n{affinity}  ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: 80, nodePort: {NODE_PORT}}}\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {CLUSTER_IP}\n  clusterIPs: [{CLUSTER_IP}]\n  selector: {{app: sticky}}\n{affinity}  ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: 80, nodePort: {NODE_PORT}}}\n  - {{name: dns, protocol: UDP, port: 53, targetPort: {UDP_PORT}, nodePort: {UDP_NODE_PORT}}}\n"
     )
 }
 
@@ -63,7 +66,12 @@ fn write_service(c: &Cluster, timeout: Option<u32>, pods: &[&str]) {
         "sticky.yaml",
         &[
             sticky_service(timeout),
-            slice("sticky-1", "sticky", &[("http", "TCP", 80)], &eps),
+            slice(
+                "sticky-1",
+                "sticky",
+                &[("http", "TCP", 80), ("dns", "UDP", UDP_PORT)],
+                &eps,
+            ),
         ],
     );
 }
@@ -97,7 +105,7 @@ fn cluster(mode: &str, timeout: u32) -> Cluster {
 }
 
 fn web_pod(name: &str) -> PodSpec {
-    PodSpec::new(name, 1).http_ports(&[80])
+    PodSpec::new(name, 1).http_ports(&[80]).udp(UDP_PORT)
 }
 
 /// One curl from `place`, from the source address `src` when given.
@@ -136,6 +144,31 @@ fn picks(c: &Cluster, place: &Place, src: Option<&str>, url: &str, n: usize) -> 
         .collect()
 }
 
+/// `n` UDP exchanges (each from a new socket) from `place`; all must be answered. Returns the
+/// pods that answered.
+fn udp_picks(c: &Cluster, place: &Place, dst: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let l = c.ask(
+                place,
+                &["udp-ask", dst, "--timeout-ms", "1500"],
+                Duration::from_secs(6),
+            );
+            c.check(l.len() == 1 && l[0].is_ok(), || {
+                format!(
+                    "{} -> {dst} (UDP) exchange {i} unanswered: {l:?}",
+                    place.label
+                )
+            });
+            let pod = l[0].pod().unwrap_or_default().to_string();
+            c.check(PODS.contains(&pod.as_str()), || {
+                format!("{dst} (UDP) answered by {pod:?}, not a pod of the Service: {l:?}")
+            });
+            pod
+        })
+        .collect()
+}
+
 /// Asserts every connection went to one pod; returns it.
 fn assert_one_pod(c: &Cluster, picks: &[String], what: &str) -> String {
     let distinct: BTreeSet<&String> = picks.iter().collect();
@@ -169,6 +202,10 @@ fn sticky(mode: &str) {
     assert_one_pod(&c, &from_pod, "pod-z -> cluster IP");
     let from_host = picks(&c, &c.node(1), None, &cip, 12);
     assert_one_pod(&c, &from_host, "node1 host -> cluster IP");
+    // UDP: every datagram exchange from a new socket of pod-z reaches one pod.
+    let udp = udp_picks(&c, &c.pod(CLIENT_POD), &format!("{CLUSTER_IP}:53"), 8);
+    let udp_pod = assert_one_pod(&c, &udp, "pod-z -> cluster IP (UDP)");
+    println!("{mode}: pod-z's UDP exchanges all answered by {udp_pod}");
 
     // Other clients: each sticks to its pod, and they do not all get the same one (with 3
     // pods and 9 clients in all, one pod for everyone has p = 3^-8).
