@@ -557,10 +557,15 @@ pub fn render_probe() -> String {
     format!(
         "add table {t}\n\
          add map {t} m {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}\n\
+         add set {t} aff {{ type ipv4_addr ; flags dynamic,timeout ; timeout 10800s ; }}\n\
          add chain {t} ep\n\
+         add rule {t} ep update @aff {{ ip saddr }}\n\
          add rule {t} ep meta l4proto tcp dnat to 10.0.0.1:80\n\
          add chain {t} svc\n\
+         add rule {t} svc ip saddr @aff goto ep\n\
          add rule {t} svc numgen random mod 1 vmap {{ 0 : goto ep }}\n\
+         add chain {t} fw\n\
+         add rule {t} fw ip saddr != {{ 192.0.2.0/24, 198.51.100.1 }} drop\n\
          add chain {t} pre {{ type nat hook prerouting priority -100 ; policy accept ; }}\n\
          add rule {t} pre ip daddr . meta l4proto . th dport vmap @m\n\
          add rule {t} pre fib daddr type local meta l4proto . th dport vmap {{ tcp . 1 : goto svc }}\n\
