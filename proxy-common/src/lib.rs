@@ -7,6 +7,7 @@
 //! packet carries them; everything else is host order.
 #![no_std]
 
+pub mod affinity;
 pub mod config;
 pub mod conntrack;
 pub mod lb;
@@ -14,4 +15,5 @@ pub mod lb6;
 pub mod maps;
 pub mod sock;
 pub mod sock6;
+pub mod src_range;
 pub mod stats;

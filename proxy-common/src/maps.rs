@@ -33,6 +33,11 @@ pub const LB6_REVERSE_NAT: &str = "KP_LB6_RNAT_V1";
 pub const LB6_NODEPORT_ADDRS: &str = "KP_LB6_NPA_V1";
 /// Socket-level reverse translation for `recvmsg6`/`getpeername6` (LRU).
 pub const SOCK6_REV: &str = "KP_SOCK6_REV_V1";
+/// Session affinity (LRU): [`crate::affinity::Lb4AffinityKey`] ->
+/// [`crate::affinity::Lb4AffinityValue`].
+pub const LB4_AFFINITY: &str = "KP_AFF4_V1";
+/// loadBalancerSourceRanges (LPM trie): [`crate::src_range::Lb4SrcRangeKey`] -> `u8` (1).
+pub const LB4_SRC_RANGE: &str = "KP_SRCR4_V1";
 
 pub const LB4_SERVICES_MAX: u32 = 65_536;
 pub const LB4_BACKENDS_MAX: u32 = 65_536;
@@ -51,9 +56,11 @@ pub const LB6_BACKENDS_MAX: u32 = 65_536;
 pub const LB6_REVERSE_NAT_MAX: u32 = 65_536;
 pub const LB6_NODEPORT_ADDRS_MAX: u32 = 256;
 pub const SOCK6_REV_MAX: u32 = 262_144;
+pub const LB4_AFFINITY_MAX: u32 = 65_536;
+pub const LB4_SRC_RANGE_MAX: u32 = 16_384;
 
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -69,6 +76,8 @@ pub const ALL: [&str; 15] = [
     LB6_REVERSE_NAT,
     LB6_NODEPORT_ADDRS,
     SOCK6_REV,
+    LB4_AFFINITY,
+    LB4_SRC_RANGE,
 ];
 
 /// Maps that are counters, not state: their fill level is not a capacity concern.

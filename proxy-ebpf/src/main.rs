@@ -5,6 +5,7 @@
 // purpose; TC_ACT_* are u32 in the bpfel bindings (the cast is not a no-op there).
 #![allow(clippy::manual_unwrap_or, clippy::unnecessary_cast)]
 
+mod affinity;
 mod csum;
 mod ct;
 mod ctx;
@@ -15,6 +16,7 @@ mod nodeport;
 mod parse;
 mod sock;
 mod sock6;
+mod src_range;
 mod stats;
 
 use aya_ebpf::{

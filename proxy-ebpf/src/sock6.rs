@@ -13,21 +13,24 @@ use core::ptr::{addr_of, addr_of_mut};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, bpf_sock_addr},
-    helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
     sock::{Sock4RevKey, Sock4RevValue},
     sock6::{Sock6RevKey, Sock6RevValue},
-    stats::{STAT_SOCK_NO_BACKEND, STAT_SOCK_REV_XLATE},
+    stats::{STAT_SOCK_NO_BACKEND, STAT_SOCK_REV_XLATE, STAT_SOCK_SOURCE_RANGE_DENIED},
 };
 
 use crate::{
-    lb::{lb4_config, lb4_lookup_service, lb4_select_backend},
+    affinity::lb4_affinity_select_by_netns,
+    ct::ct4_now,
+    lb::{lb4_config, lb4_lookup_service},
     lb6::{lb6_lookup_service, lb6_select_backend},
     maps::{SOCK4_REV, SOCK6_REV},
     parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
     sock::SockErr,
+    src_range::lb4_src_range_node_ok,
     stats::{stat_inc, svc_stat_add},
 };
 
@@ -115,7 +118,9 @@ pub fn sock6_xlate_fwd(
     let daddr = sock6_read_addr(sa);
     let cookie = sock6_cookie(ctx);
     let chosen = if is_v4_mapped(&daddr) {
-        sock6_xlate_fwd_v4_mapped(cookie, daddr[3], dport, proto, refused_stat)?
+        // SAFETY: plain helper call on the program's own context (kernel >= 5.7).
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        sock6_xlate_fwd_v4_mapped(cookie, netns, daddr[3], dport, proto, refused_stat)?
     } else {
         sock6_xlate_fwd_v6(cookie, daddr, dport, proto, refused_stat)?
     };
@@ -168,11 +173,14 @@ fn sock6_xlate_fwd_v6(
     }))
 }
 
-/// The v4-mapped case: the IPv4 frontend `daddr4` through the IPv4 maps, the backend handed
-/// back v4-mapped; the reverse entry goes to SOCK4_REV like a plain IPv4 socket's.
+/// The v4-mapped case: the IPv4 frontend `daddr4` through the IPv4 maps, with what
+/// `sock4_xlate_fwd` applies (source ranges for connections made on the node, session
+/// affinity by network namespace), the backend handed back v4-mapped; the reverse entry goes
+/// to SOCK4_REV like a plain IPv4 socket's.
 #[inline(always)]
 fn sock6_xlate_fwd_v4_mapped(
     cookie: u64,
+    netns: u64,
     daddr4: u32,
     dport: u16,
     proto: u8,
@@ -181,10 +189,14 @@ fn sock6_xlate_fwd_v4_mapped(
     let Some((key, svc)) = lb4_lookup_service(daddr4, dport, proto) else {
         return Ok(Err(SYS_PROCEED));
     };
+    if !lb4_src_range_node_ok(&svc) {
+        stat_inc(STAT_SOCK_SOURCE_RANGE_DENIED);
+        return Ok(Err(SYS_REJECT));
+    }
     if svc.count == 0 {
         return sock6_refuse(refused_stat).map(Err);
     }
-    let Some((_, backend)) = lb4_select_backend(&key, &svc) else {
+    let Some((_, backend)) = lb4_affinity_select_by_netns(&key, &svc, netns, ct4_now()) else {
         stat_inc(STAT_SOCK_NO_BACKEND);
         return Ok(Err(SYS_PROCEED));
     };

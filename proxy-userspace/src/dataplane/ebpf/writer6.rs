@@ -17,7 +17,7 @@ use proxy_common::{
 
 use super::{
     maps6::{Lb6Maps, addr_from_words, be_words},
-    writer::{Allocator, frontend_flags, protocol_from_number},
+    writer::{Allocator, kind_flags, protocol_from_number},
 };
 use crate::{
     dataplane::ApplyStats,
@@ -174,7 +174,7 @@ fn target_frontend(
     ids: &mut Allocator<u32>,
     target: &mut Contents6,
 ) {
-    let flags = frontend_flags(f.kind);
+    let flags = kind_flags(f.kind);
     let proto = f.protocol.number();
     let mut slots = 0u16;
     for b in &f.backends {

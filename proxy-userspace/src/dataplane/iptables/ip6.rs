@@ -160,6 +160,17 @@ pub fn render6(desired: &DesiredState, masquerade_bit: u8) -> Rendering {
             );
         }
     }
+    // Every chain the built-in chains jump to exists (empty when IPv6 has nothing for it,
+    // e.g. the IPv4 source-range firewall), so a full sync never deletes a jumped-to chain.
+    for (table, _, spec) in render::base_jumps() {
+        let target = spec.last().copied().unwrap_or_default();
+        let map = if table == "nat" {
+            &mut r.nat
+        } else {
+            &mut r.filter
+        };
+        map.entry(target.to_string()).or_default();
+    }
     for a in &desired.nodeport_addresses6 {
         let rule = format!(
             "-m comment --comment \"kproxy nodePorts\" -d {a}/128 -m addrtype --dst-type LOCAL -j {NODEPORTS}"
