@@ -17,8 +17,10 @@ use proxy_common::{
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
+    lb6::{Lb6Backend, Lb6Key, Lb6RevNat, Lb6Service},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    sock6::{Sock6RevKey, Sock6RevValue},
     src_range::Lb4SrcRangeKey,
     stats::{STAT_NAMES, SvcStats},
 };
@@ -186,6 +188,11 @@ fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
         names::SVC_STATS => count_percpu_keys::<u16, SvcStats>(map),
         names::LB4_AFFINITY => count_keys::<Lb4AffinityKey, Lb4AffinityValue>(map),
         names::LB4_SRC_RANGE => count_lpm_keys::<Lb4SrcRangeKey, u8>(map),
+        names::LB6_SERVICES => count_keys::<Lb6Key, Lb6Service>(map),
+        names::LB6_BACKENDS => count_keys::<u32, Lb6Backend>(map),
+        names::LB6_REVERSE_NAT => count_keys::<u16, Lb6RevNat>(map),
+        names::LB6_NODEPORT_ADDRS => count_keys::<[u32; 4], u32>(map),
+        names::SOCK6_REV => count_keys::<Sock6RevKey, Sock6RevValue>(map),
         // An array always holds max_entries elements.
         _ => Ok(u64::from(info.max_entries())),
     }
