@@ -1,0 +1,297 @@
+//! `--proxy-mode userspace`: the agent relays connections itself, as the original
+//! kube-proxy userspace mode did, for hosts with neither BPF nor a usable netfilter.
+//!
+//! - Cluster, external and LoadBalancer IPs are put on the agent's own interface
+//!   ([`iface::RELAY_INTERFACE`]) so they are local addresses; the relay listens on them.
+//! - NodePorts are plain listening sockets on every nodePort address of the node and on
+//!   127.0.0.1 (so `localhost:<nodePort>` works, which the kernel modes cannot serve).
+//! - A frontend without endpoints has no listener: the kernel refuses at once (TCP reset,
+//!   ICMP port unreachable).
+//! - Apply is incremental: each frontend's backend set is swapped as a whole
+//!   ([`balancer::Balancer::swap`]); a frontend that did not change keeps its listener and
+//!   connections; a removed backend gets no new flows and its relayed ones are closed.
+//!
+//! The one thing it cannot do: keep the client's source address (backends see the node).
+//! It is also the slowest mode: every byte crosses the agent.
+
+pub mod balancer;
+pub mod iface;
+mod listen;
+mod tcp;
+mod udp;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{runtime::Handle, task::AbortHandle};
+
+use self::{
+    balancer::{BackendHandle, Balancer, Pool},
+    iface::RelayInterface,
+};
+use super::{ApplyStats, Dataplane};
+use crate::desired::{DesiredState, Frontend, FrontendKind, Protocol};
+
+pub use self::iface::cleanup;
+
+type FrontendKey = (Ipv4Addr, u16, Protocol);
+
+/// A warning logged at most every [`RateLimitedLog::EVERY`], with the count of the ones
+/// left out (for per-connection failures, which can come in floods).
+#[derive(Default)]
+pub(crate) struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) fn warn(&mut self, message: impl FnOnce() -> String) {
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(suppressed = self.suppressed, "{}", message());
+        self.last = Some(Instant::now());
+        self.suppressed = 0;
+    }
+}
+
+/// A running accept or receive loop; dropping it stops the loop and closes its socket.
+struct Listener(AbortHandle);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The relay of one frontend.
+struct Relay {
+    frontend: Option<Frontend>,
+    balancer: Arc<Balancer>,
+    backends: BTreeMap<SocketAddrV4, Arc<BackendHandle>>,
+    listeners: BTreeMap<SocketAddrV4, Listener>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // The frontend is gone: its connections and sessions go with it.
+        for b in self.backends.values() {
+            b.retire();
+        }
+    }
+}
+
+fn label(f: &Frontend) -> String {
+    match f.kind {
+        FrontendKind::NodePort => format!("{} nodePort {}", f.service, f.port),
+        kind => format!("{} {kind:?} {}:{}", f.service, f.address, f.port),
+    }
+}
+
+impl Relay {
+    fn new(f: &Frontend) -> Self {
+        Self {
+            frontend: None,
+            balancer: Arc::new(Balancer::new(label(f), Pool::default())),
+            backends: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+        }
+    }
+
+    /// Swaps in the frontend's backend set if it changed; backends that left are retired.
+    /// Returns whether anything changed.
+    fn update_pool(&mut self, f: &Frontend) -> bool {
+        if self.frontend.as_ref() == Some(f) {
+            return false;
+        }
+        let mut backends = BTreeMap::new();
+        for b in &f.backends {
+            let addr = SocketAddrV4::new(b.address, b.port);
+            let handle = self
+                .backends
+                .remove(&addr)
+                .unwrap_or_else(|| BackendHandle::new(addr));
+            backends.insert(addr, handle);
+        }
+        let removed = std::mem::replace(&mut self.backends, backends);
+        self.balancer.swap(Pool {
+            backends: self.backends.values().cloned().collect(),
+            affinity_timeout: f.affinity_timeout.map(|s| Duration::from_secs(s.into())),
+            source_ranges: f.source_ranges.clone(),
+        });
+        // Retired after the swap, so no new flow picks them in between.
+        for b in removed.values() {
+            b.retire();
+        }
+        self.frontend = Some(f.clone());
+        true
+    }
+
+    /// Opens the listeners the frontend needs and closes the others. Bind failures are
+    /// pushed to `failures`; the next apply tries again. Returns the number of changes.
+    fn update_listeners(
+        &mut self,
+        f: &Frontend,
+        nodeport_addresses: &BTreeSet<Ipv4Addr>,
+        failures: &mut Vec<String>,
+    ) -> usize {
+        let wanted: BTreeSet<SocketAddrV4> = if f.backends.is_empty() {
+            BTreeSet::new()
+        } else if f.kind == FrontendKind::NodePort {
+            nodeport_addresses
+                .iter()
+                .map(|ip| SocketAddrV4::new(*ip, f.port))
+                .collect()
+        } else {
+            BTreeSet::from([SocketAddrV4::new(f.address, f.port)])
+        };
+        let before = self.listeners.len();
+        self.listeners.retain(|addr, _| wanted.contains(addr));
+        let mut changes = before - self.listeners.len();
+        for addr in wanted {
+            if self.listeners.contains_key(&addr) {
+                continue;
+            }
+            match self.listen(addr, f.protocol) {
+                Ok(l) => {
+                    self.listeners.insert(addr, l);
+                    changes += 1;
+                }
+                Err(e) => failures.push(format!(
+                    "{}: cannot listen on {addr}/{}: {e:#}",
+                    self.balancer.label,
+                    f.protocol.as_str()
+                )),
+            }
+        }
+        changes
+    }
+
+    /// Binds `addr` and starts its loop (inside the runtime the caller entered).
+    fn listen(&self, addr: SocketAddrV4, protocol: Protocol) -> anyhow::Result<Listener> {
+        let balancer = Arc::clone(&self.balancer);
+        let task = match protocol {
+            Protocol::Tcp => {
+                let l = tokio::net::TcpListener::from_std(listen::tcp(addr)?)?;
+                tokio::spawn(tcp::serve(l, balancer))
+            }
+            Protocol::Udp => {
+                let s = tokio::net::UdpSocket::from_std(listen::udp(addr)?)?;
+                tokio::spawn(udp::serve(s, balancer))
+            }
+            Protocol::Sctp => bail!("SCTP is not relayed"),
+        };
+        Ok(Listener(task.abort_handle()))
+    }
+}
+
+pub struct UserspaceDataplane {
+    runtime: Handle,
+    iface: RelayInterface,
+    /// The service addresses on the interface as last applied (`None`: re-read them).
+    addresses: Option<BTreeSet<Ipv4Addr>>,
+    relays: BTreeMap<FrontendKey, Relay>,
+}
+
+impl UserspaceDataplane {
+    /// Creates (or adopts) the relay interface. Must be called inside the agent's tokio
+    /// runtime, which runs the relay's tasks.
+    pub fn new() -> anyhow::Result<Self> {
+        let runtime =
+            Handle::try_current().context("the userspace mode needs the agent's tokio runtime")?;
+        let iface = RelayInterface::ensure()?;
+        Ok(Self {
+            runtime,
+            iface,
+            addresses: None,
+            relays: BTreeMap::new(),
+        })
+    }
+
+    /// Adds the service addresses `want` needs and returns what the interface had before.
+    fn add_addresses(
+        &mut self,
+        want: &BTreeSet<Ipv4Addr>,
+        full: bool,
+        stats: &mut ApplyStats,
+    ) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
+        let have = match self.addresses.take() {
+            Some(a) if !full => a,
+            _ => self.iface.addresses()?.into_iter().collect(),
+        };
+        for ip in want.difference(&have) {
+            self.iface.add(*ip)?;
+            stats.writes += 1;
+        }
+        Ok(have)
+    }
+}
+
+impl Dataplane for UserspaceDataplane {
+    fn name(&self) -> &'static str {
+        "userspace"
+    }
+
+    fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
+        let _runtime = self.runtime.enter();
+        let mut stats = ApplyStats::default();
+        let want_addresses: BTreeSet<Ipv4Addr> = desired
+            .frontends
+            .iter()
+            .filter(|f| f.kind != FrontendKind::NodePort)
+            .map(|f| f.address)
+            .collect();
+        // Addresses first: a listener can only bind an address the node has.
+        let had = self.add_addresses(&want_addresses, full, &mut stats)?;
+
+        let mut nodeport_addresses: BTreeSet<Ipv4Addr> =
+            desired.nodeport_addresses.iter().copied().collect();
+        nodeport_addresses.insert(Ipv4Addr::LOCALHOST);
+        let wanted: BTreeSet<FrontendKey> = desired.frontends.iter().map(|f| f.key()).collect();
+        let before = self.relays.len();
+        self.relays.retain(|key, _| wanted.contains(key));
+        stats.deletes += before - self.relays.len();
+        let mut failures = Vec::new();
+        for f in &desired.frontends {
+            let relay = self.relays.entry(f.key()).or_insert_with(|| Relay::new(f));
+            let is_new = relay.frontend.is_none();
+            if f.protocol == Protocol::Sctp {
+                if is_new {
+                    stats.rejected.push(format!(
+                        "{}: SCTP is not served in userspace mode",
+                        label(f)
+                    ));
+                }
+                relay.frontend = Some(f.clone());
+                continue;
+            }
+            if relay.update_pool(f) {
+                stats.writes += 1;
+            }
+            stats.writes += relay.update_listeners(f, &nodeport_addresses, &mut failures);
+        }
+
+        // Addresses last: their listeners are closed by now.
+        for ip in had.difference(&want_addresses) {
+            self.iface.remove(*ip)?;
+            stats.deletes += 1;
+        }
+        self.addresses = Some(want_addresses);
+        if !failures.is_empty() {
+            bail!(
+                "{} frontend listener(s) could not be opened (retried on the next sync): {}",
+                failures.len(),
+                failures.join("; ")
+            );
+        }
+        Ok(stats)
+    }
+}

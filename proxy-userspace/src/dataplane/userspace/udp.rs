@@ -1,0 +1,160 @@
+//! The UDP relay: one session per client address and port, with its own socket connected
+//! to the backend picked for it. Replies go back to the client from the frontend's socket
+//! (so from the frontend address). A session ends after [`IDLE_TIMEOUT`] without a datagram
+//! either way, or when its backend is removed; the client's next datagram opens a new one.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::net::UdpSocket;
+
+use super::{
+    RateLimitedLog,
+    balancer::{BackendHandle, Balancer},
+};
+
+/// How long a session lives without traffic (the kernel's UDP conntrack timeout).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_DATAGRAM: usize = 65_535;
+
+/// Milliseconds since the first call, as a cheap shared clock for activity stamps.
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+struct Session {
+    id: u64,
+    upstream: Arc<UdpSocket>,
+    last_active: Arc<AtomicU64>,
+}
+
+type Sessions = Arc<Mutex<HashMap<SocketAddrV4, Session>>>;
+
+/// Relays datagrams arriving on `socket` until the task is aborted.
+pub async fn serve(socket: UdpSocket, balancer: Arc<Balancer>) {
+    let socket = Arc::new(socket);
+    let sessions: Sessions = Arc::default();
+    let mut next_id = 0u64;
+    let mut errors = RateLimitedLog::default();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, client) = match socket.recv_from(&mut buf).await {
+            Ok((n, SocketAddr::V4(c))) => (n, c),
+            Ok(_) => continue,
+            Err(e) => {
+                errors.warn(|| format!("{}: receiving failed: {e}", balancer.label));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let existing = sessions.lock().ok().and_then(|s| {
+            s.get(&client)
+                .map(|s| (Arc::clone(&s.upstream), Arc::clone(&s.last_active)))
+        });
+        let (upstream, last_active) = match existing {
+            Some(s) => s,
+            None => {
+                next_id += 1;
+                match open_session(&socket, &balancer, &sessions, client, next_id).await {
+                    Some(s) => s,
+                    None => continue,
+                }
+            }
+        };
+        last_active.store(now_ms(), Ordering::Relaxed);
+        // A refused datagram (the backend's port closed) is the backend's answer to give;
+        // UDP has no way to pass it on, so it is dropped like the datagram itself.
+        let _ = upstream.send(&buf[..n]).await;
+    }
+}
+
+/// Picks a backend for `client` and starts the session's reply task. `None`: the datagram
+/// is dropped (source not admitted, no backend, or no socket).
+async fn open_session(
+    socket: &Arc<UdpSocket>,
+    balancer: &Arc<Balancer>,
+    sessions: &Sessions,
+    client: SocketAddrV4,
+    id: u64,
+) -> Option<(Arc<UdpSocket>, Arc<AtomicU64>)> {
+    if !balancer.admits(*client.ip()) {
+        return None;
+    }
+    let backend = balancer.pick(*client.ip(), &[])?;
+    let upstream = match UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!("{}: no socket for a UDP session: {e}", balancer.label);
+            return None;
+        }
+    };
+    if let Err(e) = upstream.connect(backend.address).await {
+        tracing::debug!("{}: connecting to {}: {e}", balancer.label, backend.address);
+        return None;
+    }
+    let upstream = Arc::new(upstream);
+    let last_active = Arc::new(AtomicU64::new(now_ms()));
+    if let Ok(mut s) = sessions.lock() {
+        s.insert(
+            client,
+            Session {
+                id,
+                upstream: Arc::clone(&upstream),
+                last_active: Arc::clone(&last_active),
+            },
+        );
+    }
+    tokio::spawn(replies(
+        Arc::clone(socket),
+        Arc::clone(&upstream),
+        client,
+        backend,
+        Arc::clone(sessions),
+        id,
+        Arc::clone(&last_active),
+    ));
+    Some((upstream, last_active))
+}
+
+/// Sends the backend's datagrams back to the client until the session is idle for
+/// [`IDLE_TIMEOUT`] or the backend is retired, then forgets the session.
+async fn replies(
+    socket: Arc<UdpSocket>,
+    upstream: Arc<UdpSocket>,
+    client: SocketAddrV4,
+    backend: Arc<BackendHandle>,
+    sessions: Sessions,
+    id: u64,
+    last_active: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let idle_ms = now_ms().saturating_sub(last_active.load(Ordering::Relaxed));
+        let Some(left) = IDLE_TIMEOUT.checked_sub(Duration::from_millis(idle_ms)) else {
+            break;
+        };
+        tokio::select! {
+            r = upstream.recv(&mut buf) => {
+                if let Ok(n) = r {
+                    last_active.store(now_ms(), Ordering::Relaxed);
+                    let _ = socket.send_to(&buf[..n], client).await;
+                }
+            }
+            () = tokio::time::sleep(left) => {}
+            () = backend.wait_retired() => break,
+        }
+    }
+    if let Ok(mut s) = sessions.lock()
+        && s.get(&client).is_some_and(|s| s.id == id)
+    {
+        s.remove(&client);
+    }
+}
