@@ -102,3 +102,125 @@ async fn relay(mut client: TcpStream, peer: SocketAddrV4, balancer: Arc<Balancer
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::dataplane::userspace::balancer::{BackendHandle, Pool};
+
+    /// A relay on 127.0.0.1 in front of `backend`; returns its address.
+    async fn relay_to(backend: Arc<BackendHandle>) -> SocketAddrV4 {
+        let pool = Pool {
+            backends: vec![backend],
+            ..Pool::default()
+        };
+        let balancer = Arc::new(Balancer::new("test".into(), pool));
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("relay listener");
+        let SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+            unreachable!("bound to an IPv4 address")
+        };
+        tokio::spawn(serve(listener, balancer));
+        addr
+    }
+
+    async fn backend_listener() -> (TcpListener, SocketAddrV4) {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("backend listener");
+        let SocketAddr::V4(addr) = l.local_addr().expect("addr") else {
+            unreachable!("bound to an IPv4 address")
+        };
+        (l, addr)
+    }
+
+    #[tokio::test]
+    async fn half_close_is_passed_on_and_the_answer_still_comes_back() {
+        let (backend, backend_addr) = backend_listener().await;
+        // The backend reads until the client's EOF, then answers and closes.
+        tokio::spawn(async move {
+            let (mut s, _) = backend.accept().await.expect("accept");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.expect("read");
+            s.write_all(format!("got {} bytes", got.len()).as_bytes())
+                .await
+                .expect("write");
+        });
+        let relay = relay_to(BackendHandle::new(backend_addr)).await;
+        let mut client = TcpStream::connect(relay).await.expect("connect");
+        client.write_all(&[7u8; 100_000]).await.expect("write");
+        client.shutdown().await.expect("half-close");
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert_eq!(answer, "got 100000 bytes");
+    }
+
+    #[tokio::test]
+    async fn retiring_the_backend_resets_its_relayed_connections() {
+        let (backend, backend_addr) = backend_listener().await;
+        tokio::spawn(async move {
+            let (mut s, _) = backend.accept().await.expect("accept");
+            // Echo forever.
+            let mut buf = [0u8; 64];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let handle = BackendHandle::new(backend_addr);
+        let relay = relay_to(Arc::clone(&handle)).await;
+        let mut client = TcpStream::connect(relay).await.expect("connect");
+        client.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        client.read_exact(&mut buf).await.expect("echo");
+        assert_eq!(&buf, b"ping");
+        handle.retire();
+        let r = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("closed in time");
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the relayed connection should be reset: {r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_refuses_is_skipped_for_a_live_one() {
+        let (live, live_addr) = backend_listener().await;
+        tokio::spawn(async move {
+            let (mut s, _) = live.accept().await.expect("accept");
+            s.write_all(b"live").await.expect("write");
+        });
+        // A port that was just free: nothing listens there.
+        let (dead, dead_addr) = backend_listener().await;
+        drop(dead);
+        let pool = Pool {
+            backends: vec![BackendHandle::new(dead_addr), BackendHandle::new(live_addr)],
+            ..Pool::default()
+        };
+        let balancer = Arc::new(Balancer::new("test".into(), pool));
+        let client_side = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("listener");
+        let SocketAddr::V4(relay) = client_side.local_addr().expect("addr") else {
+            unreachable!("bound to an IPv4 address")
+        };
+        tokio::spawn(serve(client_side, balancer));
+        let mut client = TcpStream::connect(relay).await.expect("connect");
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert_eq!(answer, "live");
+    }
+}

@@ -158,3 +158,82 @@ async fn replies(
         s.remove(&client);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::userspace::balancer::Pool;
+
+    async fn bound() -> (UdpSocket, SocketAddrV4) {
+        let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let SocketAddr::V4(a) = s.local_addr().expect("addr") else {
+            unreachable!("bound to an IPv4 address")
+        };
+        (s, a)
+    }
+
+    /// A backend answering each datagram with `<name> <datagram>`.
+    async fn backend(name: &'static str) -> SocketAddrV4 {
+        let (s, addr) = bound().await;
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let reply = format!("{name} {}", String::from_utf8_lossy(&buf[..n]));
+                let _ = s.send_to(reply.as_bytes(), from).await;
+            }
+        });
+        addr
+    }
+
+    async fn ask(client: &UdpSocket, relay: SocketAddrV4, q: &str) -> (String, SocketAddr) {
+        client.send_to(q.as_bytes(), relay).await.expect("send");
+        let mut buf = [0u8; 1500];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .expect("answered in time")
+            .expect("recv");
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
+    }
+
+    #[tokio::test]
+    async fn a_flow_keeps_its_backend_until_the_backend_is_retired() {
+        let a = BackendHandle::new(backend("a").await);
+        let b = BackendHandle::new(backend("b").await);
+        let balancer = Arc::new(Balancer::new(
+            "test".into(),
+            Pool {
+                backends: vec![Arc::clone(&a), Arc::clone(&b)],
+                ..Pool::default()
+            },
+        ));
+        let (relay_socket, relay) = bound().await;
+        tokio::spawn(serve(relay_socket, Arc::clone(&balancer)));
+        let (client, _) = bound().await;
+        let (first, from) = ask(&client, relay, "q0").await;
+        assert_eq!(
+            from,
+            SocketAddr::V4(relay),
+            "replies come from the frontend"
+        );
+        let used = first.split_whitespace().next().expect("a name").to_string();
+        for i in 1..10 {
+            let (r, _) = ask(&client, relay, &format!("q{i}")).await;
+            assert_eq!(r, format!("{used} q{i}"), "one flow, one backend");
+        }
+        // The used backend leaves: the flow moves to the other one.
+        let (gone, other) = if used == "a" { (&a, &b) } else { (&b, &a) };
+        balancer.swap(Pool {
+            backends: vec![Arc::clone(other)],
+            ..Pool::default()
+        });
+        gone.retire();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let other_name = if used == "a" { "b" } else { "a" };
+        for i in 10..15 {
+            let (r, _) = ask(&client, relay, &format!("q{i}")).await;
+            assert_eq!(r, format!("{other_name} q{i}"));
+        }
+    }
+}
