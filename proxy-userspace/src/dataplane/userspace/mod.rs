@@ -193,6 +193,25 @@ impl Relay {
     }
 }
 
+/// Every relayed connection holds two sockets: lift the soft limit on open files to the hard
+/// one (often 1024 vs 1M), as proxies do.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(from = old, to = lim.rlim_max, "raised the open files limit");
+            }
+        }
+    }
+}
+
 pub struct UserspaceDataplane {
     runtime: Handle,
     iface: RelayInterface,
@@ -208,6 +227,7 @@ impl UserspaceDataplane {
         let runtime =
             Handle::try_current().context("the userspace mode needs the agent's tokio runtime")?;
         let iface = RelayInterface::ensure()?;
+        raise_open_files_limit();
         Ok(Self {
             runtime,
             iface,

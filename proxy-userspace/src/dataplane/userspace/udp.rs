@@ -23,6 +23,10 @@ use super::{
 /// How long a session lives without traffic (the kernel's UDP conntrack timeout).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_DATAGRAM: usize = 65_535;
+/// Sessions one frontend socket keeps at most (each holds a socket): beyond it, datagrams of
+/// new flows are dropped until sessions idle out, so a flood of sources cannot exhaust the
+/// agent's file descriptors.
+const MAX_SESSIONS: usize = 16_384;
 
 /// Milliseconds since the first call, as a cheap shared clock for activity stamps.
 fn now_ms() -> u64 {
@@ -86,6 +90,13 @@ async fn open_session(
     id: u64,
 ) -> Option<(Arc<UdpSocket>, Arc<AtomicU64>)> {
     if !balancer.admits(*client.ip()) {
+        return None;
+    }
+    if sessions.lock().is_ok_and(|s| s.len() >= MAX_SESSIONS) {
+        tracing::debug!(
+            "{}: {MAX_SESSIONS} UDP sessions open; dropping a new flow's datagram",
+            balancer.label
+        );
         return None;
     }
     let backend = balancer.pick(*client.ip(), &[])?;
