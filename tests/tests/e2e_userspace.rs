@@ -301,3 +301,35 @@ fn a_listener_that_cannot_bind_is_reported_and_retried() {
         format!("the dns nodePort after recovery:\n{}", show(&lines))
     });
 }
+
+/// Something deletes the relay interface under the running agent: the agent says so and
+/// puts the service addresses back, and the cluster IP is served again without any change
+/// to the Services.
+#[test]
+fn a_deleted_relay_interface_is_restored() {
+    let mut c = userspace_cluster();
+    let r = c.start_agent_ready(1);
+    c.ok(r);
+    let cip = format!("http://{}:{}/", seed::MYSVC_IP, seed::MYSVC_PORT);
+    let pod_z = c.pod(fixtures::CLIENT_POD);
+    c.check(c.curl(&pod_z, &cip).ok(), || "cluster IP before".into());
+    let out = c
+        .node(1)
+        .output(&["ip", "link", "del", "kproxy0"])
+        .expect("ip link del");
+    c.check(out.status.success(), || {
+        format!(
+            "ip link del kproxy0: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let back = sys::wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
+        c.curl(&pod_z, &cip).ok().then_some(())
+    });
+    c.check(back.is_some(), || {
+        "the cluster IP should be served again once the agent restores kproxy0".into()
+    });
+    c.check(c.agent_log(1).contains("lost service addresses"), || {
+        "the agent should say it restored the addresses".into()
+    });
+}

@@ -159,60 +159,57 @@ impl Rtnl {
     }
 }
 
-/// The relay interface, created if missing.
-pub struct RelayInterface {
-    index: u32,
+/// The index of [`RELAY_INTERFACE`], creating it (a `dummy` link, or an empty bridge when
+/// the kernel has no dummy driver) if it does not exist.
+pub fn ensure() -> anyhow::Result<u32> {
+    if let Some(index) = netdev::ifindex(RELAY_INTERFACE) {
+        return Ok(index);
+    }
+    let mut rtnl = Rtnl::open().context("opening a NETLINK_ROUTE socket")?;
+    if let Err(dummy) = rtnl.new_link(RELAY_INTERFACE, "dummy") {
+        rtnl.new_link(RELAY_INTERFACE, "bridge").map_err(|bridge| {
+            anyhow::anyhow!(
+                "creating interface {RELAY_INTERFACE}: as a dummy link: {dummy}; as an empty bridge: {bridge}"
+            )
+        })?;
+        tracing::info!(
+            "the kernel has no dummy link driver ({dummy}); {RELAY_INTERFACE} is an empty bridge"
+        );
+    }
+    match netdev::ifindex(RELAY_INTERFACE) {
+        Some(index) => Ok(index),
+        None => bail!("interface {RELAY_INTERFACE} vanished right after it was created"),
+    }
 }
 
-impl RelayInterface {
-    /// Finds or creates [`RELAY_INTERFACE`] (a `dummy` link, or an empty bridge when the
-    /// kernel has no dummy driver).
-    pub fn ensure() -> anyhow::Result<Self> {
-        if let Some(index) = netdev::ifindex(RELAY_INTERFACE) {
-            return Ok(Self { index });
-        }
-        let mut rtnl = Rtnl::open().context("opening a NETLINK_ROUTE socket")?;
-        if let Err(dummy) = rtnl.new_link(RELAY_INTERFACE, "dummy") {
-            rtnl.new_link(RELAY_INTERFACE, "bridge").map_err(|bridge| {
-                anyhow::anyhow!(
-                    "creating interface {RELAY_INTERFACE}: as a dummy link: {dummy}; as an empty bridge: {bridge}"
-                )
-            })?;
-            tracing::info!(
-                "the kernel has no dummy link driver ({dummy}); {RELAY_INTERFACE} is an empty bridge"
-            );
-        }
-        match netdev::ifindex(RELAY_INTERFACE) {
-            Some(index) => Ok(Self { index }),
-            None => bail!("interface {RELAY_INTERFACE} vanished right after it was created"),
-        }
-    }
+/// The IPv4 addresses the interface holds now (none when it does not exist).
+pub fn addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
+    Ok(netdev::interface_addresses()
+        .context("listing addresses")?
+        .into_iter()
+        .filter(|a| a.interface == RELAY_INTERFACE)
+        .map(|a| a.address)
+        .collect())
+}
 
-    /// The IPv4 addresses the interface holds now.
-    pub fn addresses(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
-        Ok(netdev::interface_addresses()
-            .context("listing addresses")?
-            .into_iter()
-            .filter(|a| a.interface == RELAY_INTERFACE)
-            .map(|a| a.address)
-            .collect())
-    }
+/// Adds `ip` (a no-op when present), creating the interface if it is missing.
+pub fn add(ip: Ipv4Addr) -> anyhow::Result<()> {
+    let index = ensure()?;
+    let mut rtnl = Rtnl::open().context("opening a NETLINK_ROUTE socket")?;
+    let flags = (libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
+    rtnl.address(libc::RTM_NEWADDR, flags, index, ip)
+        .with_context(|| format!("adding {ip} to {RELAY_INTERFACE}"))
+}
 
-    /// Adds `ip` (a no-op when present).
-    pub fn add(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
-        let mut rtnl = Rtnl::open().context("opening a NETLINK_ROUTE socket")?;
-        let flags = (libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
-        rtnl.address(libc::RTM_NEWADDR, flags, self.index, ip)
-            .with_context(|| format!("adding {ip} to {RELAY_INTERFACE}"))
-    }
-
-    /// Removes `ip` (a no-op when absent).
-    pub fn remove(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
-        let mut rtnl = Rtnl::open().context("opening a NETLINK_ROUTE socket")?;
-        match rtnl.address(libc::RTM_DELADDR, 0, self.index, ip) {
-            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
-            r => r.with_context(|| format!("removing {ip} from {RELAY_INTERFACE}")),
-        }
+/// Removes `ip` (a no-op when absent or when the interface does not exist).
+pub fn remove(ip: Ipv4Addr) -> anyhow::Result<()> {
+    let Some(index) = netdev::ifindex(RELAY_INTERFACE) else {
+        return Ok(());
+    };
+    let mut rtnl = Rtnl::open().context("opening a NETLINK_ROUTE socket")?;
+    match rtnl.address(libc::RTM_DELADDR, 0, index, ip) {
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
+        r => r.with_context(|| format!("removing {ip} from {RELAY_INTERFACE}")),
     }
 }
 

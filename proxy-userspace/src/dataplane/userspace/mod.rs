@@ -14,6 +14,7 @@
 //! The one thing it cannot do: keep the client's source address (backends see the node).
 //! It is also the slowest mode: every byte crosses the agent.
 
+mod addresses;
 pub mod balancer;
 pub mod iface;
 mod listen;
@@ -31,8 +32,8 @@ use anyhow::{Context as _, bail};
 use tokio::{runtime::Handle, task::AbortHandle};
 
 use self::{
+    addresses::{ServiceAddresses, Watchdog},
     balancer::{BackendHandle, Balancer, Pool},
-    iface::RelayInterface,
 };
 use super::{ApplyStats, Dataplane};
 use crate::desired::{DesiredState, Frontend, FrontendKind, Protocol};
@@ -214,10 +215,9 @@ fn raise_open_files_limit() {
 
 pub struct UserspaceDataplane {
     runtime: Handle,
-    iface: RelayInterface,
-    /// The service addresses on the interface as last applied (`None`: re-read them).
-    addresses: Option<BTreeSet<Ipv4Addr>>,
+    addresses: Arc<ServiceAddresses>,
     relays: BTreeMap<FrontendKey, Relay>,
+    _watchdog: Watchdog,
 }
 
 impl UserspaceDataplane {
@@ -226,32 +226,19 @@ impl UserspaceDataplane {
     pub fn new() -> anyhow::Result<Self> {
         let runtime =
             Handle::try_current().context("the userspace mode needs the agent's tokio runtime")?;
-        let iface = RelayInterface::ensure()?;
+        iface::ensure()?;
         raise_open_files_limit();
+        let addresses = Arc::new(ServiceAddresses::default());
+        let watchdog = {
+            let _runtime = runtime.enter();
+            addresses::watch(Arc::clone(&addresses))
+        };
         Ok(Self {
             runtime,
-            iface,
-            addresses: None,
+            addresses,
             relays: BTreeMap::new(),
+            _watchdog: watchdog,
         })
-    }
-
-    /// Adds the service addresses `want` needs and returns what the interface had before.
-    fn add_addresses(
-        &mut self,
-        want: &BTreeSet<Ipv4Addr>,
-        full: bool,
-        stats: &mut ApplyStats,
-    ) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
-        let have = match self.addresses.take() {
-            Some(a) if !full => a,
-            _ => self.iface.addresses()?.into_iter().collect(),
-        };
-        for ip in want.difference(&have) {
-            self.iface.add(*ip)?;
-            stats.writes += 1;
-        }
-        Ok(have)
     }
 }
 
@@ -260,7 +247,9 @@ impl Dataplane for UserspaceDataplane {
         "userspace"
     }
 
-    fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
+    /// Every apply compares with the kernel's addresses and binds what is missing, so a full
+    /// sync is no different from a partial one.
+    fn apply(&mut self, desired: &DesiredState, _full: bool) -> anyhow::Result<ApplyStats> {
         let _runtime = self.runtime.enter();
         let mut stats = ApplyStats::default();
         let want_addresses: BTreeSet<Ipv4Addr> = desired
@@ -270,7 +259,7 @@ impl Dataplane for UserspaceDataplane {
             .map(|f| f.address)
             .collect();
         // Addresses first: a listener can only bind an address the node has.
-        let had = self.add_addresses(&want_addresses, full, &mut stats)?;
+        stats.writes += self.addresses.add_missing(&want_addresses)?;
 
         let mut nodeport_addresses: BTreeSet<Ipv4Addr> =
             desired.nodeport_addresses.iter().copied().collect();
@@ -300,11 +289,7 @@ impl Dataplane for UserspaceDataplane {
         }
 
         // Addresses last: their listeners are closed by now.
-        for ip in had.difference(&want_addresses) {
-            self.iface.remove(*ip)?;
-            stats.deletes += 1;
-        }
-        self.addresses = Some(want_addresses);
+        stats.deletes += self.addresses.remove_unwanted(&want_addresses)?;
         if !failures.is_empty() {
             bail!(
                 "{} frontend listener(s) could not be opened (retried on the next sync): {}",
