@@ -24,6 +24,7 @@ mod udp;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsRawFd as _, RawFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -65,11 +66,22 @@ impl RateLimitedLog {
 }
 
 /// A running accept or receive loop; dropping it stops the loop and closes its socket.
-struct Listener(AbortHandle);
+struct Listener {
+    task: AbortHandle,
+    /// A TCP listener's descriptor (owned by the task, which only ends when aborted).
+    tcp_fd: Option<RawFd>,
+}
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.0.abort();
+        // The aborted task drops its socket a moment later, on a runtime thread; shutting
+        // the listener down first stops it listening now, so the kernel refuses new
+        // connections at once and the address:port can be listened on again right away.
+        if let Some(fd) = self.tcp_fd {
+            // SAFETY: `fd` is still open: the task that owns it has not been aborted yet.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        self.task.abort();
     }
 }
 
@@ -179,18 +191,23 @@ impl Relay {
     /// Binds `addr` and starts its loop (inside the runtime the caller entered).
     fn listen(&self, addr: SocketAddrV4, protocol: Protocol) -> anyhow::Result<Listener> {
         let balancer = Arc::clone(&self.balancer);
-        let task = match protocol {
+        let (task, tcp_fd) = match protocol {
             Protocol::Tcp => {
                 let l = tokio::net::TcpListener::from_std(listen::tcp(addr)?)?;
-                tokio::spawn(tcp::serve(l, balancer))
+                let fd = l.as_raw_fd();
+                (tokio::spawn(tcp::serve(l, balancer)), Some(fd))
             }
             Protocol::Udp => {
+                // UDP sockets share the address (SO_REUSEADDR) while the old one goes.
                 let s = tokio::net::UdpSocket::from_std(listen::udp(addr)?)?;
-                tokio::spawn(udp::serve(s, balancer))
+                (tokio::spawn(udp::serve(s, balancer)), None)
             }
             Protocol::Sctp => bail!("SCTP is not relayed"),
         };
-        Ok(Listener(task.abort_handle()))
+        Ok(Listener {
+            task: task.abort_handle(),
+            tcp_fd,
+        })
     }
 }
 
@@ -298,5 +315,63 @@ impl Dataplane for UserspaceDataplane {
             );
         }
         Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::{Backend, ServicePortName};
+
+    fn frontend(port: u16, backends: usize) -> Frontend {
+        Frontend {
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: "web".into(),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            },
+            kind: FrontendKind::ClusterIp,
+            address: Ipv4Addr::LOCALHOST,
+            port,
+            protocol: Protocol::Tcp,
+            backends: (0..backends)
+                .map(|i| Backend {
+                    address: Ipv4Addr::LOCALHOST,
+                    port: 1 + i as u16,
+                    is_local: true,
+                })
+                .collect(),
+            affinity_timeout: None,
+            source_ranges: None,
+        }
+    }
+
+    /// Endpoints go and come back within one sync period: the listener is closed (refusing
+    /// at once) and opened again on the same address without "address in use".
+    #[tokio::test]
+    async fn a_closed_tcp_listener_refuses_at_once_and_its_address_is_free_again() {
+        let port = {
+            let probe = listen::tcp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("probe");
+            probe.local_addr().expect("addr").port()
+        };
+        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let served = frontend(port, 1);
+        let mut relay = Relay::new(&served);
+        let none = BTreeSet::new();
+        for round in 0..20 {
+            let mut failures = Vec::new();
+            relay.update_pool(&served);
+            relay.update_listeners(&served, &none, &mut failures);
+            assert!(failures.is_empty(), "round {round}: {failures:?}");
+            let gone = frontend(port, 0);
+            relay.update_pool(&gone);
+            relay.update_listeners(&gone, &none, &mut failures);
+            let r = std::net::TcpStream::connect(addr);
+            assert!(
+                matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+                "round {round}: without endpoints the port refuses: {r:?}"
+            );
+        }
     }
 }
