@@ -17,7 +17,7 @@ use kproxy_tests::harness::{
     probe::{self, CurlResult, show, tally},
     sys,
 };
-use semantics_common::{Ep, slice, write};
+use semantics_common::{Ep, route_via, slice, write};
 
 const TESTPOD: &str = env!("CARGO_BIN_EXE_kproxy-testpod");
 
@@ -91,6 +91,7 @@ scenarios! {
     udp_cluster_ip_and_nodeport;
     endpoint_churn;
     cross_node_backend;
+    external_and_load_balancer_ips;
     external_traffic_policy_local, except userspace: NO_SOURCE_IP;
     localhost_nodeport,
         except nftables: "no route_localnet: the kernel does not route 127.0.0.1 to a pod",
@@ -449,6 +450,28 @@ fn cross_node_backend(mode: Mode) {
         &["pod-r"],
         "pod-z on node1 -> cluster IP (endpoint on node2)",
     );
+}
+
+/// A LoadBalancer Service's ingress IP and an external IP, from the outside client (which
+/// routes them to node1), balanced over both pods.
+fn external_and_load_balancer_ips(mode: Mode) {
+    let mut c = fixtures::one_node(TESTPOD).expect("building the cluster");
+    c.set_proxy_mode(mode.name);
+    let http = [("http", "TCP", 80)];
+    write(
+        &c,
+        "lb.yaml",
+        &[
+            "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.104.10\n  externalIPs: [203.0.113.21]\n  ports:\n  - {name: http, protocol: TCP, port: 80, targetPort: 80, nodePort: 30140}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 203.0.113.20}]\n".into(),
+            slice("lb-1", "lb", &http, &[Ep::of(&c, "pod-a"), Ep::of(&c, "pod-b")]),
+        ],
+    );
+    route_via(&c, &c.client(), "203.0.113.0/24", c.node_ip(1));
+    start(&mut c, 1);
+    for url in ["http://203.0.113.20/", "http://203.0.113.21/"] {
+        let r = curl_n(&c, &c.client(), url, 16);
+        assert_pods(&c, &r, &["pod-a", "pod-b"], &format!("client -> {url}"));
+    }
 }
 
 /// externalTrafficPolicy: Local on two nodes: each node's nodePort reaches only its own
