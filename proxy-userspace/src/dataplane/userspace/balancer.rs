@@ -54,6 +54,10 @@ pub struct Pool {
     pub affinity_timeout: Option<Duration>,
     /// `None`: every source is served; `Some`: only sources inside one of these.
     pub source_ranges: Option<Vec<Ipv4Cidr>>,
+    /// One of the node's addresses is inside `source_ranges`: connections the node makes to
+    /// its own frontend address (whose source is that address) are allowed, as kube-proxy
+    /// allows in-node connections then.
+    pub node_in_ranges: bool,
 }
 
 /// When the affinity table is pruned of expired entries.
@@ -94,11 +98,16 @@ impl Balancer {
         self.pool.read().map(|p| Arc::clone(&p)).unwrap_or_default()
     }
 
-    /// Whether `client` may use this frontend (`loadBalancerSourceRanges`).
-    pub fn admits(&self, client: Ipv4Addr) -> bool {
-        match &self.pool().source_ranges {
+    /// Whether `client` may use this frontend (`loadBalancerSourceRanges`) at `local`, the
+    /// address it reached.
+    pub fn admits(&self, client: Ipv4Addr, local: Ipv4Addr) -> bool {
+        let pool = self.pool();
+        match &pool.source_ranges {
             None => true,
-            Some(ranges) => ranges.iter().any(|r| r.contains(client)),
+            Some(ranges) => {
+                ranges.iter().any(|r| r.contains(client))
+                    || (client == local && pool.node_in_ranges)
+            }
         }
     }
 
@@ -160,6 +169,7 @@ mod tests {
                 .collect(),
             affinity_timeout: affinity.map(Duration::from_secs),
             source_ranges: None,
+            node_in_ranges: false,
         }
     }
 
@@ -209,11 +219,20 @@ mod tests {
         p.source_ranges = Some(vec![
             Ipv4Cidr::new(Ipv4Addr::new(198, 18, 0, 0), 24).expect("cidr"),
         ]);
+        let vip = Ipv4Addr::new(203, 0, 113, 1);
         let b = Balancer::new("t".into(), p);
-        assert!(b.admits(Ipv4Addr::new(198, 18, 0, 9)));
-        assert!(!b.admits(Ipv4Addr::new(198, 19, 0, 9)));
+        assert!(b.admits(Ipv4Addr::new(198, 18, 0, 9), vip));
+        assert!(!b.admits(Ipv4Addr::new(198, 19, 0, 9), vip));
+        // The node reaching its own VIP: only when a node address is in range.
+        assert!(!b.admits(vip, vip));
+        let mut p = pool(&[1], None);
+        p.source_ranges = Some(vec![]);
+        p.node_in_ranges = true;
+        b.swap(p);
+        assert!(b.admits(vip, vip));
+        assert!(!b.admits(Ipv4Addr::new(198, 18, 0, 9), vip));
         b.swap(pool(&[1], None));
-        assert!(b.admits(Ipv4Addr::new(198, 19, 0, 9)));
+        assert!(b.admits(Ipv4Addr::new(198, 19, 0, 9), vip));
     }
 
     #[tokio::test]

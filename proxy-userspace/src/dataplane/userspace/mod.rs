@@ -91,6 +91,8 @@ struct Relay {
     balancer: Arc<Balancer>,
     backends: BTreeMap<SocketAddrV4, Arc<BackendHandle>>,
     listeners: BTreeMap<SocketAddrV4, Listener>,
+    /// A node address is inside the frontend's source ranges (as last applied).
+    node_in_ranges: bool,
 }
 
 impl Drop for Relay {
@@ -116,15 +118,22 @@ impl Relay {
             balancer: Arc::new(Balancer::new(label(f), Pool::default())),
             backends: BTreeMap::new(),
             listeners: BTreeMap::new(),
+            node_in_ranges: false,
         }
     }
 
     /// Swaps in the frontend's backend set if it changed; backends that left are retired.
     /// Returns whether anything changed.
-    fn update_pool(&mut self, f: &Frontend) -> bool {
-        if self.frontend.as_ref() == Some(f) {
+    fn update_pool(&mut self, f: &Frontend, node_addresses: &[Ipv4Addr]) -> bool {
+        let node_in_ranges = f.source_ranges.as_ref().is_some_and(|r| {
+            node_addresses
+                .iter()
+                .any(|a| r.iter().any(|c| c.contains(*a)))
+        });
+        if self.frontend.as_ref() == Some(f) && self.node_in_ranges == node_in_ranges {
             return false;
         }
+        self.node_in_ranges = node_in_ranges;
         let mut backends = BTreeMap::new();
         for b in &f.backends {
             let addr = SocketAddrV4::new(b.address, b.port);
@@ -139,6 +148,7 @@ impl Relay {
             backends: self.backends.values().cloned().collect(),
             affinity_timeout: f.affinity_timeout.map(|s| Duration::from_secs(s.into())),
             source_ranges: f.source_ranges.clone(),
+            node_in_ranges,
         });
         // Retired after the swap, so no new flow picks them in between.
         for b in removed.values() {
@@ -299,7 +309,7 @@ impl Dataplane for UserspaceDataplane {
                 relay.frontend = Some(f.clone());
                 continue;
             }
-            if relay.update_pool(f) {
+            if relay.update_pool(f, &desired.nodeport_addresses) {
                 stats.writes += 1;
             }
             stats.writes += relay.update_listeners(f, &nodeport_addresses, &mut failures);
@@ -361,11 +371,11 @@ mod tests {
         let none = BTreeSet::new();
         for round in 0..20 {
             let mut failures = Vec::new();
-            relay.update_pool(&served);
+            relay.update_pool(&served, &[]);
             relay.update_listeners(&served, &none, &mut failures);
             assert!(failures.is_empty(), "round {round}: {failures:?}");
             let gone = frontend(port, 0);
-            relay.update_pool(&gone);
+            relay.update_pool(&gone, &[]);
             relay.update_listeners(&gone, &none, &mut failures);
             let r = std::net::TcpStream::connect(addr);
             assert!(

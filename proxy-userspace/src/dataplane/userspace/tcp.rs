@@ -82,7 +82,11 @@ async fn connect_backend(
 }
 
 async fn relay(mut client: TcpStream, peer: SocketAddrV4, balancer: Arc<Balancer>) {
-    if !balancer.admits(*peer.ip()) {
+    let local = match client.local_addr() {
+        Ok(SocketAddr::V4(l)) => *l.ip(),
+        _ => std::net::Ipv4Addr::UNSPECIFIED,
+    };
+    if !balancer.admits(*peer.ip(), local) {
         reset(client);
         return;
     }

@@ -89,7 +89,11 @@ async fn open_session(
     client: SocketAddrV4,
     id: u64,
 ) -> Option<(Arc<UdpSocket>, Arc<AtomicU64>)> {
-    if !balancer.admits(*client.ip()) {
+    let local = match socket.local_addr() {
+        Ok(SocketAddr::V4(l)) => *l.ip(),
+        _ => Ipv4Addr::UNSPECIFIED,
+    };
+    if !balancer.admits(*client.ip(), local) {
         return None;
     }
     if sessions.lock().is_ok_and(|s| s.len() >= MAX_SESSIONS) {
