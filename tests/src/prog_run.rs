@@ -406,9 +406,9 @@ pub fn parse_icmp(p: &[u8]) -> ParsedIcmp {
     }
 }
 
-/// Panics unless the outer IPv4 header checksum, the ICMP checksum and the quoted IPv4
-/// header checksum of the ICMP error `p` are what a from-scratch computation gives.
-pub fn assert_icmp_checksums(p: &[u8], what: &str) {
+/// The ICMP error `p` with its outer IPv4 header checksum, ICMP checksum and quoted IPv4
+/// header checksum computed from scratch.
+pub fn icmp_recompute(p: &[u8]) -> Vec<u8> {
     let ihl = usize::from(p[ETH_HLEN] & 0x0f) * 4;
     let icmp = ETH_HLEN + ihl;
     let q = icmp + 8;
@@ -423,9 +423,15 @@ pub fn assert_icmp_checksums(p: &[u8], what: &str) {
     fixed[icmp + 2..icmp + 4].fill(0);
     let ic = csum_finish(csum_add(0, &fixed[icmp..]));
     fixed[icmp + 2..icmp + 4].copy_from_slice(&ic.to_be_bytes());
+    fixed
+}
+
+/// Panics unless the outer IPv4 header checksum, the ICMP checksum and the quoted IPv4
+/// header checksum of the ICMP error `p` are what a from-scratch computation gives.
+pub fn assert_icmp_checksums(p: &[u8], what: &str) {
     assert_eq!(
         p,
-        &fixed[..],
+        &icmp_recompute(p)[..],
         "{what}: checksums differ from a recomputation"
     );
 }
