@@ -271,7 +271,9 @@ pub fn spawn(bpf_root: PathBuf) {
         .name("ct-gc".into())
         .spawn(move || {
             tracing::info!(
+                tcp_syn_s = cfg.tcp_syn.as_secs(),
                 tcp_idle_s = cfg.tcp_idle.as_secs(),
+                tcp_close_s = cfg.tcp_close.as_secs(),
                 udp_idle_s = cfg.udp_idle.as_secs(),
                 interval_s = cfg.interval.as_secs(),
                 "conntrack sweep enabled"
