@@ -146,7 +146,7 @@ fn closed_connections_expire_and_idle_established_ones_stay() {
         .unwrap_or_else(|| c.fail("the idle connection sent no second line"));
     println!(
         "idle connection after {IDLE_GAP:?}: {}",
-        probe::show(&[second.clone()])
+        probe::show(std::slice::from_ref(&second))
     );
     c.check(second.is_ok() && second.pod() == Some("pod-a"), || {
         format!("the idle connection broke: {second:?}")

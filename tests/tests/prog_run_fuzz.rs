@@ -50,13 +50,16 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The frontends programmed in the fixture: (address, port, proto) -> backends (addr, port).
+/// An address and port (host notation).
+type Endpoint = ([u8; 4], u16);
+
+/// The frontends programmed in the fixture: (address, port, proto) -> backends.
 struct World {
-    frontends: Vec<([u8; 4], u16, u8, Vec<([u8; 4], u16)>)>,
+    frontends: Vec<([u8; 4], u16, u8, Vec<Endpoint>)>,
 }
 
 impl World {
-    fn backends_of(&self, addr: [u8; 4], port: u16, proto: u8) -> Option<&Vec<([u8; 4], u16)>> {
+    fn backends_of(&self, addr: [u8; 4], port: u16, proto: u8) -> Option<&Vec<Endpoint>> {
         self.frontends
             .iter()
             .find(|(a, p, pr, _)| *a == addr && *p == port && *pr == proto)
