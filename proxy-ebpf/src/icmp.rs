@@ -16,6 +16,11 @@
 //!   unreachable), so it looks like it came from the nodePort; a router or this node keeps
 //!   its own address.
 //!
+//! Errors about a reply on its way to the client (a router on the client's side sends
+//! "fragmentation needed" to the frontend address, quoting frontend -> client) are turned
+//! around the same way, from the flow's CT4 entry: quoted backend -> client (or -> the
+//! node's SNAT address), sent to the backend, so its TCP lowers its segment size.
+//!
 //! Checksums: the quoted IPv4 header checksum is updated with the quoted addresses, so the
 //! sum over the quoted header does not change and the ICMP checksum needs no fix for them;
 //! the ICMP checksum is fixed for the two quoted ports (RFC 1624 each). The quoted L4
@@ -28,7 +33,7 @@
 
 use crate::{
     csum::{csum_replace2, csum_replace4},
-    ct::{ct4_key, nat4_rev_peek},
+    ct::{ct4_key, ct4_lookup, nat4_rev_peek},
     ctx::{NetCtx, PktErr},
     parse::{
         IP_HLEN_MIN, IP_OFF_CSUM, IP_OFF_DADDR, IP_OFF_FRAG, IP_OFF_SADDR, IP_OFF_TTL,
@@ -96,10 +101,13 @@ fn icmp4_quoted<C: NetCtx>(ctx: &C, ip: &Ip4) -> Result<Option<Quoted4>, PktErr>
     }))
 }
 
-/// Rewrites an ICMP error about a translated flow so the client recognises its own packet
-/// in it (see the module docs). `Ok(false)`: not such an error (or truncated): untouched.
+/// Rewrites an ICMP error about a translated flow so its addressee recognises its own
+/// packet in it: the client (errors about the translated request, see the module docs) or,
+/// for errors about a reply on its way to the client (a router towards the client sends
+/// "fragmentation needed" to the frontend), the backend. `Ok(false)`: not such an error
+/// (or truncated): untouched.
 #[inline(always)]
-pub fn icmp4_err_rev_xlate<C: NetCtx>(ctx: &C, ip: &Ip4) -> Result<bool, PktErr> {
+pub fn icmp4_err_xlate<C: NetCtx>(ctx: &C, ip: &Ip4) -> Result<bool, PktErr> {
     let q = match icmp4_quoted(ctx, ip) {
         Ok(Some(q)) => q,
         // A truncated error is simply not ours to fix.
@@ -109,51 +117,96 @@ pub fn icmp4_err_rev_xlate<C: NetCtx>(ctx: &C, ip: &Ip4) -> Result<bool, PktErr>
     if ip.daddr != q.saddr {
         return Ok(false);
     }
+    // About a request we translated: its reply direction is what NAT4_REV knows.
     let key = ct4_key(q.daddr, q.saddr, q.dport, q.sport, q.proto);
-    let Some(rev) = nat4_rev_peek(&key) else {
+    if let Some(rev) = nat4_rev_peek(&key) {
+        // Quoted: client -> frontend; to the client; from the frontend if the backend
+        // itself reports.
+        let from_backend = ip.saddr == q.daddr;
+        let out_saddr = if from_backend { rev.saddr } else { ip.saddr };
+        icmp4_rewrite(
+            ctx, ip, &q, rev.daddr, rev.dport, rev.saddr, rev.sport, out_saddr, rev.daddr,
+        )?;
+        return Ok(true);
+    }
+    // About a reply we reverse-translated (frontend -> client): the flow's CT4 entry, keyed
+    // by the client's packets, names the backend.
+    let fwd = ct4_key(q.daddr, q.saddr, q.dport, q.sport, q.proto);
+    let Some(ct) = ct4_lookup(&fwd) else {
         return Ok(false);
     };
-    // (client, client port) and (frontend, frontend port), all be.
-    let (client, client_port) = (rev.daddr, rev.dport);
-    let (frontend, frontend_port) = (rev.saddr, rev.sport);
+    // The reply as the backend sent it: backend -> client, or -> the node's SNAT address.
+    let (to, to_port) = if ct.nat_saddr != 0 {
+        (ct.nat_saddr, ct.nat_sport)
+    } else {
+        (q.daddr, q.dport)
+    };
+    icmp4_rewrite(
+        ctx,
+        ip,
+        &q,
+        ct.backend_addr,
+        ct.backend_port,
+        to,
+        to_port,
+        ip.saddr,
+        ct.backend_addr,
+    )?;
+    Ok(true)
+}
 
+/// Rewrites the quoted packet to `qsrc:qsport -> qdst:qdport` and the outer addresses to
+/// `osrc -> odst` (all be), fixing the quoted IPv4 header checksum, the ICMP checksum (for
+/// the ports) and the outer header checksum.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn icmp4_rewrite<C: NetCtx>(
+    ctx: &C,
+    ip: &Ip4,
+    q: &Quoted4,
+    qsrc: u32,
+    qsport: u16,
+    qdst: u32,
+    qdport: u16,
+    osrc: u32,
+    odst: u32,
+) -> Result<(), PktErr> {
     // The quoted IPv4 header: addresses and its own checksum (the sum over it is unchanged,
     // so the ICMP checksum needs nothing for these).
     let q_csum_off = q.l3_off + IP_OFF_CSUM;
     let mut q_check: u16 = ctx.load(q_csum_off)?;
-    if client != q.saddr {
-        q_check = csum_replace4(q_check, q.saddr, client);
-        ctx.store_raw(q.l3_off + IP_OFF_SADDR, client)?;
+    if qsrc != q.saddr {
+        q_check = csum_replace4(q_check, q.saddr, qsrc);
+        ctx.store_raw(q.l3_off + IP_OFF_SADDR, qsrc)?;
     }
-    if frontend != q.daddr {
-        q_check = csum_replace4(q_check, q.daddr, frontend);
-        ctx.store_raw(q.l3_off + IP_OFF_DADDR, frontend)?;
+    if qdst != q.daddr {
+        q_check = csum_replace4(q_check, q.daddr, qdst);
+        ctx.store_raw(q.l3_off + IP_OFF_DADDR, qdst)?;
     }
     ctx.store_raw(q_csum_off, q_check)?;
 
     // The quoted ports, covered by the ICMP checksum (no pseudo-header).
     let icmp_csum_off = ip.l4_off + ICMP_OFF_CSUM;
     let mut icmp_check: u16 = ctx.load(icmp_csum_off)?;
-    if client_port != q.sport {
-        icmp_check = csum_replace2(icmp_check, q.sport, client_port);
-        ctx.store_raw(q.l4_off + L4_OFF_SPORT, client_port)?;
+    if qsport != q.sport {
+        icmp_check = csum_replace2(icmp_check, q.sport, qsport);
+        ctx.store_raw(q.l4_off + L4_OFF_SPORT, qsport)?;
     }
-    if frontend_port != q.dport {
-        icmp_check = csum_replace2(icmp_check, q.dport, frontend_port);
-        ctx.store_raw(q.l4_off + L4_OFF_DPORT, frontend_port)?;
+    if qdport != q.dport {
+        icmp_check = csum_replace2(icmp_check, q.dport, qdport);
+        ctx.store_raw(q.l4_off + L4_OFF_DPORT, qdport)?;
     }
     ctx.store_raw(icmp_csum_off, icmp_check)?;
 
-    // The outer header: to the client; from the frontend when the backend itself reports.
+    // The outer header.
     let mut check: u16 = ctx.load(ip.l3_csum_off())?;
-    if ip.daddr != client {
-        check = csum_replace4(check, ip.daddr, client);
-        ctx.store_raw(ip.l3_off + IP_OFF_DADDR, client)?;
+    if odst != ip.daddr {
+        check = csum_replace4(check, ip.daddr, odst);
+        ctx.store_raw(ip.l3_off + IP_OFF_DADDR, odst)?;
     }
-    if ip.saddr == q.daddr && ip.saddr != frontend {
-        check = csum_replace4(check, ip.saddr, frontend);
-        ctx.store_raw(ip.l3_off + IP_OFF_SADDR, frontend)?;
+    if osrc != ip.saddr {
+        check = csum_replace4(check, ip.saddr, osrc);
+        ctx.store_raw(ip.l3_off + IP_OFF_SADDR, osrc)?;
     }
-    ctx.store_raw(ip.l3_csum_off(), check)?;
-    Ok(true)
+    ctx.store_raw(ip.l3_csum_off(), check)
 }

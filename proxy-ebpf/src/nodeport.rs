@@ -27,7 +27,7 @@ use crate::{
         nat4_rev_force, nat4_rev_lookup, snat4_alloc_port, tcp_is_syn,
     },
     ctx::{NetCtx, PktErr},
-    icmp::icmp4_err_rev_xlate,
+    icmp::icmp4_err_xlate,
     lb::{lb4_config, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
     parse::{
         ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP,
@@ -96,11 +96,11 @@ pub fn nodeport_egress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     Ok(C::PASS)
 }
 
-/// [`icmp4_err_rev_xlate`], counted when it translated; other ICMP is counted as another
+/// [`icmp4_err_xlate`], counted when it translated; other ICMP is counted as another
 /// protocol when `count_pass` (ingress counts every packet, egress only translations).
 #[inline(always)]
 fn icmp4_err_xlate_counted<C: NetCtx>(ctx: &C, ip: &Ip4, count_pass: bool) -> Result<(), PktErr> {
-    if icmp4_err_rev_xlate(ctx, ip)? {
+    if icmp4_err_xlate(ctx, ip)? {
         stat_inc(STAT_ICMP_ERROR_XLATE);
     } else if count_pass {
         stat_inc(STAT_PASS_OTHER_PROTO);

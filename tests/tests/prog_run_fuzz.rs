@@ -7,7 +7,8 @@
 //! - forward: the input was addressed to a programmed frontend; the output goes to one of
 //!   its backends, from the client or (SNAT) from the frontend address and a SNAT port;
 //! - reverse: the input came from a backend; the output comes from a frontend;
-//! - ICMP error: the quoted packet now goes to a frontend;
+//! - ICMP error: the quoted packet now goes to a frontend (an error about a request), or
+//!   comes from a backend (an error about a reply);
 //!
 //! with the same length and verdict, no byte changed outside the addresses, ports and
 //! checksums, and checksums exactly as valid as they were (incremental updates keep a valid
@@ -110,19 +111,28 @@ fn fixture() -> (Fixture, World) {
 /// Valid packets the programs translate (or reverse-translate), with random client ports.
 fn base_packet(rng: &mut Rng, fx: &Fixture) -> Vec<u8> {
     let cport = 30_000 + rng.below(35_000) as u16;
-    let mut spec = match rng.below(7) {
+    let mut spec = match rng.below(8) {
         0 => PacketSpec::tcp(CLIENT, cport, NODE, NODE_PORT),
         1 => PacketSpec::udp(CLIENT, cport, NODE, NODE_PORT),
         2 => PacketSpec::sctp(CLIENT, cport, EXT_IP, SCTP_PORT),
         3 => PacketSpec::tcp(LOCAL_BE, BE_PORT, CLIENT, cport),
         4 => PacketSpec::udp(LOCAL_BE, BE_PORT, CLIENT, cport),
         5 => PacketSpec::tcp(REMOTE_BE, BE_PORT, NODE, SNAT_MIN + rng.below(11) as u16),
-        _ => {
-            // An ICMP error about a translated flow.
+        6 => {
+            // An ICMP error about a translated request.
             let client = PacketSpec::udp(CLIENT, cport, NODE, NODE_PORT).build();
             let (_, dnat) = fx.run(PROG_XDP, &client);
             let quote = 28 + rng.below(40);
             return icmp_error(LOCAL_BE, CLIENT, 3, rng.byte() % 16, 1200, &dnat, quote);
+        }
+        _ => {
+            // An ICMP error about a reverse-translated reply, sent to the frontend.
+            let client = PacketSpec::udp(CLIENT, cport, NODE, NODE_PORT).build();
+            fx.run(PROG_XDP, &client);
+            let reply = PacketSpec::udp(LOCAL_BE, BE_PORT, CLIENT, cport).build();
+            let (_, rev) = fx.run(PROG_TC_EGRESS, &reply);
+            let quote = 28 + rng.below(40);
+            return icmp_error(ROUTER, NODE, 3, 4, 1200, &rev, quote);
         }
     };
     spec.tcp_flags = [0x02, 0x10, 0x18, 0x11, 0x04][rng.below(5)];
@@ -232,9 +242,14 @@ fn check_translation(world: &World, prog: &str, inp: &[u8], out: &[u8], case: &s
         let a = parse_icmp(inp);
         let b = parse_icmp(out);
         let qproto = inp[q + 9];
+        // About a request (quoted dst backend -> frontend) or about a reply (quoted src
+        // frontend -> backend).
+        let request = world.is_frontend(b.q_daddr, b.q_dport, qproto)
+            && world.is_backend(a.q_daddr, a.q_dport, qproto);
+        let reply = world.is_frontend(a.q_saddr, a.q_sport, qproto)
+            && world.is_backend(b.q_saddr, b.q_sport, qproto);
         assert!(
-            world.is_frontend(b.q_daddr, b.q_dport, qproto)
-                && world.is_backend(a.q_daddr, a.q_dport, qproto),
+            request || reply,
             "{case}: {prog}: ICMP error rewritten to quote {b:?} from {a:?}"
         );
         assert_eq!(

@@ -328,3 +328,82 @@ fn truncated_errors_are_never_translated() {
         );
     }
 }
+
+/// A backend's reply with 1400 bytes of payload, as the backend sends it.
+fn backend_reply(from: [u8; 4], to: [u8; 4], to_port: u16) -> Vec<u8> {
+    let mut s = PacketSpec::tcp(from, BE_PORT, to, to_port);
+    s.tcp_flags = 0x18;
+    s.payload = (0..1400u32).map(|i| (i * 3) as u8).collect();
+    s.build()
+}
+
+#[test]
+fn frag_needed_about_a_reply_reaches_the_local_backend() {
+    let mut fx = nodeport_fixture(IPPROTO_TCP, &[local_be()]);
+    translate(&fx, &client_data_segment());
+    // The backend's reply leaves through egress as node:30080 -> client; a router on the
+    // client's side cannot forward it and tells the frontend address.
+    let reply = backend_reply(LOCAL_BE, CLIENT, CLIENT_PORT);
+    let rev = run_pass(&fx, PROG_TC_EGRESS, &reply, "reply");
+    assert_eq!(parse(&rev).saddr, NODE);
+    let err = icmp_error(
+        ROUTER,
+        NODE,
+        ICMP_DEST_UNREACH,
+        CODE_FRAG_NEEDED,
+        1280,
+        &rev,
+        LINUX_QUOTE,
+    );
+    for prog in [PROG_XDP, PROG_TC_INGRESS] {
+        let out = run_pass(&fx, prog, &err, "frag needed about a reply");
+        let want = icmp_error(
+            ROUTER,
+            LOCAL_BE,
+            ICMP_DEST_UNREACH,
+            CODE_FRAG_NEEDED,
+            1280,
+            &client_view(&reply, &rev),
+            LINUX_QUOTE,
+        );
+        assert_eq!(out, want, "{prog}: to the backend, quoting its own reply");
+        assert_icmp_checksums(&out, "frag needed about a reply");
+    }
+    assert_eq!(icmp_events(&mut fx).0, 2);
+}
+
+#[test]
+fn frag_needed_about_a_snat_reply_reaches_the_remote_backend() {
+    let fx = nodeport_fixture(IPPROTO_TCP, &[remote_be()]);
+    let (_, fwd) = translate(&fx, &client_data_segment());
+    let snat_port = parse(&fwd).sport;
+    let reply = backend_reply(REMOTE_BE, NODE, snat_port);
+    let rev = run_pass(&fx, PROG_XDP, &reply, "reply from the remote backend");
+    assert_eq!(
+        (parse(&rev).daddr, parse(&rev).dport),
+        (CLIENT, CLIENT_PORT)
+    );
+    let err = icmp_error(
+        ROUTER,
+        NODE,
+        ICMP_DEST_UNREACH,
+        CODE_FRAG_NEEDED,
+        1280,
+        &rev,
+        LINUX_QUOTE,
+    );
+    let out = run_pass(&fx, PROG_XDP, &err, "frag needed about a SNATed reply");
+    let want = icmp_error(
+        ROUTER,
+        REMOTE_BE,
+        ICMP_DEST_UNREACH,
+        CODE_FRAG_NEEDED,
+        1280,
+        &client_view(&reply, &rev),
+        LINUX_QUOTE,
+    );
+    assert_eq!(
+        out, want,
+        "to the remote backend, quoting its reply to the node"
+    );
+}
