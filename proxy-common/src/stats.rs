@@ -50,25 +50,32 @@ pub const STAT_FIB_FALLBACK: u32 = 18;
 pub const STAT_XLATE_ERROR: u32 = 19;
 /// Ingress: the agent has not programmed a first sync; nothing is translated.
 pub const STAT_PASS_NOT_READY: u32 = 20;
+/// Ingress: a packet to a frontend with loadBalancerSourceRanges from a source outside them,
+/// dropped.
+pub const STAT_DROP_SOURCE_RANGE: u32 = 21;
+/// connect4/sendmsg4 refused a frontend whose loadBalancerSourceRanges exclude this node.
+pub const STAT_SOCK_SOURCE_RANGE_DENIED: u32 = 22;
+/// A new flow or socket went to the backend its client's session affinity names.
+pub const STAT_AFFINITY_HIT: u32 = 23;
 
 /// An ICMP error (destination unreachable, fragmentation needed, time exceeded) quoting a
 /// translated packet was rewritten to quote what the client sent (ingress or egress).
-pub const STAT_ICMP_ERROR_XLATE: u32 = 21;
+pub const STAT_ICMP_ERROR_XLATE: u32 = 24;
 /// A new CT4 entry was written (a new flow, or one whose entry was evicted or expired).
-pub const STAT_CT_CREATED: u32 = 22;
+pub const STAT_CT_CREATED: u32 = 25;
 /// A CT4 write failed (memory pressure): the packet was still translated, the flow may
 /// change backend on its next packet.
-pub const STAT_CT_INSERT_FAILED: u32 = 23;
+pub const STAT_CT_INSERT_FAILED: u32 = 26;
 /// A TCP packet other than a SYN to a frontend found no CT4 entry: its flow's state was
 /// evicted (map full) or expired, and a backend was selected again.
-pub const STAT_CT_LOST_MIDFLOW: u32 = 24;
+pub const STAT_CT_LOST_MIDFLOW: u32 = 27;
 
 /// Ingress: an SCTP packet whose translation would change a port (nodePort != targetPort,
 /// or a SNAT port): SCTP's CRC32c covers the ports, so it is passed untranslated.
-pub const STAT_PASS_SCTP_PORT_REWRITE: u32 = 25;
+pub const STAT_PASS_SCTP_PORT_REWRITE: u32 = 28;
 
 /// Number of reasons defined (indexes `0..STAT_REASONS`).
-pub const STAT_REASONS: usize = 26;
+pub const STAT_REASONS: usize = 29;
 
 /// The `reason` label of each index, for userspace.
 pub const STAT_NAMES: [&str; STAT_REASONS] = [
@@ -93,6 +100,9 @@ pub const STAT_NAMES: [&str; STAT_REASONS] = [
     "fib_fallback_to_stack",
     "translation_error",
     "pass_not_ready",
+    "drop_source_range",
+    "sock_source_range_denied",
+    "affinity_hit",
     "translated_icmp_error",
     "conntrack_created",
     "conntrack_insert_failed",

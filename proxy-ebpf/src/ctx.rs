@@ -8,7 +8,7 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::generated::bpf_redirect,
     programs::{TcContext, XdpContext},
 };
@@ -35,6 +35,8 @@ pub struct PktErr;
 pub trait NetCtx {
     /// Verdict that hands the packet to the kernel unchanged in path.
     const PASS: i32;
+    /// Verdict that drops the packet.
+    const DROP: i32;
 
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -101,6 +103,7 @@ impl NetCtx for XdpContext {
     }
 
     const PASS: i32 = xdp_action::XDP_PASS as i32;
+    const DROP: i32 = xdp_action::XDP_DROP as i32;
 
     // Volatile reads of the packet bounds, for every access: LLVM then cannot prove one
     // bounds check redundant because of another (it drops checks implied by earlier ones,
@@ -229,6 +232,7 @@ impl NetCtx for TcContext {
     }
 
     const PASS: i32 = TC_ACT_OK as i32;
+    const DROP: i32 = TC_ACT_SHOT as i32;
 
     // Volatile for the same reason as XDP's.
     #[inline(always)]
