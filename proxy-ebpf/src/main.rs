@@ -9,6 +9,7 @@ mod affinity;
 mod csum;
 mod ct;
 mod ctx;
+mod icmp;
 mod lb;
 mod lb6;
 mod maps;

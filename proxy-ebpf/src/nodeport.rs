@@ -13,23 +13,26 @@ use proxy_common::{
     conntrack::{Ct4Entry, Nat4RevEntry},
     lb::{BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4Service, SVC_FLAG_EXTERNAL},
     stats::{
-        STAT_BACKEND_RESELECTED, STAT_DROP_SOURCE_RANGE, STAT_FIB_FALLBACK, STAT_FIB_FORWARD,
-        STAT_FWD_XLATE, STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS,
-        STAT_PASS_NOT_READY, STAT_PASS_NOT_SERVICE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED,
-        STAT_XLATE_ERROR,
+        STAT_BACKEND_RESELECTED, STAT_CT_CREATED, STAT_CT_INSERT_FAILED, STAT_CT_LOST_MIDFLOW,
+        STAT_DROP_SOURCE_RANGE, STAT_FIB_FALLBACK, STAT_FIB_FORWARD, STAT_FWD_XLATE,
+        STAT_ICMP_ERROR_XLATE, STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS,
+        STAT_PASS_NOT_READY, STAT_PASS_NOT_SERVICE, STAT_PASS_OTHER_PROTO,
+        STAT_PASS_SCTP_PORT_REWRITE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED, STAT_XLATE_ERROR,
     },
 };
 
 use crate::{
     affinity::lb4_affinity_select_by_addr,
     ct::{
-        ct4_key, ct4_lookup, ct4_now, ct4_update, nat4_rev_claim, nat4_rev_force, nat4_rev_lookup,
-        snat4_alloc_port,
+        ct4_flags_fwd, ct4_key, ct4_lookup, ct4_note_reply, ct4_now, ct4_update, nat4_rev_claim,
+        nat4_rev_force, nat4_rev_lookup, snat4_alloc_port, tcp_is_syn,
     },
     ctx::{NetCtx, PktErr},
+    icmp::icmp4_err_xlate,
     lb::{lb4_config, lb4_lookup_backend, lb4_lookup_service},
     parse::{
-        ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, parse4,
+        ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP,
+        Ip4, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, ip4_parse, l4_parse,
     },
     src_range::lb4_src_range_ok,
     stats::{stat_inc, svc_stat_add},
@@ -46,7 +49,20 @@ pub fn nodeport_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
         stat_inc(STAT_PASS_NOT_READY);
         return Ok(C::PASS);
     };
-    let mut pkt = match parse4(ctx) {
+    let ip = match ip4_parse(ctx) {
+        Ok(ip) => ip,
+        Err(reason) => {
+            stat_inc(reason);
+            return Ok(C::PASS);
+        }
+    };
+    if ip.proto == IPPROTO_ICMP {
+        // Errors from a remote backend or a router about a SNATed flow (to the node's
+        // address); the stack forwards the rewritten error to the client.
+        icmp4_err_xlate_counted(ctx, &ip, true)?;
+        return Ok(C::PASS);
+    }
+    let mut pkt = match l4_parse(ctx, &ip) {
         Ok(pkt) => pkt,
         Err(reason) => {
             stat_inc(reason);
@@ -79,11 +95,31 @@ pub fn nodeport_egress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     if lb4_config().is_none() {
         return Ok(C::PASS);
     }
-    let Ok(mut pkt) = parse4(ctx) else {
+    let Ok(ip) = ip4_parse(ctx) else {
+        return Ok(C::PASS);
+    };
+    if ip.proto == IPPROTO_ICMP {
+        // Errors this node's stack or a local backend sends about a translated flow.
+        icmp4_err_xlate_counted(ctx, &ip, false)?;
+        return Ok(C::PASS);
+    }
+    let Ok(mut pkt) = l4_parse(ctx, &ip) else {
         return Ok(C::PASS);
     };
     nat4_rev_xlate(ctx, &mut pkt, ct4_now())?;
     Ok(C::PASS)
+}
+
+/// [`icmp4_err_xlate`], counted when it translated; other ICMP is counted as another
+/// protocol when `count_pass` (ingress counts every packet, egress only translations).
+#[inline(always)]
+fn icmp4_err_xlate_counted<C: NetCtx>(ctx: &C, ip: &Ip4, count_pass: bool) -> Result<(), PktErr> {
+    if icmp4_err_xlate(ctx, ip)? {
+        stat_inc(STAT_ICMP_ERROR_XLATE);
+    } else if count_pass {
+        stat_inc(STAT_PASS_OTHER_PROTO);
+    }
+    Ok(())
 }
 
 /// Rewrites a reply found in NAT4_REV so it comes from the frontend and goes to the client.
@@ -94,6 +130,7 @@ fn nat4_rev_xlate<C: NetCtx>(ctx: &C, pkt: &mut Pkt4, now: u64) -> Result<bool, 
         return Ok(false);
     };
     nat4_rewrite(ctx, pkt, rev.saddr, rev.sport, rev.daddr, rev.dport)?;
+    ct4_note_reply(&rev, pkt.proto, pkt.tcp_flags);
     stat_inc(STAT_REV_XLATE);
     svc_stat_add(rev.rev_nat_index, 1, u64::from(pkt.tot_len), 0);
     Ok(true)
@@ -110,6 +147,9 @@ fn nat4_rewrite<C: NetCtx>(
     daddr: u32,
     dport: u16,
 ) -> Result<(), PktErr> {
+    if !sctp4_ports_kept(pkt, sport, dport) {
+        return Err(PktErr);
+    }
     let csum = pkt.l3_csum_off();
     if saddr != pkt.saddr {
         ctx.store_addr(
@@ -142,6 +182,15 @@ fn nat4_rewrite<C: NetCtx>(
     Ok(())
 }
 
+/// SCTP is translated only when its ports stay: its CRC32c does not cover the addresses
+/// (an address rewrite needs no checksum change) but does cover the ports, and updating it
+/// for a port rewrite (a CRC over the whole packet, or an incremental GF(2) update) was too
+/// costly for the verifier. Cilium decides the same (SCTP services need port == targetPort).
+#[inline(always)]
+fn sctp4_ports_kept(pkt: &Pkt4, sport: u16, dport: u16) -> bool {
+    pkt.proto != IPPROTO_SCTP || (sport == pkt.sport && dport == pkt.dport)
+}
+
 /// Translates a packet to an external frontend (nodePort, externalIP, LB ingress). Cluster
 /// IPs and services without endpoints are left to the stack, sources outside a frontend's
 /// loadBalancerSourceRanges dropped (with the reason counted).
@@ -159,6 +208,10 @@ fn lb4_xlate_ingress<C: NetCtx>(
             } else {
                 (pkt.saddr, pkt.sport)
             };
+            if !sctp4_ports_kept(pkt, sport, flow.backend_port) {
+                stat_inc(STAT_PASS_SCTP_PORT_REWRITE);
+                return Ok(Ingress::Pass);
+            }
             // A failed store is counted by the entry point, as a translation error.
             nat4_rewrite(ctx, pkt, saddr, sport, flow.backend_addr, flow.backend_port)?;
             svc_stat_add(flow.rev_nat_index, 1, u64::from(pkt.tot_len), 0);
@@ -223,6 +276,10 @@ fn lb4_flow_get(
 ) -> Result<Ct4Entry, u32> {
     let ct_key = ct4_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
     let ct = ct4_lookup(&ct_key);
+    if ct.is_none() && pkt.proto == IPPROTO_TCP && !tcp_is_syn(pkt.tcp_flags) {
+        // Mid-flow packet without state: evicted (map full) or expired.
+        stat_inc(STAT_CT_LOST_MIDFLOW);
+    }
     let reuse = match &ct {
         Some(ct) => lb4_flow_reuse(svc, ct),
         None => None,
@@ -281,10 +338,14 @@ fn lb4_flow_get(
         rev_nat_index: svc.rev_nat_index,
         nat_saddr,
         nat_sport,
-        flags: 0,
+        flags: ct4_flags_fwd(ct.map(|c| c.flags), pkt.proto, pkt.tcp_flags),
         last_seen_ns: now,
     };
-    ct4_update(&ct_key, &entry);
+    if !ct4_update(&ct_key, &entry) {
+        stat_inc(STAT_CT_INSERT_FAILED);
+    } else if ct.is_none() {
+        stat_inc(STAT_CT_CREATED);
+    }
     Ok(entry)
 }
 
@@ -325,8 +386,9 @@ fn nodeport_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt4) -> Result<i
     Ok(ctx.forward(params.ifindex))
 }
 
-/// Headers the tc programs read and write: Ethernet, IPv4 with options, TCP.
-const TC_PULL_LEN: u32 = (ETH_HLEN + 60 + 20) as u32;
+/// Headers the tc programs read and write: Ethernet, IPv4 with options, TCP; or for an ICMP
+/// error, the ICMP header, the quoted IPv4 header with options and 8 bytes of its L4 header.
+const TC_PULL_LEN: u32 = (ETH_HLEN + 60 + 8 + 60 + 8) as u32;
 
 /// Makes the headers linear for direct access (a GRO or paged skb may hold only part of
 /// them in its head). A failed pull only means the parser sees a shorter packet.

@@ -127,6 +127,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             cgroup_root: cgroup_root.clone(),
             devices: devices.clone(),
             xdp_fib_forward: args.xdp_fib_forward,
+            ct_max: args.ct_max,
         },
         cluster_cidr: args.cluster_cidr,
     };

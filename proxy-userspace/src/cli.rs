@@ -200,6 +200,13 @@ pub struct RunArgs {
     /// instead of passing them to the kernel's stack.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub xdp_fib_forward: bool,
+
+    /// Capacity of the device programs' conntrack and reverse-NAT maps (LRU: when full, the
+    /// least recently used flows are evicted). Applies when the maps are created (a new
+    /// --bpf-root, or after `kproxy cleanup`); pinned maps keep their size.
+    #[arg(long, value_name = "ENTRIES", default_value_t = proxy_common::maps::CT4_MAX,
+          value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
+    pub ct_max: u32,
 }
 
 #[derive(Debug, clap::Args)]

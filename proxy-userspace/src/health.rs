@@ -543,6 +543,21 @@ fn write_map_fill(out: &mut String, fills: &[crate::inspect::maps::MapFill]) {
             f.name, f.max_entries
         );
     }
+    // Cilium's "map pressure": how full a map is. For the LRU conntrack maps, 1 means new
+    // flows evict the least recently used ones (kproxy_datapath_events_total has
+    // conntrack_created, conntrack_lost_midflow and conntrack_insert_failed).
+    let _ = writeln!(
+        out,
+        "# HELP kproxy_bpf_map_pressure Entries / capacity of a pinned map (0..1)\n# TYPE kproxy_bpf_map_pressure gauge"
+    );
+    for f in &readable {
+        let _ = writeln!(
+            out,
+            "kproxy_bpf_map_pressure{{map=\"{}\"}} {}",
+            f.name,
+            f.ratio()
+        );
+    }
 }
 
 /// Serves `/healthz` and `/livez` (health address) or `/metrics` (metrics address) until the

@@ -690,9 +690,14 @@ fn counters_nodeport_flow_both_directions() {
     for prog in [PROG_XDP, PROG_TC_INGRESS] {
         let mut fx = nodeport_fixture(IPPROTO_TCP, &[local_be()]);
         let syn = syn_to_nodeport().build();
-        assert_events(&mut fx, &[(STAT_FWD_XLATE, 1)], "first SYN", |fx| {
-            run_translated(fx, prog, &syn, "nodePort SYN");
-        });
+        assert_events(
+            &mut fx,
+            &[(STAT_FWD_XLATE, 1), (STAT_CT_CREATED, 1)],
+            "first SYN",
+            |fx| {
+                run_translated(fx, prog, &syn, "nodePort SYN");
+            },
+        );
         assert_eq!(
             fx.svc_stats(7),
             SvcStats {
@@ -881,9 +886,14 @@ fn counters_fib_forward_or_fallback() {
     // Without the flag neither is counted.
     fx.set_config(CFG_FLAG_READY, SNAT_MIN, SNAT_MAX);
     let syn = PacketSpec::tcp(CLIENT, CLIENT_PORT + 1, NODE, NODE_PORT).build();
-    assert_events(&mut fx, &[(STAT_FWD_XLATE, 1)], "no FIB forwarding", |fx| {
-        run_translated(fx, PROG_XDP, &syn, "translated");
-    });
+    assert_events(
+        &mut fx,
+        &[(STAT_FWD_XLATE, 1), (STAT_CT_CREATED, 1)],
+        "no FIB forwarding",
+        |fx| {
+            run_translated(fx, PROG_XDP, &syn, "translated");
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

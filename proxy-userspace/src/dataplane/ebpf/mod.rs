@@ -34,6 +34,8 @@ pub struct EbpfSettings {
     pub cgroup_root: PathBuf,
     pub devices: Vec<String>,
     pub xdp_fib_forward: bool,
+    /// max_entries of CT4 and NAT4_REV when they are created.
+    pub ct_max: u32,
 }
 
 pub struct EbpfDataplane {
@@ -54,8 +56,11 @@ impl EbpfDataplane {
             .with_context(|| format!("preparing --bpf-root {}", settings.bpf_root.display()))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&settings.bpf_root)
+            .map_max_entries(proxy_common::maps::CT4, settings.ct_max)
+            .map_max_entries(proxy_common::maps::NAT4_REV, settings.ct_max)
             .load(crate::EBPF_OBJECT)
             .context("loading the eBPF object (maps and programs)")?;
+        warn_pinned_ct_size(&ebpf, settings.ct_max);
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!("kernel-side logging not enabled: {e}");
         }
@@ -124,6 +129,24 @@ impl EbpfDataplane {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("closing IPv6 UDP sockets of removed backends: {e:#}"),
+        }
+    }
+}
+
+/// The conntrack maps keep the size they were created with: say so when --ct-max differs.
+fn warn_pinned_ct_size(ebpf: &Ebpf, wanted: u32) {
+    for name in [proxy_common::maps::CT4, proxy_common::maps::NAT4_REV] {
+        let size = match ebpf.map(name) {
+            Some(aya::maps::Map::LruHashMap(d)) => d.info().map(|i| i.max_entries()).ok(),
+            _ => None,
+        };
+        if let Some(size) = size.filter(|s| *s != wanted) {
+            tracing::warn!(
+                map = name,
+                size,
+                wanted,
+                "the pinned map keeps its size; --ct-max applies when it is created (kproxy cleanup, then start again)"
+            );
         }
     }
 }
