@@ -5,6 +5,7 @@ pub mod attach;
 pub mod bpf_sys;
 pub mod cleanup;
 pub mod ct_gc;
+pub mod layout;
 pub mod maps;
 pub mod sock_destroy;
 pub mod writer;
@@ -35,12 +36,17 @@ pub struct EbpfSettings {
 }
 
 pub struct EbpfDataplane {
-    // Kept alive: dropping it would unload programs whose links are not pinned.
-    _ebpf: Ebpf,
+    // Kept alive: dropping it would unload programs whose links are not pinned; its programs
+    // are attached to devices that appear later.
+    ebpf: Ebpf,
     settings: EbpfSettings,
     writer: MapWriter<PinnedMaps>,
     ready: bool,
     pub attachments: Vec<attach::Attachment>,
+    /// Set when maps were rebuilt for a new layout while an earlier agent's programs serve
+    /// through the pinned links: they keep serving from the old maps until the first sync
+    /// has filled the new ones; then the new programs are swapped in and the old pins go.
+    pending_swap: Option<layout::PinPlan>,
 }
 
 impl EbpfDataplane {
@@ -49,6 +55,8 @@ impl EbpfDataplane {
     pub fn start(settings: EbpfSettings) -> anyhow::Result<Self> {
         crate::bpffs::ensure_root(&settings.bpf_root)
             .with_context(|| format!("preparing --bpf-root {}", settings.bpf_root.display()))?;
+        let layouts = layout::object_layouts(crate::EBPF_OBJECT)?;
+        let plan = layout::prepare(&settings.bpf_root, layouts)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&settings.bpf_root)
             .load(crate::EBPF_OBJECT)
@@ -56,7 +64,20 @@ impl EbpfDataplane {
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!("kernel-side logging not enabled: {e}");
         }
-        let attachments = attach::attach_all(&mut ebpf, &settings)?;
+        layout::migrate(&settings.bpf_root, &plan);
+        attach::load_all(&mut ebpf)?;
+        let swap_later = !plan.fresh.is_empty() && attach::links_pinned(&settings.bpf_root);
+        let (attachments, pending_swap) = if swap_later {
+            tracing::info!(
+                rebuilt = ?plan.fresh,
+                "maps rebuilt for a new layout: the programs attached now keep serving until the first sync fills them"
+            );
+            (Vec::new(), Some(plan))
+        } else {
+            let attachments = attach::attach_all(&mut ebpf, &settings)?;
+            layout::remove_retired(&plan);
+            (attachments, None)
+        };
         let maps = PinnedMaps::take(&mut ebpf)?;
         let writer = MapWriter::new(maps);
         for dev in &settings.devices {
@@ -64,11 +85,12 @@ impl EbpfDataplane {
         }
         ct_gc::spawn(settings.bpf_root.clone());
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             settings,
             writer,
             ready: false,
             attachments,
+            pending_swap,
         })
     }
 
@@ -112,6 +134,13 @@ impl Dataplane for EbpfDataplane {
             self.ready = true;
         }
         self.write_config()?;
+        if let Some(plan) = &self.pending_swap {
+            layout::migrate(&self.settings.bpf_root, plan);
+            self.attachments = attach::attach_all(&mut self.ebpf, &self.settings)?;
+            layout::remove_retired(plan);
+            self.pending_swap = None;
+            tracing::info!("the rebuilt maps are filled: the new programs serve");
+        }
         let gone: HashSet<(Ipv4Addr, u16)> = outcome
             .removed_backends
             .iter()
@@ -137,5 +166,28 @@ impl Dataplane for EbpfDataplane {
             }
         }
         Ok(outcome.stats)
+    }
+
+    fn set_devices(&mut self, devices: &[(String, u32)]) -> anyhow::Result<()> {
+        if self.pending_swap.is_some() {
+            // Attached with the others once the maps are filled.
+            self.settings.devices = devices.iter().map(|(n, _)| n.clone()).collect();
+            return Ok(());
+        }
+        let dir = attach::links_dir(&self.settings.bpf_root);
+        let changes = attach::follow_devices(&mut self.ebpf, &dir, devices)?;
+        for dev in &changes.attached {
+            set_accept_local(dev);
+        }
+        if changes != attach::DeviceChanges::default() {
+            tracing::info!(
+                attached = ?changes.attached,
+                detached = ?changes.detached,
+                renamed = ?changes.renamed,
+                "devices changed"
+            );
+        }
+        self.settings.devices = devices.iter().map(|(n, _)| n.clone()).collect();
+        Ok(())
     }
 }
