@@ -244,6 +244,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             last_nodeport_addrs = nodeport_addrs;
             dirty = true;
         }
+        dirty |= dataplane.has_due_work();
         if !have_objects || !dirty || retry_at.is_some_and(|t| Instant::now() < t) {
             continue;
         }

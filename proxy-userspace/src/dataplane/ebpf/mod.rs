@@ -79,7 +79,7 @@ impl EbpfDataplane {
             (attachments, None)
         };
         let maps = PinnedMaps::take(&mut ebpf)?;
-        let writer = MapWriter::new(maps);
+        let writer = MapWriter::new(maps).with_tcp_drain(tcp_drain());
         for dev in &settings.devices {
             set_accept_local(dev);
         }
@@ -111,6 +111,25 @@ impl EbpfDataplane {
             snat_port_min: SNAT_PORT_MIN,
             snat_port_max: SNAT_PORT_MAX,
         })
+    }
+}
+
+/// How long removed TCP backends drain (`KPROXY_TCP_DRAIN_SECS`, default 5 s): connections
+/// in flight to a replaced pod finish instead of being reset by another backend. After it,
+/// their conntrack entries reselect and the sweep removes them.
+fn tcp_drain() -> std::time::Duration {
+    const DEFAULT: std::time::Duration = std::time::Duration::from_secs(5);
+    match std::env::var("KPROXY_TCP_DRAIN_SECS") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(s) => std::time::Duration::from_secs(s),
+            Err(_) => {
+                tracing::warn!(
+                    "KPROXY_TCP_DRAIN_SECS={v:?} is not a number of seconds; using {DEFAULT:?}"
+                );
+                DEFAULT
+            }
+        },
+        Err(_) => DEFAULT,
     }
 }
 
@@ -166,6 +185,10 @@ impl Dataplane for EbpfDataplane {
             }
         }
         Ok(outcome.stats)
+    }
+
+    fn has_due_work(&self) -> bool {
+        self.writer.drain_due(std::time::Instant::now())
     }
 
     fn set_devices(&mut self, devices: &[(String, u32)]) -> anyhow::Result<()> {
