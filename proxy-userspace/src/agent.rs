@@ -256,6 +256,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let ctx = NodeContext {
             node_name: node.clone(),
             nodeport_addresses: last_nodeport_addrs.clone(),
+            zone: model.node_zone(&node),
         };
         let started = Instant::now();
         let desired = model.desired(&ctx);

@@ -8,7 +8,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::model::{
     EndpointInfo, EndpointsMap, NamespacedName, ServicePortInfo, ServicePortMap, ServiceType,
@@ -161,6 +161,8 @@ pub struct NodeContext {
     pub node_name: String,
     /// Addresses of this node on which nodePorts are served.
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// This Node's `topology.kubernetes.io/zone` label, for topology hints.
+    pub zone: Option<String>,
 }
 
 /// The IPv4 `loadBalancerSourceRanges` of a LoadBalancer service port (`None` when it has
@@ -292,6 +294,81 @@ fn endpoint_port(ep: &EndpointInfo, spn: &ServicePortName, info: &ServicePortInf
     }
 }
 
+/// Which topology hints narrow a service port's cluster-wide endpoints on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyFilter {
+    None,
+    /// `hints.forNodes` (PreferSameNode).
+    SameNode,
+    /// `hints.forZones` (PreferClose, topology-aware routing).
+    SameZone,
+}
+
+impl TopologyFilter {
+    fn admits(self, ep: &EndpointInfo, node: &NodeContext) -> bool {
+        match self {
+            TopologyFilter::None => true,
+            TopologyFilter::SameNode => ep.node_hints.contains(&node.node_name),
+            TopologyFilter::SameZone => node
+                .zone
+                .as_ref()
+                .is_some_and(|z| ep.zone_hints.contains(z)),
+        }
+    }
+}
+
+/// kube-proxy's `topologyModeFromHints`: hints are used only when every ready endpoint has
+/// them and at least one is meant for this node (or its zone); otherwise they are ignored, so
+/// that a half-hinted or foreign-zone-only slice never leaves the node without endpoints.
+fn topology_from_hints<'a>(
+    eps: impl Iterator<Item = &'a EndpointInfo>,
+    spn: &ServicePortName,
+    node: &NodeContext,
+) -> TopologyFilter {
+    let (mut all_node_hints, mut for_this_node) = (true, false);
+    let (mut all_zone_hints, mut for_this_zone) = (true, false);
+    let mut any_ready = false;
+    for ep in eps.filter(|ep| ep.ready) {
+        any_ready = true;
+        if ep.node_hints.is_empty() {
+            all_node_hints = false;
+        } else if ep.node_hints.contains(&node.node_name) {
+            for_this_node = true;
+        }
+        if ep.zone_hints.is_empty() {
+            all_zone_hints = false;
+        } else if node
+            .zone
+            .as_ref()
+            .is_some_and(|z| ep.zone_hints.contains(z))
+        {
+            for_this_zone = true;
+        }
+    }
+    if !any_ready {
+        return TopologyFilter::None;
+    }
+    if all_node_hints {
+        if for_this_node {
+            return TopologyFilter::SameNode;
+        }
+        debug!(
+            "{spn}: ignoring same-node hints: none is for node {}",
+            node.node_name
+        );
+    }
+    if all_zone_hints {
+        if for_this_zone {
+            return TopologyFilter::SameZone;
+        }
+        match &node.zone {
+            None => debug!("{spn}: ignoring topology hints: the Node has no zone label"),
+            Some(z) => debug!("{spn}: ignoring topology hints: none is for zone {z}"),
+        }
+    }
+    TopologyFilter::None
+}
+
 fn select_backends(
     eps: &[EndpointInfo],
     spn: &ServicePortName,
@@ -309,9 +386,14 @@ fn select_backends(
         port: *port,
         is_local: ep.is_local(&node.node_name),
     };
+    let topology = if local_only {
+        TopologyFilter::None
+    } else {
+        topology_from_hints(candidates.iter().map(|(ep, _)| *ep), spn, node)
+    };
     let mut backends: Vec<Backend> = candidates
         .iter()
-        .filter(|(ep, _)| ep.ready)
+        .filter(|(ep, _)| ep.ready && topology.admits(ep, node))
         .map(to_backend)
         .collect();
     if backends.is_empty() {
@@ -337,6 +419,15 @@ mod tests {
     };
 
     fn build_from(services: &[Service], slices: &[EndpointSlice], node: &str) -> DesiredState {
+        build_in_zone(services, slices, node, None)
+    }
+
+    fn build_in_zone(
+        services: &[Service],
+        slices: &[EndpointSlice],
+        node: &str,
+        zone: Option<&str>,
+    ) -> DesiredState {
         let mut st = ServiceChangeTracker::new();
         let mut et = EndpointsChangeTracker::new();
         for s in services {
@@ -358,6 +449,7 @@ mod tests {
                     Ipv4Addr::new(192, 168, 1, 2),
                     Ipv4Addr::new(192, 168, 1, 1),
                 ],
+                zone: zone.map(String::from),
             },
         )
     }
@@ -411,6 +503,61 @@ mod tests {
                 .unwrap()
                 .contains(Ipv4Addr::BROADCAST)
         );
+    }
+
+    #[test]
+    fn topology_hints_narrow_cluster_endpoints_only_when_complete_and_matching() {
+        let svc = service(
+            "metadata: {name: web}\nspec: {type: NodePort, clusterIP: 10.96.0.1, externalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}\n",
+        );
+        let hinted = |extra: &str| {
+            slice(&format!(
+                "metadata: {{name: web-a, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n- {{addresses: [10.0.0.1], nodeName: n1, zone: a, hints: {{forZones: [{{name: a}}]}}}}\n- {{addresses: [10.0.0.2], nodeName: n2, zone: b, hints: {{forZones: [{{name: b}}]}}}}\n{extra}"
+            ))
+        };
+        let cluster_ip = |d: &DesiredState| -> Vec<Ipv4Addr> {
+            d.frontends
+                .iter()
+                .find(|f| f.kind == FrontendKind::ClusterIp)
+                .map(|f| f.backends.iter().map(|b| b.address).collect())
+                .unwrap_or_default()
+        };
+        let a = Ipv4Addr::new(10, 0, 0, 1);
+        let b = Ipv4Addr::new(10, 0, 0, 2);
+        // Zone a on node n3: only the endpoint hinted for a.
+        let d = build_in_zone(std::slice::from_ref(&svc), &[hinted("")], "n3", Some("a"));
+        assert_eq!(cluster_ip(&d), vec![a]);
+        // externalTrafficPolicy: Local frontends ignore hints (local endpoints only).
+        let np = d
+            .frontends
+            .iter()
+            .find(|f| f.kind == FrontendKind::NodePort);
+        assert_eq!(np.map(|f| f.backends.len()), Some(0));
+        // No endpoint for this zone, no zone label, or one endpoint without hints: ignored.
+        for (zone, extra) in [
+            (Some("c"), ""),
+            (None, ""),
+            (Some("a"), "- {addresses: [10.0.0.3], nodeName: n3}\n"),
+        ] {
+            let d = build_in_zone(std::slice::from_ref(&svc), &[hinted(extra)], "n3", zone);
+            assert!(cluster_ip(&d).len() >= 2, "{zone:?} {extra:?}: {d:?}");
+        }
+        // A not-ready endpoint without hints does not disable them.
+        let d = build_in_zone(
+            std::slice::from_ref(&svc),
+            &[hinted(
+                "- {addresses: [10.0.0.3], conditions: {ready: false}}\n",
+            )],
+            "n3",
+            Some("b"),
+        );
+        assert_eq!(cluster_ip(&d), vec![b]);
+        // Same-node hints win over zone hints when every endpoint has them.
+        let same_node = slice(
+            "metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- {addresses: [10.0.0.1], nodeName: n1, hints: {forZones: [{name: a}], forNodes: [{name: n1}]}}\n- {addresses: [10.0.0.2], nodeName: n2, hints: {forZones: [{name: a}], forNodes: [{name: n2}]}}\n",
+        );
+        let d = build_in_zone(&[svc], &[same_node], "n2", Some("a"));
+        assert_eq!(cluster_ip(&d), vec![b]);
     }
 
     #[test]

@@ -818,6 +818,7 @@ mod tests {
         let node = crate::desired::NodeContext {
             node_name: "n1".into(),
             nodeport_addresses: vec![],
+            zone: None,
         };
         let desired = model.desired(&node);
         assert_eq!(

@@ -248,6 +248,7 @@ mod tests {
         NodeContext {
             node_name: name.into(),
             nodeport_addresses: vec![Ipv4Addr::LOCALHOST],
+            zone: None,
         }
     }
 

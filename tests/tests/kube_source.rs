@@ -133,6 +133,7 @@ impl Agent {
             .desired(&NodeContext {
                 node_name: NODE.into(),
                 nodeport_addresses: vec![Ipv4Addr::new(198, 18, 0, 11)],
+                zone: None,
             })
             .frontends
     }
@@ -143,6 +144,7 @@ fn mysvc_backends(m: &Model) -> Option<Vec<String>> {
     let d = m.desired(&NodeContext {
         node_name: NODE.into(),
         nodeport_addresses: Vec::new(),
+        zone: None,
     });
     d.frontends
         .iter()

@@ -43,6 +43,11 @@ pub struct EndpointInfo {
     pub terminating: bool,
     pub node_name: Option<String>,
     pub zone: Option<String>,
+    /// `hints.forZones[].name`: the zones whose nodes should use this endpoint (set by the
+    /// EndpointSlice controller for `trafficDistribution: PreferClose` / topology-aware hints).
+    pub zone_hints: BTreeSet<String>,
+    /// `hints.forNodes[].name` (`trafficDistribution: PreferSameNode`).
+    pub node_hints: BTreeSet<String>,
 }
 
 impl EndpointInfo {
@@ -161,6 +166,20 @@ pub fn convert_slice(slice: &EndpointSlice) -> SliceConversion {
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
             node_name: ep.node_name.clone().filter(|s| !s.is_empty()),
             zone: ep.zone.clone().filter(|s| !s.is_empty()),
+            zone_hints: ep
+                .hints
+                .iter()
+                .flat_map(|h| h.for_zones.iter().flatten())
+                .map(|z| z.name.clone())
+                .filter(|n| !n.is_empty())
+                .collect(),
+            node_hints: ep
+                .hints
+                .iter()
+                .flat_map(|h| h.for_nodes.iter().flatten())
+                .map(|n| n.name.clone())
+                .filter(|n| !n.is_empty())
+                .collect(),
         });
     }
     SliceConversion::Serve(SliceInfo { service, endpoints })

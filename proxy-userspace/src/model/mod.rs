@@ -91,6 +91,9 @@ impl ModelChanges {
     }
 }
 
+/// The Node label topology hints are matched against.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+
 /// The model the agent keeps: trackers, maps, nodes.
 #[derive(Debug, Default)]
 pub struct Model {
@@ -237,6 +240,18 @@ impl Model {
 
     pub fn endpoints(&self) -> &EndpointsMap {
         &self.endpoints
+    }
+
+    /// The `topology.kubernetes.io/zone` label of the Node `name`, if known and set.
+    pub fn node_zone(&self, name: &str) -> Option<String> {
+        self.nodes
+            .get(name)?
+            .metadata
+            .labels
+            .as_ref()?
+            .get(LABEL_TOPOLOGY_ZONE)
+            .filter(|z| !z.is_empty())
+            .cloned()
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {

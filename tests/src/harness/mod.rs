@@ -21,6 +21,8 @@ pub mod manifests;
 pub mod probe;
 pub mod sys;
 
-pub use cluster::{CLIENT_IP, Cluster, ClusterBuilder, PodSpec, kproxy_bin, node_ip, testpod_bin};
+pub use cluster::{
+    CLIENT_IP, Cluster, ClusterBuilder, PodSpec, kproxy_bin, node_ip, pod_cidr, testpod_bin,
+};
 pub use probe::{AskLine, CurlResult, Outcome};
 pub use sys::Place;
