@@ -141,8 +141,9 @@ fn backend_count(services: &[serde_json::Value], address: &str, port: u16) -> Op
 /// The `took_ms` of the agent's sync lines that wrote at least `min_writes` entries.
 fn big_sync_took_ms(log: &str, min_writes: u64) -> Option<f64> {
     log.lines()
+        .rev()
         .filter(|l| l.contains("synced"))
-        .filter_map(|l| {
+        .find_map(|l| {
             let field = |name: &str| {
                 l.split_whitespace()
                     .find_map(|w| w.strip_prefix(name))
@@ -154,7 +155,6 @@ fn big_sync_took_ms(log: &str, min_writes: u64) -> Option<f64> {
                 .then(|| field("took_ms="))
                 .flatten()
         })
-        .last()
 }
 
 #[test]

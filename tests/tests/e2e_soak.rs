@@ -119,7 +119,7 @@ fn soak_traffic_and_endpoint_churn() {
     unsafe {
         std::env::set_var("KPROXY_CT_GC_INTERVAL_SECS", "5");
         std::env::set_var("KPROXY_CT_TCP_IDLE_SECS", "20");
-        std::env::set_var("KPROXY_TCP_DRAIN_SECS", &DRAIN_SECS.to_string());
+        std::env::set_var("KPROXY_TCP_DRAIN_SECS", DRAIN_SECS.to_string());
     }
     let mut c = fixtures::one_node(TESTPOD).expect("building the cluster");
     let mut live: Vec<&str> = vec!["pod-a", "pod-b"];
@@ -161,7 +161,7 @@ fn soak_traffic_and_endpoint_churn() {
             c.ok(r);
             churn += 1;
             next_churn += CHURN_EVERY;
-            if churn % 5 == 0 {
+            if churn.is_multiple_of(5) {
                 ct_samples.push((start.elapsed().as_secs(), ct_entries(&c)));
             }
         }
