@@ -253,3 +253,90 @@ fn no_nodeport_outside_nodeport_addresses() {
         "nodePort refused outside --nodeport-addresses (outside and from a pod), served inside"
     );
 }
+
+/// The default deployment puts `--bpf-root` under the host's existing bpffs
+/// (`/sys/fs/bpf/kproxy`): the directories the agent creates there are root-only (0700), the
+/// pins 0600, and `nobody` can use none of them.
+#[test]
+fn bpf_root_under_an_existing_bpffs_is_root_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut c = seeded();
+    let parent = c.tmp_dir().join("host-bpf");
+    fs::create_dir_all(&parent).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&parent)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    // Let others traverse the parent, as /sys/fs/bpf allows: only kproxy's own modes guard.
+    fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
+    let root = parent.join("kproxy");
+    let bin = kproxy_bin().unwrap().display().to_string();
+    let mut args = c.agent_args(1);
+    let i = args.iter().position(|a| a == "--bpf-root").unwrap();
+    args[i + 1] = root.display().to_string();
+    let mut argv = vec![bin.clone()];
+    argv.extend(args);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let node = c.node(1);
+    let agent = c
+        .spawn(&node, "kproxy node1 (bpffs subdir)", &argv)
+        .unwrap();
+    let up = sys::wait_for(Duration::from_secs(30), Duration::from_millis(100), || {
+        (c.healthz(1) == 200).then_some(())
+    });
+
+    let mut report = Vec::new();
+    let mut pins = Vec::new();
+    files(&root, &mut pins);
+    let modes = |p: &Path| {
+        fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0)
+    };
+    for d in [root.clone(), root.join("links")] {
+        report.push(format!("{:o} {}", modes(&d), d.display()));
+    }
+    let root_mode = modes(&root);
+    let links_mode = modes(&root.join("links"));
+    let pin_modes: Vec<(PathBuf, u32)> = pins.iter().map(|p| (p.clone(), modes(p))).collect();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(AS_NOBODY)
+        .args(&pins)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Tear down before asserting: the pins hold programs on the node's devices.
+    c.stop_extra(agent);
+    let cleaned = node
+        .output(&[&bin, "cleanup", "--bpf-root", root.to_str().unwrap()])
+        .unwrap();
+    let _ = Command::new("umount").arg("-l").arg(&parent).status();
+
+    assert!(up.is_some(), "the agent did not become healthy");
+    assert!(cleaned.status.success(), "cleanup failed");
+    println!(
+        "bpf root under an existing bpffs: {report:?}; {} pins tried as nobody",
+        pins.len()
+    );
+    assert!(pins.len() >= 10, "{pins:?}");
+    assert_eq!(root_mode, 0o700, "{report:?}");
+    assert_eq!(links_mode, 0o700, "{report:?}");
+    for (p, mode) in &pin_modes {
+        assert_eq!(*mode, 0o600, "{}", p.display());
+    }
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            f.len() == 3
+                && ["EACCES", "EPERM"].contains(&f[1])
+                && ["EACCES", "EPERM"].contains(&f[2]),
+            "usable by nobody: {line}"
+        );
+    }
+    assert_eq!(text.lines().count(), pins.len(), "{text}");
+}

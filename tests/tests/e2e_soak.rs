@@ -141,6 +141,7 @@ fn soak_traffic_and_endpoint_churn() {
     let warm_up = Duration::from_secs((secs / 6).clamp(5, 30));
     let mut rss_start = None;
     let mut churn = 0u32;
+    let mut sync_lag = Duration::ZERO;
     let mut ct_samples = Vec::new();
     let mut next_churn = start + CHURN_EVERY;
     let end = start + Duration::from_secs(secs);
@@ -156,6 +157,25 @@ fn soak_traffic_and_endpoint_churn() {
             c.ok(r);
             live.push(new);
             fixtures::write_mysvc(&c, &live).unwrap();
+            // The old pod goes once the agent has programmed its removal (as the kubelet
+            // stops a container after the endpoint is gone), however loaded the machine is.
+            let old_ip = c.pod_ip(old).to_string();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                let programmed = list(&c, "services")
+                    .iter()
+                    .filter(|s| s["port"] == 30001)
+                    .all(|s| {
+                        s["backends"]
+                            .as_array()
+                            .is_some_and(|b| b.iter().all(|b| b["address"] != old_ip.as_str()))
+                    });
+                if programmed {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sync_lag = sync_lag.max(t.elapsed());
             std::thread::sleep(Duration::from_secs(1));
             let r = c.kill_pod(old);
             c.ok(r);
@@ -208,7 +228,7 @@ fn soak_traffic_and_endpoint_churn() {
         .collect();
 
     println!(
-        "soak {secs} s: {} requests ({} nodePort, {} cluster IP), {} failed; {churn} churn events (pods replaced); agent RSS {rss_start} KiB after {warm_up:?} warm-up -> {rss_end} KiB at the end; CT entries over time {ct_samples:?}, {ct_end} at the end",
+        "soak {secs} s: {} requests ({} nodePort, {} cluster IP), {} failed; {churn} churn events (pods replaced); agent RSS {rss_start} KiB after {warm_up:?} warm-up -> {rss_end} KiB at the end; CT entries over time {ct_samples:?}, {ct_end} at the end; slowest change to programmed {sync_lag:?}",
         np_lines.len() + cip_lines.len(),
         np_lines.len(),
         cip_lines.len(),

@@ -54,6 +54,7 @@ pub struct Attachment {
 pub fn attach_all(ebpf: &mut Ebpf, settings: &EbpfSettings) -> anyhow::Result<Vec<Attachment>> {
     let dir = links_dir(&settings.bpf_root);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::bpffs::root_only(&dir)?;
     let mut kept: Vec<PathBuf> = Vec::new();
     let mut out = Vec::new();
 
