@@ -3,7 +3,8 @@
 //!
 //! mysvc's two endpoints rotate through pod-a, pod-b and pod-c: each churn event starts the
 //! next pod's server, puts it in the EndpointSlice in place of the oldest one, and kills the
-//! old pod's server a second later (a pod replaced, as a rollout does). Meanwhile a client
+//! old pod's server once its removal is programmed and its connections have drained (a pod
+//! replaced with graceful termination, as a rollout does). Meanwhile a client
 //! asks the nodePort (XDP path) and pod-z the cluster IP (socket path), each every 50 ms.
 //!
 //! Asserted: no request fails (every request goes to a ready endpoint; one in flight when
@@ -27,7 +28,8 @@ const PODS: [&str; 3] = ["pod-a", "pod-b", "pod-c"];
 const INTERVAL_MS: u64 = 50;
 const CHURN_EVERY: Duration = Duration::from_secs(3);
 /// How long removed TCP backends stay for connections in flight (the agent's drain).
-const DRAIN_SECS: u64 = 3;
+/// Shorter than the churn interval: a replaced pod has stopped before it is added again.
+const DRAIN_SECS: u64 = 1;
 /// Allowed RSS growth after warm-up.
 const RSS_SLACK_KIB: u64 = 8 * 1024;
 
@@ -142,16 +144,35 @@ fn soak_traffic_and_endpoint_churn() {
     let mut rss_start = None;
     let mut churn = 0u32;
     let mut sync_lag = Duration::ZERO;
+    let mut pending_kills: Vec<(Instant, &str)> = Vec::new();
     let mut ct_samples = Vec::new();
     let mut next_churn = start + CHURN_EVERY;
     let end = start + Duration::from_secs(secs);
     while Instant::now() < end {
+        let now = Instant::now();
+        for (_, pod) in pending_kills.iter().filter(|(at, _)| *at <= now) {
+            assert!(
+                !live.contains(pod),
+                "{pod} is live again before it was stopped"
+            );
+            let r = c.kill_pod(pod);
+            c.ok(r);
+        }
+        pending_kills.retain(|(at, _)| *at > now);
         if rss_start.is_none() && start.elapsed() >= warm_up {
             rss_start = Some(rss_kib(pid));
         }
         if Instant::now() >= next_churn && Instant::now() + Duration::from_secs(2) < end {
             // Replace the oldest live pod by the stopped one.
-            let new = *PODS.iter().find(|p| !live.contains(p)).unwrap();
+            let Some(new) = PODS
+                .iter()
+                .copied()
+                .find(|p| !live.contains(p) && !pending_kills.iter().any(|(_, k)| k == p))
+            else {
+                // The last replaced pod has not stopped yet: churn on the next round.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
             let old = live.remove(0);
             let r = c.start_nginx(new);
             c.ok(r);
@@ -176,11 +197,10 @@ fn soak_traffic_and_endpoint_churn() {
                 std::thread::sleep(Duration::from_millis(20));
             }
             sync_lag = sync_lag.max(t.elapsed());
-            std::thread::sleep(Duration::from_secs(1));
-            let r = c.kill_pod(old);
-            c.ok(r);
+            // Graceful termination: the old pod stops once connections to it have drained.
+            pending_kills.push((Instant::now() + Duration::from_secs(DRAIN_SECS + 1), old));
             churn += 1;
-            next_churn += CHURN_EVERY;
+            next_churn = Instant::now() + CHURN_EVERY;
             if churn.is_multiple_of(5) {
                 ct_samples.push((start.elapsed().as_secs(), ct_entries(&c)));
             }
@@ -219,6 +239,8 @@ fn soak_traffic_and_endpoint_churn() {
     let backends = list(&c, "backends");
     let stale: Vec<String> = backends
         .iter()
+        // mysvc's backends (TCP 80); the dns Service keeps pod-a and pod-b throughout.
+        .filter(|b| b["port"] == 80 && b["protocol"] == "TCP")
         .filter_map(|b| b["address"].as_str())
         .filter(|a| {
             PODS.iter()
@@ -254,6 +276,14 @@ fn soak_traffic_and_endpoint_churn() {
             "frontends with other backends than {want:?}: {wrong:?} ({} mysvc frontends)",
             mysvc.len()
         )
+    });
+    let in_map: BTreeSet<String> = backends
+        .iter()
+        .filter(|b| b["port"] == 80 && b["protocol"] == "TCP")
+        .filter_map(|b| b["address"].as_str().map(str::to_owned))
+        .collect();
+    c.check(in_map == want, || {
+        format!("mysvc backends in the map {in_map:?}, want {want:?}")
     });
     c.check(stale.is_empty(), || {
         format!("backends of replaced pods left: {stale:?}")
