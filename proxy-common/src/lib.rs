@@ -7,9 +7,11 @@
 //! packet carries them; everything else is host order.
 #![no_std]
 
+pub mod affinity;
 pub mod config;
 pub mod conntrack;
 pub mod lb;
 pub mod maps;
 pub mod sock;
+pub mod src_range;
 pub mod stats;

@@ -23,6 +23,11 @@ pub const STATS: &str = "KP_STATS_V1";
 /// Traffic per frontend (per-CPU hash, allocated on first use): `u16` reverse-NAT index ->
 /// [`crate::stats::SvcStats`].
 pub const SVC_STATS: &str = "KP_SVC_STATS_V1";
+/// Session affinity (LRU): [`crate::affinity::Lb4AffinityKey`] ->
+/// [`crate::affinity::Lb4AffinityValue`].
+pub const LB4_AFFINITY: &str = "KP_AFF4_V1";
+/// loadBalancerSourceRanges (LPM trie): [`crate::src_range::Lb4SrcRangeKey`] -> `u8` (1).
+pub const LB4_SRC_RANGE: &str = "KP_SRCR4_V1";
 
 pub const LB4_SERVICES_MAX: u32 = 65_536;
 pub const LB4_BACKENDS_MAX: u32 = 65_536;
@@ -36,9 +41,11 @@ pub const STATS_MAX: u32 = 64;
 /// One entry per reverse-NAT index in use. Not preallocated: a per-CPU map this size would
 /// cost `65536 * 24 bytes` per CPU; entries appear when a frontend first sees traffic.
 pub const SVC_STATS_MAX: u32 = LB4_REVERSE_NAT_MAX;
+pub const LB4_AFFINITY_MAX: u32 = 65_536;
+pub const LB4_SRC_RANGE_MAX: u32 = 16_384;
 
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 12] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -49,6 +56,8 @@ pub const ALL: [&str; 10] = [
     LB4_CONFIG,
     STATS,
     SVC_STATS,
+    LB4_AFFINITY,
+    LB4_SRC_RANGE,
 ];
 
 /// Maps that are counters, not state: their fill level is not a capacity concern.

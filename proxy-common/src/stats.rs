@@ -49,9 +49,16 @@ pub const STAT_FIB_FALLBACK: u32 = 18;
 pub const STAT_XLATE_ERROR: u32 = 19;
 /// Ingress: the agent has not programmed a first sync; nothing is translated.
 pub const STAT_PASS_NOT_READY: u32 = 20;
+/// Ingress: a packet to a frontend with loadBalancerSourceRanges from a source outside them,
+/// dropped.
+pub const STAT_DROP_SOURCE_RANGE: u32 = 21;
+/// connect4/sendmsg4 refused a frontend whose loadBalancerSourceRanges exclude this node.
+pub const STAT_SOCK_SOURCE_RANGE_DENIED: u32 = 22;
+/// A new flow or socket went to the backend its client's session affinity names.
+pub const STAT_AFFINITY_HIT: u32 = 23;
 
 /// Number of reasons defined (indexes `0..STAT_REASONS`).
-pub const STAT_REASONS: usize = 21;
+pub const STAT_REASONS: usize = 24;
 
 /// The `reason` label of each index, for userspace.
 pub const STAT_NAMES: [&str; STAT_REASONS] = [
@@ -76,6 +83,9 @@ pub const STAT_NAMES: [&str; STAT_REASONS] = [
     "fib_fallback_to_stack",
     "translation_error",
     "pass_not_ready",
+    "drop_source_range",
+    "sock_source_range_denied",
+    "affinity_hit",
 ];
 
 /// Traffic of one frontend (one reverse-NAT index), per CPU.
@@ -97,4 +107,4 @@ unsafe impl aya::Pod for SvcStats {}
 
 const _: () = assert!(core::mem::size_of::<SvcStats>() == 24);
 const _: () = assert!(STAT_REASONS as u32 <= crate::maps::STATS_MAX);
-const _: () = assert!(STAT_PASS_NOT_READY as usize + 1 == STAT_REASONS);
+const _: () = assert!(STAT_AFFINITY_HIT as usize + 1 == STAT_REASONS);

@@ -8,7 +8,7 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::generated::bpf_redirect,
     programs::{TcContext, XdpContext},
 };
@@ -34,6 +34,8 @@ pub struct PktErr;
 pub trait NetCtx {
     /// Verdict that hands the packet to the kernel unchanged in path.
     const PASS: i32;
+    /// Verdict that drops the packet.
+    const DROP: i32;
 
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -97,6 +99,7 @@ impl NetCtx for XdpContext {
     }
 
     const PASS: i32 = xdp_action::XDP_PASS as i32;
+    const DROP: i32 = xdp_action::XDP_DROP as i32;
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -204,6 +207,7 @@ impl NetCtx for TcContext {
     }
 
     const PASS: i32 = TC_ACT_OK as i32;
+    const DROP: i32 = TC_ACT_SHOT as i32;
 
     #[inline(always)]
     fn data(&self) -> usize {

@@ -5,6 +5,7 @@
 // purpose; TC_ACT_* are u32 in the bpfel bindings (the cast is not a no-op there).
 #![allow(clippy::manual_unwrap_or, clippy::unnecessary_cast)]
 
+mod affinity;
 mod csum;
 mod ct;
 mod ctx;
@@ -13,6 +14,7 @@ mod maps;
 mod nodeport;
 mod parse;
 mod sock;
+mod src_range;
 mod stats;
 
 use aya_ebpf::{

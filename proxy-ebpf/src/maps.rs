@@ -6,14 +6,16 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
+    affinity::{Lb4AffinityKey, Lb4AffinityValue},
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    src_range::Lb4SrcRangeKey,
     stats::SvcStats,
 };
 
@@ -42,6 +44,8 @@ const _: () = assert!(name_is("KP_SOCK4_REV_V1", names::SOCK4_REV));
 const _: () = assert!(name_is("KP_LB4_CFG_V1", names::LB4_CONFIG));
 const _: () = assert!(name_is("KP_STATS_V1", names::STATS));
 const _: () = assert!(name_is("KP_SVC_STATS_V1", names::SVC_STATS));
+const _: () = assert!(name_is("KP_AFF4_V1", names::LB4_AFFINITY));
+const _: () = assert!(name_is("KP_SRCR4_V1", names::LB4_SRC_RANGE));
 
 #[map(name = "KP_LB4_SVC_V1")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
@@ -81,3 +85,14 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(names::STATS_MAX, 0);
 #[map(name = "KP_SVC_STATS_V1")]
 pub static SVC_STATS: PerCpuHashMap<u16, SvcStats> =
     PerCpuHashMap::pinned(names::SVC_STATS_MAX, BPF_F_NO_PREALLOC);
+
+/// Session affinity: (client, frontend) -> backend and last use.
+#[map(name = "KP_AFF4_V1")]
+pub static LB4_AFFINITY: LruHashMap<Lb4AffinityKey, Lb4AffinityValue> =
+    LruHashMap::pinned(names::LB4_AFFINITY_MAX, 0);
+
+/// loadBalancerSourceRanges: (frontend, source prefix) -> 1. `BPF_F_NO_PREALLOC` is added by
+/// the constructor (the kernel requires it for LPM tries).
+#[map(name = "KP_SRCR4_V1")]
+pub static LB4_SRC_RANGE: LpmTrie<Lb4SrcRangeKey, u8> =
+    LpmTrie::pinned(names::LB4_SRC_RANGE_MAX, 0);

@@ -13,22 +13,25 @@ use proxy_common::{
     conntrack::{Ct4Entry, Nat4RevEntry},
     lb::{BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4Service, SVC_FLAG_EXTERNAL},
     stats::{
-        STAT_BACKEND_RESELECTED, STAT_FIB_FALLBACK, STAT_FIB_FORWARD, STAT_FWD_XLATE,
-        STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS, STAT_PASS_NOT_READY,
-        STAT_PASS_NOT_SERVICE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED, STAT_XLATE_ERROR,
+        STAT_BACKEND_RESELECTED, STAT_DROP_SOURCE_RANGE, STAT_FIB_FALLBACK, STAT_FIB_FORWARD,
+        STAT_FWD_XLATE, STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS,
+        STAT_PASS_NOT_READY, STAT_PASS_NOT_SERVICE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED,
+        STAT_XLATE_ERROR,
     },
 };
 
 use crate::{
+    affinity::lb4_affinity_select_by_addr,
     ct::{
         ct4_key, ct4_lookup, ct4_now, ct4_update, nat4_rev_claim, nat4_rev_force, nat4_rev_lookup,
         snat4_alloc_port,
     },
     ctx::{NetCtx, PktErr},
-    lb::{lb4_config, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
+    lb::{lb4_config, lb4_lookup_backend, lb4_lookup_service},
     parse::{
         ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, parse4,
     },
+    src_range::lb4_src_range_ok,
     stats::{stat_inc, svc_stat_add},
 };
 
@@ -51,10 +54,22 @@ pub fn nodeport_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
         }
     };
     let now = ct4_now();
-    if nat4_rev_xlate(ctx, &mut pkt, now)? || lb4_xlate_ingress(ctx, &cfg, &mut pkt, now)? {
+    if nat4_rev_xlate(ctx, &mut pkt, now)? {
         return nodeport_forward(ctx, &cfg, &pkt);
     }
-    Ok(C::PASS)
+    match lb4_xlate_ingress(ctx, &cfg, &mut pkt, now)? {
+        Ingress::Translated => nodeport_forward(ctx, &cfg, &pkt),
+        Ingress::Pass => Ok(C::PASS),
+        Ingress::Drop => Ok(C::DROP),
+    }
+}
+
+/// What became of a packet that was not a reply.
+enum Ingress {
+    Translated,
+    Pass,
+    /// Refused by the frontend's loadBalancerSourceRanges.
+    Drop,
 }
 
 /// Egress of an external device: reverse NAT of replies from local backends. Never drops.
@@ -128,15 +143,15 @@ fn nat4_rewrite<C: NetCtx>(
 }
 
 /// Translates a packet to an external frontend (nodePort, externalIP, LB ingress). Cluster
-/// IPs and services without endpoints are left to the stack (`Ok(false)`, with the reason
-/// counted).
+/// IPs and services without endpoints are left to the stack, sources outside a frontend's
+/// loadBalancerSourceRanges dropped (with the reason counted).
 #[inline(always)]
 fn lb4_xlate_ingress<C: NetCtx>(
     ctx: &C,
     cfg: &Lb4Config,
     pkt: &mut Pkt4,
     now: u64,
-) -> Result<bool, PktErr> {
+) -> Result<Ingress, PktErr> {
     let reason = match lb4_xlate_ingress_flow(cfg, pkt, now) {
         Ok(flow) => {
             let (saddr, sport) = if flow.nat_saddr != 0 {
@@ -152,7 +167,11 @@ fn lb4_xlate_ingress<C: NetCtx>(
         Err(reason) => reason,
     };
     stat_inc(reason);
-    Ok(reason == STAT_FWD_XLATE)
+    Ok(match reason {
+        STAT_FWD_XLATE => Ingress::Translated,
+        STAT_DROP_SOURCE_RANGE => Ingress::Drop,
+        _ => Ingress::Pass,
+    })
 }
 
 /// The flow a packet to an external frontend belongs to, or why it is not translated (a
@@ -164,6 +183,11 @@ fn lb4_xlate_ingress_flow(cfg: &Lb4Config, pkt: &Pkt4, now: u64) -> Result<Ct4En
     };
     if svc.flags & SVC_FLAG_EXTERNAL == 0 {
         return Err(STAT_PASS_INTERNAL);
+    }
+    // Checked on every packet, before conntrack: a range removed from the service stops its
+    // established flows too.
+    if !lb4_src_range_ok(&svc, pkt.saddr) {
+        return Err(STAT_DROP_SOURCE_RANGE);
     }
     if svc.count == 0 {
         return Err(STAT_PASS_NO_ENDPOINTS);
@@ -206,7 +230,7 @@ fn lb4_flow_get(
     let (backend_id, backend, mut preferred) = match reuse {
         Some(found) => found,
         None => {
-            let Some((id, backend)) = lb4_select_backend(key, svc) else {
+            let Some((id, backend)) = lb4_affinity_select_by_addr(key, svc, pkt.saddr, now) else {
                 return Err(STAT_PASS_NO_BACKEND);
             };
             if ct.is_some() {

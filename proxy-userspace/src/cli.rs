@@ -49,7 +49,8 @@ pub enum ListCommand {
     Backends(InspectArgs),
     /// Flows translated by the device programs (CT4) and their reply translations (NAT4_REV).
     Conntrack(ConntrackArgs),
-    /// Session-affinity entries (not implemented yet: says so).
+    /// Session-affinity entries of the eBPF mode: client (address or netns), frontend,
+    /// backend, age, state (the rule modes keep theirs in netfilter: says where).
     Affinity(InspectArgs),
 }
 

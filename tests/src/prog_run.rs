@@ -13,14 +13,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 use proxy_common::{
+    affinity::{Lb4AffinityKey, Lb4AffinityValue},
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4Service},
     maps,
+    src_range::{Lb4SrcRangeKey, SRC_RANGE_INDEX_BITS},
     stats::{STAT_REASONS, SvcStats},
 };
 
@@ -30,6 +35,8 @@ pub const ETH_HLEN: usize = 14;
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
+pub const XDP_DROP: u32 = 1;
+pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
 
 pub const PROG_XDP: &str = "kproxy_xdp_ingress";
@@ -443,6 +450,41 @@ impl Fixture {
         };
         svcs.insert(Lb4Key::new(be32(addr), be16(port), proto, 0), master, 0)
             .unwrap();
+    }
+
+    /// Gives the frontend's master entry `flags` (added) and the `backend_id` the writer
+    /// stores there (the affinity timeout in seconds).
+    pub fn set_master(&mut self, addr: [u8; 4], port: u16, proto: u8, flags: u16, backend_id: u32) {
+        let mut svcs = self.services();
+        let key = Lb4Key::new(be32(addr), be16(port), proto, 0);
+        let mut master = svcs.get(&key, 0).unwrap();
+        master.flags |= flags;
+        master.backend_id = backend_id;
+        svcs.insert(key, master, 0).unwrap();
+    }
+
+    /// Allows `addr/prefix_len` for the frontend `rev_nat_index` (loadBalancerSourceRanges).
+    pub fn add_src_range(&mut self, rev_nat_index: u16, addr: [u8; 4], prefix_len: u8) {
+        let mut m: LpmTrie<&mut MapData, Lb4SrcRangeKey, u8> =
+            LpmTrie::try_from(self.map(maps::LB4_SRC_RANGE)).unwrap();
+        let key = LpmKey::new(
+            SRC_RANGE_INDEX_BITS + u32::from(prefix_len),
+            Lb4SrcRangeKey::new(rev_nat_index, be32(addr)),
+        );
+        m.insert(&key, 1, 0).unwrap();
+    }
+
+    fn affinity(&mut self) -> HashMap<&mut MapData, Lb4AffinityKey, Lb4AffinityValue> {
+        HashMap::try_from(self.map(maps::LB4_AFFINITY)).unwrap()
+    }
+
+    /// Every session-affinity entry.
+    pub fn affinity_entries(&mut self) -> Vec<(Lb4AffinityKey, Lb4AffinityValue)> {
+        self.affinity().iter().map(|r| r.unwrap()).collect()
+    }
+
+    pub fn put_affinity(&mut self, key: Lb4AffinityKey, value: Lb4AffinityValue) {
+        self.affinity().insert(key, value, 0).unwrap();
     }
 
     pub fn remove_backend(&mut self, id: u32) {

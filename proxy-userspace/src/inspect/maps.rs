@@ -10,14 +10,16 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::LpmTrie},
 };
 use proxy_common::{
+    affinity::{Lb4AffinityKey, Lb4AffinityValue},
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    src_range::Lb4SrcRangeKey,
     stats::{STAT_NAMES, SvcStats},
 };
 use serde::Serialize;
@@ -94,6 +96,19 @@ fn count_keys<K: Pod + Eq + Hash, V: Pod>(map: Map) -> Result<u64, MapError> {
     Ok(seen.len() as u64)
 }
 
+fn count_lpm_keys<K: Pod, V: Pod>(map: Map) -> Result<u64, MapError> {
+    let map: LpmTrie<MapData, K, V> = LpmTrie::try_from(map)?;
+    let mut n = 0;
+    for k in map.keys() {
+        match k {
+            Ok(_) => n += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 fn count_percpu_keys<K: Pod + Eq + Hash, V: Pod>(map: Map) -> Result<u64, MapError> {
     let map: PerCpuHashMap<MapData, K, V> = PerCpuHashMap::try_from(map)?;
     let mut seen = std::collections::HashSet::new();
@@ -156,7 +171,8 @@ fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
         | Map::LruHashMap(d)
         | Map::Array(d)
         | Map::PerCpuArray(d)
-        | Map::PerCpuHashMap(d) => d.info()?,
+        | Map::PerCpuHashMap(d)
+        | Map::LpmTrie(d) => d.info()?,
         _ => bail!("{name} has an unexpected map type"),
     };
     let entries = match name {
@@ -168,6 +184,8 @@ fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
         names::NAT4_REV => count_keys::<Ct4Key, Nat4RevEntry>(map),
         names::SOCK4_REV => count_keys::<Sock4RevKey, Sock4RevValue>(map),
         names::SVC_STATS => count_percpu_keys::<u16, SvcStats>(map),
+        names::LB4_AFFINITY => count_keys::<Lb4AffinityKey, Lb4AffinityValue>(map),
+        names::LB4_SRC_RANGE => count_lpm_keys::<Lb4SrcRangeKey, u8>(map),
         // An array always holds max_entries elements.
         _ => Ok(u64::from(info.max_entries())),
     }
@@ -313,6 +331,25 @@ pub fn frontend_label(key: &Lb4Key) -> String {
         s.push_str(" (nodePort)");
     }
     s
+}
+
+/// The loadBalancerSourceRanges entries pinned under `root`.
+pub fn read_src_ranges(
+    root: &Path,
+) -> anyhow::Result<Vec<crate::dataplane::ebpf::writer::SrcRange>> {
+    let map: LpmTrie<MapData, Lb4SrcRangeKey, u8> =
+        LpmTrie::try_from(open(root, names::LB4_SRC_RANGE)?).with_context(|| {
+            format!("{} has an unexpected type or layout", names::LB4_SRC_RANGE)
+        })?;
+    let mut out = Vec::new();
+    for k in map.keys() {
+        match k {
+            Ok(k) => out.push(crate::dataplane::ebpf::maps::src_range_of(&k)),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", names::LB4_SRC_RANGE)),
+        }
+    }
+    Ok(out)
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`, which stamps conntrack entries.

@@ -149,6 +149,18 @@ impl Dataplane for EbpfDataplane {
 
     fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
         let outcome = self.writer.apply(desired, full)?;
+        if !outcome.affinity_released.is_empty() {
+            // Entries of frontends without affinity are ignored by the programs anyway; this
+            // only frees their room.
+            match self
+                .writer
+                .maps_mut()
+                .clear_affinity(&outcome.affinity_released)
+            {
+                Ok(n) => tracing::debug!(entries = n, "removed released session-affinity entries"),
+                Err(e) => tracing::warn!("removing released session-affinity entries: {e:#}"),
+            }
+        }
         if !self.ready {
             self.ready = true;
         }

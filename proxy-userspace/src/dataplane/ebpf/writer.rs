@@ -2,7 +2,8 @@
 //!
 //! Order (Cilium's): backends -> backend slots -> reverse NAT -> frontend master entries
 //! (with `count`) -> removed masters -> removed slots -> removed reverse NAT -> removed
-//! backends. A frontend that shrinks gets its lower `count` before its surplus slots go, and
+//! backends. Source ranges are added before the master entries that enable them and removed
+//! after. A frontend that shrinks gets its lower `count` before its surplus slots go, and
 //! a backend is deleted only after no slot names it, so a reader never follows a slot to
 //! nothing. The writer is idempotent; after an error it re-reads the maps (a full sync)
 //! instead of trusting its record. Removed TCP backends may drain: they leave every slot at
@@ -16,8 +17,9 @@ use std::{
 
 use proxy_common::{
     lb::{
-        BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP,
-        SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT,
+        BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_AFFINITY,
+        SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT, SVC_FLAG_SOURCE_RANGES,
+        SVC_FLAG_SOURCE_RANGES_DENY_NODE,
     },
     maps as names,
 };
@@ -41,7 +43,14 @@ pub struct ApplyOutcome {
     pub stats: ApplyStats,
     /// Backend addresses gone from every frontend (their flows must move elsewhere).
     pub removed_backends: Vec<RemovedBackend>,
+    /// Reverse-NAT indexes whose session affinity ended (affinity turned off or the frontend
+    /// removed): their affinity entries are no longer used and can be deleted.
+    pub affinity_released: Vec<u16>,
 }
+
+/// One `loadBalancerSourceRanges` entry: (reverse-NAT index, be network address, prefix
+/// length).
+pub type SrcRange = (u16, u32, u8);
 
 /// Map capacities the writer respects (the kernel maps' `max_entries`).
 #[derive(Clone, Copy, Debug)]
@@ -66,6 +75,7 @@ struct Contents {
     backends: BTreeMap<u32, Lb4Backend>,
     rev_nat: BTreeMap<u16, Lb4RevNat>,
     nodeport: BTreeSet<u32>,
+    src_ranges: BTreeSet<SrcRange>,
 }
 
 impl Contents {
@@ -75,6 +85,7 @@ impl Contents {
             backends: maps.backends()?.into_iter().collect(),
             rev_nat: maps.rev_nats()?.into_iter().collect(),
             nodeport: maps.nodeport_addresses()?.into_iter().collect(),
+            src_ranges: maps.src_ranges()?.into_iter().collect(),
         })
     }
 }
@@ -107,12 +118,31 @@ fn protocol_from_number(n: u8) -> Option<Protocol> {
         .find(|p| p.number() == n)
 }
 
-fn frontend_flags(kind: FrontendKind) -> u16 {
+fn kind_flags(kind: FrontendKind) -> u16 {
     match kind {
         FrontendKind::ClusterIp => SVC_FLAG_CLUSTER_IP,
         FrontendKind::NodePort => SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL,
         FrontendKind::ExternalIp | FrontendKind::LoadBalancer => SVC_FLAG_EXTERNAL,
     }
+}
+
+/// The frontend's `SVC_FLAG_*`. `node_addresses`: this node's addresses; connections made on
+/// the node pass source ranges when one of them is inside (kube-proxy's rule).
+fn frontend_flags(f: &Frontend, node_addresses: &[Ipv4Addr]) -> u16 {
+    let mut flags = kind_flags(f.kind);
+    if f.affinity_timeout.is_some() {
+        flags |= SVC_FLAG_AFFINITY;
+    }
+    if let Some(ranges) = &f.source_ranges {
+        flags |= SVC_FLAG_SOURCE_RANGES;
+        let node_inside = ranges
+            .iter()
+            .any(|r| node_addresses.iter().any(|a| r.contains(*a)));
+        if !node_inside {
+            flags |= SVC_FLAG_SOURCE_RANGES_DENY_NODE;
+        }
+    }
+    flags
 }
 
 /// Hands out the lowest numbers not in use, never one the maps still hold.
@@ -257,7 +287,8 @@ impl<M: LbMaps> MapWriter<M> {
                 ));
                 continue;
             };
-            self.target_frontend(f, master_key, index, &id_of, &mut ids, &mut target);
+            let flags = frontend_flags(f, &desired.nodeport_addresses);
+            Self::target_frontend(f, master_key, index, flags, &id_of, &mut ids, &mut target);
         }
         target.nodeport = desired
             .nodeport_addresses
@@ -268,15 +299,14 @@ impl<M: LbMaps> MapWriter<M> {
     }
 
     fn target_frontend(
-        &self,
         f: &Frontend,
         master_key: Lb4Key,
         index: u16,
+        flags: u16,
         id_of: &HashMap<(u16, u32, u16, u8), u32>,
         ids: &mut Allocator<u32>,
         target: &mut Contents,
     ) {
-        let flags = frontend_flags(f.kind);
         let proto = f.protocol.number();
         let mut slots = 0u16;
         for b in &f.backends {
@@ -318,10 +348,16 @@ impl<M: LbMaps> MapWriter<M> {
                 _pad: 0,
             },
         );
+        for r in f.source_ranges.iter().flatten() {
+            target
+                .src_ranges
+                .insert((index, be_addr(r.address), r.prefix_len));
+        }
         target.services.insert(
             master_key,
             Lb4Service {
-                backend_id: 0,
+                // The master's unused backend id carries the affinity timeout (Cilium's trick).
+                backend_id: f.affinity_timeout.unwrap_or(0),
                 count: slots,
                 rev_nat_index: index,
                 flags,
@@ -365,6 +401,17 @@ impl<M: LbMaps> MapWriter<M> {
                         stats.writes += 1;
                     }
                 }
+                let new: Vec<SrcRange> = target
+                    .src_ranges
+                    .difference(&known.src_ranges)
+                    .copied()
+                    .collect();
+                for r in new {
+                    maps.put_src_range(r)?;
+                    known.src_ranges.insert(r);
+                    stats.writes += 1;
+                }
+                outcome.affinity_released = affinity_released(&known.services, &target.services);
             }
         }
         for masters_first in [true, false] {
@@ -391,6 +438,16 @@ impl<M: LbMaps> MapWriter<M> {
         for i in stale {
             maps.del_rev_nat(i)?;
             known.rev_nat.remove(&i);
+            stats.deletes += 1;
+        }
+        let stale: Vec<SrcRange> = known
+            .src_ranges
+            .difference(&target.src_ranges)
+            .copied()
+            .collect();
+        for r in stale {
+            maps.del_src_range(r)?;
+            known.src_ranges.remove(&r);
             stats.deletes += 1;
         }
         let still_used: BTreeSet<(u32, u16, u8)> = target
@@ -446,6 +503,27 @@ impl<M: LbMaps> MapWriter<M> {
         }
         Ok(())
     }
+}
+
+/// Reverse-NAT indexes of masters that have affinity in `known` but not in `target` (gone, or
+/// affinity turned off), computed before the masters are rewritten.
+fn affinity_released(
+    known: &BTreeMap<Lb4Key, Lb4Service>,
+    target: &BTreeMap<Lb4Key, Lb4Service>,
+) -> Vec<u16> {
+    let has_affinity = |v: &Lb4Service| v.flags & SVC_FLAG_AFFINITY != 0;
+    let kept: BTreeSet<u16> = target
+        .iter()
+        .filter(|(k, v)| k.backend_slot == 0 && has_affinity(v))
+        .map(|(_, v)| v.rev_nat_index)
+        .collect();
+    let released: BTreeSet<u16> = known
+        .iter()
+        .filter(|(k, v)| k.backend_slot == 0 && has_affinity(v))
+        .map(|(_, v)| v.rev_nat_index)
+        .filter(|i| !kept.contains(i))
+        .collect();
+    released.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -543,6 +621,93 @@ mod tests {
         assert_eq!(w.maps().backends.len(), 4);
         assert_eq!(out.stats.deletes, 0);
         assert!(out.removed_backends.is_empty());
+    }
+
+    fn cidr(a: &str, len: u8) -> crate::desired::Ipv4Cidr {
+        crate::desired::Ipv4Cidr::new(a.parse().unwrap(), len).unwrap()
+    }
+
+    #[test]
+    fn affinity_timeout_rides_in_the_master_and_is_released_when_turned_off() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        let mut desired = seed();
+        desired.frontends[0].affinity_timeout = Some(7);
+        let out = w.apply(&desired, false).unwrap();
+        let m = master_of(w.maps(), "0.0.0.0", 30001);
+        assert_eq!(
+            (m.flags & SVC_FLAG_AFFINITY, m.backend_id),
+            (SVC_FLAG_AFFINITY, 7)
+        );
+        assert_eq!(
+            master_of(w.maps(), "10.96.100.208", 8080).flags & SVC_FLAG_AFFINITY,
+            0
+        );
+        assert!(out.affinity_released.is_empty());
+        // Slots still carry backend ids, not the timeout.
+        let slot = w.maps().services[&Lb4Key {
+            backend_slot: 1,
+            ..Lb4Key::new(0, 30001u16.to_be(), 6, 0)
+        }];
+        assert!(w.maps().backends.contains_key(&slot.backend_id));
+        desired.frontends[0].affinity_timeout = None;
+        let out = w.apply(&desired, false).unwrap();
+        assert_eq!(out.affinity_released, vec![m.rev_nat_index]);
+        let m = master_of(w.maps(), "0.0.0.0", 30001);
+        assert_eq!((m.flags & SVC_FLAG_AFFINITY, m.backend_id), (0, 0));
+        // A deleted frontend with affinity releases its index too.
+        desired.frontends[0].affinity_timeout = Some(7);
+        w.apply(&desired, false).unwrap();
+        desired.frontends.remove(0);
+        let out = w.apply(&desired, false).unwrap();
+        assert_eq!(out.affinity_released, vec![m.rev_nat_index]);
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_flag_and_removed_after() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        w.apply(&seed(), false).unwrap();
+        let mut desired = seed();
+        // The node (198.18.0.1) is outside: connections made on the node are refused too.
+        desired.frontends[0].source_ranges = Some(vec![cidr("192.0.2.0", 24)]);
+        w.maps_mut().ops.clear();
+        w.apply(&desired, false).unwrap();
+        let m = master_of(w.maps(), "0.0.0.0", 30001);
+        assert_eq!(
+            m.flags & (SVC_FLAG_SOURCE_RANGES | SVC_FLAG_SOURCE_RANGES_DENY_NODE),
+            SVC_FLAG_SOURCE_RANGES | SVC_FLAG_SOURCE_RANGES_DENY_NODE
+        );
+        let want: SrcRange = (m.rev_nat_index, be_addr("192.0.2.0".parse().unwrap()), 24);
+        let ops = &w.maps().ops;
+        assert!(
+            position(ops, |o| *o == Op::PutSrcRange(want))
+                < position(
+                    ops,
+                    |o| matches!(o, Op::PutService(k, _) if k.backend_slot == 0)
+                )
+        );
+        // Node inside a range: in-node connections pass.
+        desired.frontends[0].source_ranges =
+            Some(vec![cidr("192.0.2.0", 24), cidr("198.18.0.0", 16)]);
+        w.apply(&desired, false).unwrap();
+        let m = master_of(w.maps(), "0.0.0.0", 30001);
+        assert_eq!(m.flags & SVC_FLAG_SOURCE_RANGES_DENY_NODE, 0);
+        assert_eq!(w.maps().src_ranges.len(), 2);
+        // Ranges gone: the flag is cleared before the entries are deleted.
+        desired.frontends[0].source_ranges = None;
+        w.maps_mut().ops.clear();
+        w.apply(&desired, false).unwrap();
+        let ops = &w.maps().ops;
+        assert!(
+            position(
+                ops,
+                |o| matches!(o, Op::PutService(k, _) if k.backend_slot == 0)
+            ) < position(ops, |o| matches!(o, Op::DelSrcRange(..)))
+        );
+        assert!(w.maps().src_ranges.is_empty());
+        assert_eq!(
+            master_of(w.maps(), "0.0.0.0", 30001).flags & SVC_FLAG_SOURCE_RANGES,
+            0
+        );
     }
 
     #[test]

@@ -269,6 +269,7 @@ mod tests {
         let mut want_declared = vec![
             // filter
             "KPROXY-EXTERNAL-SERVICES".to_string(),
+            "KPROXY-FIREWALL".into(),
             "KPROXY-NODEPORTS".into(),
             "KPROXY-SERVICES".into(),
         ];

@@ -150,7 +150,8 @@ impl Dataplane for NftablesDataplane {
 
 /// A representative state for rendering tests: a ClusterIP with a local and a remote
 /// endpoint, its NodePort, a Service without endpoints (ClusterIP and NodePort), a UDP
-/// Service, an external IP, a LoadBalancer IP.
+/// Service (with ClientIP affinity), an external IP, a LoadBalancer IP (with source ranges,
+/// on its nodePort too).
 #[cfg(test)]
 pub(crate) fn sample_desired() -> DesiredState {
     use crate::desired::{Backend, Frontend, FrontendKind, Protocol, ServicePortName};
@@ -166,6 +167,11 @@ pub(crate) fn sample_desired() -> DesiredState {
         is_local,
     };
     let web = vec![be("10.244.1.5", 8080, true), be("10.244.2.7", 8080, false)];
+    // The first range holds a node address: the LoadBalancer IP itself is allowed too.
+    let ranges: Vec<crate::desired::Ipv4Cidr> = [("192.168.0.0", 16), ("203.0.113.0", 24)]
+        .into_iter()
+        .map(|(a, l)| crate::desired::Ipv4Cidr::new(a.parse().unwrap(), l).unwrap())
+        .collect();
     let mut frontends = vec![
         Frontend {
             service: spn("web", "http", Protocol::Tcp),
@@ -185,7 +191,7 @@ pub(crate) fn sample_desired() -> DesiredState {
             protocol: Protocol::Tcp,
             backends: web.clone(),
             affinity_timeout: None,
-            source_ranges: None,
+            source_ranges: Some(ranges.clone()),
         },
         Frontend {
             service: spn("web", "http", Protocol::Tcp),
@@ -205,7 +211,7 @@ pub(crate) fn sample_desired() -> DesiredState {
             protocol: Protocol::Tcp,
             backends: vec![be("10.244.1.5", 8080, true)],
             affinity_timeout: None,
-            source_ranges: None,
+            source_ranges: Some(ranges),
         },
         Frontend {
             service: spn("empty", "", Protocol::Tcp),
@@ -238,7 +244,7 @@ pub(crate) fn sample_desired() -> DesiredState {
                 be("10.244.2.9", 5353, false),
                 be("10.244.3.9", 5353, false),
             ],
-            affinity_timeout: None,
+            affinity_timeout: Some(10800),
             source_ranges: None,
         },
     ];
