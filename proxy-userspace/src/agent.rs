@@ -303,9 +303,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!(
-        "stopping; programs and maps stay pinned under {}",
-        args.bpf_root.display()
-    );
+    match mode {
+        "ebpf" => tracing::info!(
+            "stopping; programs and maps stay pinned under {}",
+            args.bpf_root.display()
+        ),
+        "userspace" => tracing::info!("stopping; the connections relayed by this agent end"),
+        _ => tracing::info!("stopping; the {mode} rules stay installed"),
+    }
     Ok(())
 }

@@ -126,7 +126,7 @@ pub struct CompletionsArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProxyMode {
-    /// The best mode this host supports: eBPF, else nftables, else iptables.
+    /// The best mode this host supports: eBPF, else nftables, else iptables, else userspace.
     Auto,
     /// Socket-level load balancing on the cgroup, XDP/tc on the devices.
     Ebpf,
@@ -135,6 +135,9 @@ pub enum ProxyMode {
     Nftables,
     /// kube-proxy's iptables layout under `KPROXY-` chains.
     Iptables,
+    /// The agent relays connections itself (service addresses on the `kproxy0` interface).
+    /// The slowest mode, and backends see the node's address instead of the client's.
+    Userspace,
 }
 
 #[derive(Debug, clap::Args)]

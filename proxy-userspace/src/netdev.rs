@@ -2,6 +2,10 @@
 
 use std::{collections::BTreeSet, ffi::CStr, fmt, net::Ipv4Addr, str::FromStr};
 
+/// The interface the userspace mode puts service addresses on (like kube-proxy IPVS's
+/// `kube-ipvs0`): its addresses are not node addresses.
+pub const RELAY_INTERFACE: &str = "kproxy0";
+
 /// An IPv4 prefix such as `10.244.0.0/16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipv4Cidr {
@@ -98,7 +102,7 @@ pub fn default_devices(
 ) -> Vec<String> {
     let devices: BTreeSet<String> = addresses
         .iter()
-        .filter(|a| !a.address.is_loopback())
+        .filter(|a| !a.address.is_loopback() && a.interface != RELAY_INTERFACE)
         .filter(|a| !cluster_cidr.is_some_and(|c| c.contains(a.address)))
         .map(|a| a.interface.clone())
         .collect();
@@ -109,6 +113,7 @@ pub fn default_devices(
 pub fn nodeport_addresses(addresses: &[InterfaceAddress], filter: &[Ipv4Cidr]) -> Vec<Ipv4Addr> {
     let set: BTreeSet<Ipv4Addr> = addresses
         .iter()
+        .filter(|a| a.interface != RELAY_INTERFACE)
         .map(|a| a.address)
         .filter(|ip| filter.is_empty() || filter.iter().any(|c| c.contains(*ip)))
         .collect();

@@ -434,3 +434,18 @@ fn affinity_timeout_nftables() {
 fn affinity_timeout_iptables() {
     timeout("iptables");
 }
+
+#[test]
+fn affinity_switch_userspace() {
+    switch("userspace");
+}
+
+#[test]
+fn affinity_sticky_userspace() {
+    sticky("userspace");
+}
+
+#[test]
+fn affinity_timeout_userspace() {
+    timeout("userspace");
+}

@@ -5,6 +5,7 @@ pub mod conntrack_flush;
 pub mod ebpf;
 pub mod iptables;
 pub mod nftables;
+pub mod userspace;
 
 use crate::desired::DesiredState;
 
