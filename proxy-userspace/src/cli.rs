@@ -188,8 +188,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/kproxy")]
     pub bpf_root: PathBuf,
 
-    /// `/healthz` (200 once the first full sync is programmed) and `/livez`.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10256")]
+    /// `/healthz` (200 once the first full sync is programmed) and `/livez`. Localhost only
+    /// unless set: pass `0.0.0.0:10256` for a load balancer's or the kubelet's checks.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10256")]
     pub healthz_bind_address: SocketAddr,
 
     /// Prometheus metrics on `/metrics`.

@@ -560,6 +560,11 @@ fn write_map_fill(out: &mut String, fills: &[crate::inspect::maps::MapFill]) {
     }
 }
 
+/// The health and metrics endpoints answer GET (and HEAD) only.
+fn is_read_only(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD")
+}
+
 /// Serves `/healthz` and `/livez` (health address) or `/metrics` (metrics address) until the
 /// process ends. A bind failure is logged, not fatal: the dataplane matters more.
 pub async fn serve(addr: SocketAddr, status: Arc<Status>, metrics: bool) {
@@ -585,7 +590,19 @@ pub async fn serve(addr: SocketAddr, status: Arc<Status>, metrics: bool) {
                     _ => return,
                 };
             let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let mut words = req.split_whitespace();
+            let method = words.next().unwrap_or("");
+            let path = words.next().unwrap_or("/");
+            if !is_read_only(method) {
+                // The endpoints only report: nothing may change state through them.
+                let body = "method not allowed: use GET\n";
+                let resp = format!(
+                    "HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+                return;
+            }
             let (code, ctype, body) = match (metrics, path) {
                 (false, "/healthz") => {
                     let (c, b) = status.healthz();

@@ -160,6 +160,62 @@ pub fn nodeport_addresses(addresses: &[InterfaceAddress], filter: &[Ipv4Cidr]) -
     set.into_iter().collect()
 }
 
+/// Every interface of this network namespace: (name, ifindex), by name.
+pub fn interfaces() -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
+    let head = unsafe { libc::if_nameindex() };
+    if head.is_null() {
+        return out;
+    }
+    let mut cur = head;
+    loop {
+        // SAFETY: `cur` is within the array (the zero entry ends the loop).
+        let e = unsafe { &*cur };
+        if e.if_index == 0 || e.if_name.is_null() {
+            break;
+        }
+        // SAFETY: if_name is a NUL-terminated string owned by the array.
+        let name = unsafe { CStr::from_ptr(e.if_name) }
+            .to_string_lossy()
+            .into_owned();
+        out.push((name, e.if_index));
+        // SAFETY: the array goes on until its zero entry.
+        cur = unsafe { cur.add(1) };
+    }
+    // SAFETY: `head` came from if_nameindex.
+    unsafe { libc::if_freenameindex(head) };
+    out.sort();
+    out
+}
+
+/// Whether `--devices` entry `selector` names `device`: the exact name, or a prefix ending in
+/// `*` or `+` (`eth*` matches eth0, eth1, ...).
+pub fn device_matches(selector: &str, device: &str) -> bool {
+    match selector.strip_suffix(['*', '+']) {
+        Some(prefix) => device.starts_with(prefix),
+        None => selector == device,
+    }
+}
+
+/// The node's devices now, as (name, ifindex): the interfaces `--devices` selects, or without
+/// it those holding node addresses (not loopback, not inside the pod range). Re-evaluated
+/// while running, so devices added, removed or renamed are followed.
+pub fn select_devices(
+    selectors: &[String],
+    addresses: &[InterfaceAddress],
+    cluster_cidr: Option<Ipv4Cidr>,
+) -> Vec<(String, u32)> {
+    let all = interfaces();
+    if selectors.is_empty() {
+        let names = default_devices(addresses, cluster_cidr);
+        return all.into_iter().filter(|(n, _)| names.contains(n)).collect();
+    }
+    all.into_iter()
+        .filter(|(n, _)| selectors.iter().any(|s| device_matches(s, n)))
+        .collect()
+}
+
 /// The interface index of `name`, or None if it does not exist.
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
@@ -186,6 +242,23 @@ mod tests {
                 .parse::<Ipv4Cidr>()
                 .unwrap()
                 .contains(Ipv4Addr::BROADCAST)
+        );
+    }
+
+    #[test]
+    fn device_selectors() {
+        assert!(device_matches("eth0", "eth0"));
+        assert!(!device_matches("eth0", "eth01"));
+        assert!(device_matches("eth*", "eth12"));
+        assert!(device_matches("up+", "up1"));
+        assert!(!device_matches("up*", "eth0"));
+        let lo = interfaces();
+        assert!(lo.iter().any(|(n, i)| n == "lo" && *i > 0), "{lo:?}");
+        assert_eq!(
+            select_devices(&["l*".into()], &[], None),
+            lo.into_iter()
+                .filter(|(n, _)| n.starts_with('l'))
+                .collect::<Vec<_>>()
         );
     }
 

@@ -532,13 +532,16 @@ fn valid_port_name(s: &str) -> bool {
         && !s.contains("--")
 }
 
-/// Finds services whose nodePorts collide with an earlier service (by namespace/name order):
-/// the API server would have refused the later one. Returns the losers with the reason.
+/// Finds services whose nodePorts collide with another service's: the API server would have
+/// refused one of them. The nodePort stays with a service in `incumbents` (those already
+/// served: a newcomer never takes a programmed nodePort away), else with the first by
+/// namespace/name. Returns the losers with the reason, which names the keeper.
 pub fn nodeport_conflicts<'a>(
     services: impl IntoIterator<Item = (&'a NamespacedName, &'a ServicePorts)>,
+    incumbents: &BTreeSet<NamespacedName>,
 ) -> BTreeMap<NamespacedName, String> {
     let mut sorted: Vec<_> = services.into_iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    sorted.sort_by_key(|(name, _)| (!incumbents.contains(*name), *name));
     let mut owners: BTreeMap<(u16, Protocol), &NamespacedName> = BTreeMap::new();
     let mut losers = BTreeMap::new();
     for (name, ports) in sorted {
@@ -659,6 +662,12 @@ impl ServicePortMap {
     /// (including those whose nodePort conflict appeared or went away).
     pub fn apply(&mut self, tracker: &mut ServiceChangeTracker) -> BTreeSet<NamespacedName> {
         let mut changed = BTreeSet::new();
+        let incumbents: BTreeSet<NamespacedName> = self
+            .services
+            .keys()
+            .filter(|name| !self.rejected.contains_key(*name))
+            .cloned()
+            .collect();
         for (name, change) in tracker.take() {
             if change.current.is_empty() {
                 self.services.remove(&name);
@@ -667,7 +676,7 @@ impl ServicePortMap {
             }
             changed.insert(name);
         }
-        let rejected = nodeport_conflicts(&self.services);
+        let rejected = nodeport_conflicts(&self.services, &incumbents);
         for (name, why) in &rejected {
             if self.rejected.get(name) != Some(why) || changed.contains(name) {
                 warn!("Service {name} skipped: {why}");
@@ -997,6 +1006,26 @@ mod tests {
         let changed = map.apply(&mut tracker);
         assert!(changed.contains(&b));
         assert!(map.service(&b).is_some());
+    }
+
+    #[test]
+    fn a_served_node_port_is_not_taken_by_a_newcomer() {
+        let mut tracker = ServiceChangeTracker::new();
+        let mut map = ServicePortMap::new();
+        tracker.update(None, Some(&np_service("z-old", 30000)));
+        map.apply(&mut tracker);
+        // "a-new" sorts first but arrives later: the served one keeps the nodePort.
+        tracker.update(None, Some(&np_service("a-new", 30000)));
+        let changed = map.apply(&mut tracker);
+        let newcomer = NamespacedName::new("default", "a-new");
+        let old = NamespacedName::new("default", "z-old");
+        assert!(changed.contains(&newcomer));
+        assert_eq!(
+            map.rejection(&newcomer),
+            Some("nodePort 30000/TCP is already used by Service default/z-old")
+        );
+        assert!(map.service(&old).is_some());
+        assert!(map.rejection(&old).is_none());
     }
 
     #[test]

@@ -937,6 +937,10 @@ impl Cluster {
             node.cgroup.path().display().to_string(),
             "--bpf-root".into(),
             node.bpf_root.display().to_string(),
+            // The health checks of these tests come from outside the node (the default is
+            // localhost only, as for a real node without a load balancer).
+            "--healthz-bind-address".into(),
+            format!("0.0.0.0:{HEALTHZ_PORT}"),
         ]
     }
 

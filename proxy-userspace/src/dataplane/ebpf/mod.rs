@@ -5,6 +5,7 @@ pub mod attach;
 pub mod bpf_sys;
 pub mod cleanup;
 pub mod ct_gc;
+pub mod layout;
 pub mod maps;
 pub mod maps6;
 pub mod sock_destroy;
@@ -39,13 +40,18 @@ pub struct EbpfSettings {
 }
 
 pub struct EbpfDataplane {
-    // Kept alive: dropping it would unload programs whose links are not pinned.
-    _ebpf: Ebpf,
+    // Kept alive: dropping it would unload programs whose links are not pinned; its programs
+    // are attached to devices that appear later.
+    ebpf: Ebpf,
     settings: EbpfSettings,
     writer: MapWriter<PinnedMaps>,
     writer6: MapWriter6<PinnedMaps6>,
     ready: bool,
     pub attachments: Vec<attach::Attachment>,
+    /// Set when maps were rebuilt for a new layout while an earlier agent's programs serve
+    /// through the pinned links: they keep serving from the old maps until the first sync
+    /// has filled the new ones; then the new programs are swapped in and the old pins go.
+    pending_swap: Option<layout::PinPlan>,
 }
 
 impl EbpfDataplane {
@@ -54,6 +60,8 @@ impl EbpfDataplane {
     pub fn start(settings: EbpfSettings) -> anyhow::Result<Self> {
         crate::bpffs::ensure_root(&settings.bpf_root)
             .with_context(|| format!("preparing --bpf-root {}", settings.bpf_root.display()))?;
+        let layouts = layout::object_layouts(crate::EBPF_OBJECT)?;
+        let plan = layout::prepare(&settings.bpf_root, layouts)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&settings.bpf_root)
             .map_max_entries(proxy_common::maps::CT4, settings.ct_max)
@@ -64,21 +72,35 @@ impl EbpfDataplane {
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!("kernel-side logging not enabled: {e}");
         }
-        let attachments = attach::attach_all(&mut ebpf, &settings)?;
+        layout::migrate(&settings.bpf_root, &plan);
+        attach::load_all(&mut ebpf)?;
+        let swap_later = !plan.fresh.is_empty() && attach::links_pinned(&settings.bpf_root);
+        let (attachments, pending_swap) = if swap_later {
+            tracing::info!(
+                rebuilt = ?plan.fresh,
+                "maps rebuilt for a new layout: the programs attached now keep serving until the first sync fills them"
+            );
+            (Vec::new(), Some(plan))
+        } else {
+            let attachments = attach::attach_all(&mut ebpf, &settings)?;
+            layout::remove_retired(&plan);
+            (attachments, None)
+        };
         let maps = PinnedMaps::take(&mut ebpf)?;
-        let writer = MapWriter::new(maps);
+        let writer = MapWriter::new(maps).with_tcp_drain(tcp_drain());
         let writer6 = MapWriter6::new(PinnedMaps6::take(&mut ebpf)?);
         for dev in &settings.devices {
             set_accept_local(dev);
         }
         ct_gc::spawn(settings.bpf_root.clone());
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             settings,
             writer,
             writer6,
             ready: false,
             attachments,
+            pending_swap,
         })
     }
 
@@ -151,6 +173,25 @@ fn warn_pinned_ct_size(ebpf: &Ebpf, wanted: u32) {
     }
 }
 
+/// How long removed TCP backends drain (`KPROXY_TCP_DRAIN_SECS`, default 5 s): connections
+/// in flight to a replaced pod finish instead of being reset by another backend. After it,
+/// their conntrack entries reselect and the sweep removes them.
+fn tcp_drain() -> std::time::Duration {
+    const DEFAULT: std::time::Duration = std::time::Duration::from_secs(5);
+    match std::env::var("KPROXY_TCP_DRAIN_SECS") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(s) => std::time::Duration::from_secs(s),
+            Err(_) => {
+                tracing::warn!(
+                    "KPROXY_TCP_DRAIN_SECS={v:?} is not a number of seconds; using {DEFAULT:?}"
+                );
+                DEFAULT
+            }
+        },
+        Err(_) => DEFAULT,
+    }
+}
+
 /// A packet SNATed to the node's own address may be passed to the kernel's stack (when
 /// XDP cannot forward it itself); without accept_local the stack drops it as a martian.
 fn set_accept_local(device: &str) {
@@ -184,6 +225,13 @@ impl Dataplane for EbpfDataplane {
             self.ready = true;
         }
         self.write_config()?;
+        if let Some(plan) = &self.pending_swap {
+            layout::migrate(&self.settings.bpf_root, plan);
+            self.attachments = attach::attach_all(&mut self.ebpf, &self.settings)?;
+            layout::remove_retired(plan);
+            self.pending_swap = None;
+            tracing::info!("the rebuilt maps are filled: the new programs serve");
+        }
         let gone: HashSet<(Ipv4Addr, u16)> = outcome
             .removed_backends
             .iter()
@@ -214,5 +262,32 @@ impl Dataplane for EbpfDataplane {
         stats.rejected.extend(outcome6.stats.rejected);
         self.close_udp_sockets6(&outcome6.removed_backends);
         Ok(stats)
+    }
+
+    fn has_due_work(&self) -> bool {
+        self.writer.drain_due(std::time::Instant::now())
+    }
+
+    fn set_devices(&mut self, devices: &[(String, u32)]) -> anyhow::Result<()> {
+        if self.pending_swap.is_some() {
+            // Attached with the others once the maps are filled.
+            self.settings.devices = devices.iter().map(|(n, _)| n.clone()).collect();
+            return Ok(());
+        }
+        let dir = attach::links_dir(&self.settings.bpf_root);
+        let changes = attach::follow_devices(&mut self.ebpf, &dir, devices)?;
+        for dev in &changes.attached {
+            set_accept_local(dev);
+        }
+        if changes != attach::DeviceChanges::default() {
+            tracing::info!(
+                attached = ?changes.attached,
+                detached = ?changes.detached,
+                renamed = ?changes.renamed,
+                "devices changed"
+            );
+        }
+        self.settings.devices = devices.iter().map(|(n, _)| n.clone()).collect();
+        Ok(())
     }
 }

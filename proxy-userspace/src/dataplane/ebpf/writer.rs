@@ -6,11 +6,13 @@
 //! after. A frontend that shrinks gets its lower `count` before its surplus slots go, and
 //! a backend is deleted only after no slot names it, so a reader never follows a slot to
 //! nothing. The writer is idempotent; after an error it re-reads the maps (a full sync)
-//! instead of trusting its record.
+//! instead of trusting its record. Removed TCP backends may drain: they leave every slot at
+//! once but stay in the backends map for a while, so connections in flight finish.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    time::{Duration, Instant},
 };
 
 use proxy_common::{
@@ -93,6 +95,13 @@ pub struct MapWriter<M> {
     /// None after an error or before the first apply: re-read the maps.
     known: Option<Contents>,
     capacity: Capacity,
+    /// How long a removed TCP backend stays in the backends map (no longer in any slot, so
+    /// no new flow picks it) so that connections in flight to it finish instead of being
+    /// moved to another backend mid-stream (which answers them with a reset). Zero: removed
+    /// at once. UDP backends are always removed at once (their flows must move).
+    tcp_drain: Duration,
+    /// Removed TCP backends still in the map, by id, with when they were removed.
+    draining: BTreeMap<u32, Instant>,
 }
 
 fn be_addr(ip: Ipv4Addr) -> u32 {
@@ -175,7 +184,22 @@ impl<M: LbMaps> MapWriter<M> {
             maps,
             known: None,
             capacity,
+            tcp_drain: Duration::ZERO,
+            draining: BTreeMap::new(),
         }
+    }
+
+    /// Keeps removed TCP backends for `drain` (see the field); the default is zero.
+    pub fn with_tcp_drain(mut self, drain: Duration) -> Self {
+        self.tcp_drain = drain;
+        self
+    }
+
+    /// Whether a draining backend's time is up (an apply would remove it).
+    pub fn drain_due(&self, now: Instant) -> bool {
+        self.draining
+            .values()
+            .any(|since| now.duration_since(*since) >= self.tcp_drain)
     }
 
     pub fn maps(&self) -> &M {
@@ -350,6 +374,10 @@ impl<M: LbMaps> MapWriter<M> {
     ) -> anyhow::Result<()> {
         let maps = &mut self.maps;
         let stats = &mut outcome.stats;
+        let now = Instant::now();
+        // A draining backend that is wanted again is simply kept.
+        self.draining
+            .retain(|id, _| !target.backends.contains_key(id));
         for (id, b) in &target.backends {
             if known.backends.get(id) != Some(b) {
                 maps.put_backend(*id, *b)?;
@@ -435,6 +463,13 @@ impl<M: LbMaps> MapWriter<M> {
             .collect();
         let mut removed = BTreeSet::new();
         for (id, b) in stale {
+            if b.proto == Protocol::Tcp.number() && !self.tcp_drain.is_zero() {
+                let since = *self.draining.entry(id).or_insert(now);
+                if now.duration_since(since) < self.tcp_drain {
+                    continue;
+                }
+            }
+            self.draining.remove(&id);
             maps.del_backend(id)?;
             known.backends.remove(&id);
             stats.deletes += 1;
@@ -740,6 +775,45 @@ mod tests {
         );
         let gone = be_addr("10.244.1.11".parse().unwrap());
         assert!(w.maps().backends.values().all(|b| b.address != gone));
+    }
+
+    #[test]
+    fn a_removed_tcp_backend_drains_before_it_goes() {
+        let mut w =
+            MapWriter::new(MemoryMaps::default()).with_tcp_drain(Duration::from_millis(200));
+        w.apply(&seed(), false).unwrap();
+        let churned = state(vec![frontend(
+            "10.96.100.208",
+            8080,
+            Protocol::Tcp,
+            &[("10.244.1.10", 80), ("10.244.1.12", 80)],
+        )]);
+        let gone = be_addr("10.244.1.11".parse().unwrap());
+        let slots_name = |w: &MapWriter<MemoryMaps>, addr: u32| {
+            w.maps().services.iter().any(|(k, v)| {
+                k.backend_slot != 0
+                    && w.maps()
+                        .backends
+                        .get(&v.backend_id)
+                        .is_some_and(|b| b.address == addr)
+            })
+        };
+        let out = w.apply(&churned, false).unwrap();
+        assert!(
+            out.removed_backends.is_empty(),
+            "{:?}",
+            out.removed_backends
+        );
+        // No slot names it (no new flow picks it), but flows in flight still find it.
+        assert!(!slots_name(&w, gone));
+        assert!(w.maps().backends.values().any(|b| b.address == gone));
+        assert!(!w.drain_due(Instant::now()));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(w.drain_due(Instant::now()));
+        let out = w.apply(&churned, false).unwrap();
+        assert_eq!(out.removed_backends.len(), 1);
+        assert!(w.maps().backends.values().all(|b| b.address != gone));
+        assert!(!w.drain_due(Instant::now()));
     }
 
     #[test]
