@@ -520,6 +520,7 @@ async fn hostile_objects_are_skipped_each_and_the_rest_is_served() {
                 node_name: NODE.into(),
                 nodeport_addresses: Vec::new(),
                 zone: None,
+                ..Default::default()
             })
             .frontends
             .iter()
