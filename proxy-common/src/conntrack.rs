@@ -32,9 +32,58 @@ pub struct Ct4Entry {
     /// be: the source the flow was SNATed to (0 when the backend is local: no SNAT).
     pub nat_saddr: u32,
     pub nat_sport: u16,
+    /// CT_FLAG_*: the TCP state the datapath saw (host order). Entries written before the
+    /// flags existed hold 0 and count as established.
     pub flags: u16,
     /// bpf_ktime_get_ns() of the last packet.
     pub last_seen_ns: u64,
+}
+
+/// The flags below describe the TCP state of the flow (the field was always 0 before, so its
+/// layout did not change and no map version bump was needed).
+pub const CT_FLAG_TCP_STATE: u16 = 1 << 0;
+/// A packet other than a bare SYN came from the client: the handshake completed.
+pub const CT_FLAG_SEEN_NON_SYN: u16 = 1 << 1;
+/// The client sent a FIN.
+pub const CT_FLAG_FIN_FWD: u16 = 1 << 2;
+/// The backend sent a FIN.
+pub const CT_FLAG_FIN_REV: u16 = 1 << 3;
+/// Either side sent an RST.
+pub const CT_FLAG_RST: u16 = 1 << 4;
+
+/// Timeouts (idle time since the flow's last packet, either direction) by state. Cilium's
+/// values for TCP; UDP as the kernel's conntrack for a UDP stream (120 s).
+pub const CT_TIMEOUT_TCP_SYN_SECS: u64 = 60;
+/// Longer than Linux's default TCP keepalive interval (2 h), so an idle connection with
+/// keepalives never loses its backend.
+pub const CT_TIMEOUT_TCP_ESTABLISHED_SECS: u64 = 6 * 3600;
+pub const CT_TIMEOUT_TCP_CLOSE_SECS: u64 = 10;
+pub const CT_TIMEOUT_UDP_SECS: u64 = 120;
+
+/// What a CT4 entry's flags say about a TCP flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpCtState {
+    /// Only the client's SYN(s) seen.
+    SynSent,
+    Established,
+    /// RST seen, or FIN from both sides.
+    Closed,
+}
+
+/// The TCP state `flags` (CT_FLAG_*) describe; entries without CT_FLAG_TCP_STATE (written by
+/// an agent that did not track state) are established.
+pub fn tcp_ct_state(flags: u16) -> TcpCtState {
+    if flags & CT_FLAG_TCP_STATE == 0 {
+        return TcpCtState::Established;
+    }
+    let both_fin = CT_FLAG_FIN_FWD | CT_FLAG_FIN_REV;
+    if flags & CT_FLAG_RST != 0 || flags & both_fin == both_fin {
+        TcpCtState::Closed
+    } else if flags & CT_FLAG_SEEN_NON_SYN == 0 {
+        TcpCtState::SynSent
+    } else {
+        TcpCtState::Established
+    }
 }
 
 /// How to rewrite a reply so the client sees the frontend it talked to.

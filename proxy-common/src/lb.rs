@@ -43,12 +43,24 @@ pub const SVC_FLAG_NODEPORT: u16 = 1 << 0;
 pub const SVC_FLAG_EXTERNAL: u16 = 1 << 1;
 /// The frontend is a cluster IP.
 pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 2;
+/// `sessionAffinity: ClientIP`: a client keeps the backend it got for the timeout the master
+/// entry carries in its (otherwise unused) `backend_id`, in seconds (Cilium does the same).
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 3;
+/// `loadBalancerSourceRanges`: packets entering the node are translated only from sources in
+/// [`crate::maps::LB4_SRC_RANGE`] for this frontend's reverse-NAT index; others are dropped.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 4;
+/// With [`SVC_FLAG_SOURCE_RANGES`]: none of the node's addresses is in the ranges, so
+/// connect()/sendmsg() from this node (pods and host, where the socket hooks see no source
+/// address yet) are refused too (kube-proxy lets in-node traffic through exactly when the
+/// node's IP is in a range).
+pub const SVC_FLAG_SOURCE_RANGES_DENY_NODE: u16 = 1 << 5;
 
 /// Master entry (slot 0) or backend slot (slot > 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lb4Service {
-    /// Slot > 0: the backend's id. Slot 0: 0.
+    /// Slot > 0: the backend's id. Slot 0: the affinity timeout in seconds with
+    /// [`SVC_FLAG_AFFINITY`], else 0.
     pub backend_id: u32,
     /// Slot 0: the number of backend slots. Slot > 0: 0.
     pub count: u16,

@@ -7,10 +7,14 @@
 //! packet carries them; everything else is host order.
 #![no_std]
 
+pub mod affinity;
 pub mod config;
 pub mod conntrack;
 pub mod lb;
+pub mod lb6;
 pub mod maglev;
 pub mod maps;
 pub mod sock;
+pub mod sock6;
+pub mod src_range;
 pub mod stats;

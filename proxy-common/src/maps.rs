@@ -28,6 +28,21 @@ pub const SVC_STATS: &str = "KP_SVC_STATS_V1";
 pub const MAGLEV: &str = "KP_MAGLEV_V1";
 /// The Maglev table size, one entry: [`crate::maglev::MaglevConfig`].
 pub const MAGLEV_CONFIG: &str = "KP_MAGLEV_CFG_V1";
+/// IPv6 service frontends and slots: [`crate::lb6::Lb6Key`] -> [`crate::lb6::Lb6Service`].
+pub const LB6_SERVICES: &str = "KP_LB6_SVC_V1";
+/// IPv6 backends by id: `u32` -> [`crate::lb6::Lb6Backend`].
+pub const LB6_BACKENDS: &str = "KP_LB6_BE_V1";
+/// IPv6 reverse NAT by index: `u16` -> [`crate::lb6::Lb6RevNat`].
+pub const LB6_REVERSE_NAT: &str = "KP_LB6_RNAT_V1";
+/// IPv6 addresses of this node that accept nodePorts: `[u32; 4]` (be words) -> `u32` (1).
+pub const LB6_NODEPORT_ADDRS: &str = "KP_LB6_NPA_V1";
+/// Socket-level reverse translation for `recvmsg6`/`getpeername6` (LRU).
+pub const SOCK6_REV: &str = "KP_SOCK6_REV_V1";
+/// Session affinity (LRU): [`crate::affinity::Lb4AffinityKey`] ->
+/// [`crate::affinity::Lb4AffinityValue`].
+pub const LB4_AFFINITY: &str = "KP_AFF4_V1";
+/// loadBalancerSourceRanges (LPM trie): [`crate::src_range::Lb4SrcRangeKey`] -> `u8` (1).
+pub const LB4_SRC_RANGE: &str = "KP_SRCR4_V1";
 
 /// 10,000 Services x 10 endpoints need 110,000 entries (a master and a slot per backend).
 pub const LB4_SERVICES_MAX: u32 = 131_072;
@@ -46,9 +61,16 @@ pub const SVC_STATS_MAX: u32 = LB4_REVERSE_NAT_MAX;
 /// Rows of all Maglev tables: 17 rows per frontend at the default size, so ~15k external
 /// frontends. Not preallocated (a row is 4 KiB), so only rows in use cost memory.
 pub const MAGLEV_MAX: u32 = 262_144;
+pub const LB6_SERVICES_MAX: u32 = 65_536;
+pub const LB6_BACKENDS_MAX: u32 = 65_536;
+pub const LB6_REVERSE_NAT_MAX: u32 = 65_536;
+pub const LB6_NODEPORT_ADDRS_MAX: u32 = 256;
+pub const SOCK6_REV_MAX: u32 = 262_144;
+pub const LB4_AFFINITY_MAX: u32 = 65_536;
+pub const LB4_SRC_RANGE_MAX: u32 = 16_384;
 
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 19] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -61,6 +83,13 @@ pub const ALL: [&str; 12] = [
     SVC_STATS,
     MAGLEV,
     MAGLEV_CONFIG,
+    LB6_SERVICES,
+    LB6_BACKENDS,
+    LB6_REVERSE_NAT,
+    LB6_NODEPORT_ADDRS,
+    SOCK6_REV,
+    LB4_AFFINITY,
+    LB4_SRC_RANGE,
 ];
 
 /// Maps that hold one settings entry: an array that is always "full".

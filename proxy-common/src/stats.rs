@@ -35,7 +35,8 @@ pub const STAT_PASS_NO_BACKEND: u32 = 11;
 pub const STAT_PASS_FRAGMENT: u32 = 12;
 /// Ingress: a truncated or malformed IPv4/TCP/UDP packet, passed untranslated.
 pub const STAT_PASS_MALFORMED: u32 = 13;
-/// Ingress: not IPv4, or neither TCP nor UDP, passed.
+/// Ingress: not IPv4, or neither TCP, UDP, SCTP nor an ICMP error about a translated flow,
+/// passed.
 pub const STAT_PASS_OTHER_PROTO: u32 = 14;
 /// Ingress: every SNAT port tried was taken; the packet passed untranslated.
 pub const STAT_SNAT_EXHAUSTED: u32 = 15;
@@ -49,9 +50,32 @@ pub const STAT_FIB_FALLBACK: u32 = 18;
 pub const STAT_XLATE_ERROR: u32 = 19;
 /// Ingress: the agent has not programmed a first sync; nothing is translated.
 pub const STAT_PASS_NOT_READY: u32 = 20;
+/// Ingress: a packet to a frontend with loadBalancerSourceRanges from a source outside them,
+/// dropped.
+pub const STAT_DROP_SOURCE_RANGE: u32 = 21;
+/// connect4/sendmsg4 refused a frontend whose loadBalancerSourceRanges exclude this node.
+pub const STAT_SOCK_SOURCE_RANGE_DENIED: u32 = 22;
+/// A new flow or socket went to the backend its client's session affinity names.
+pub const STAT_AFFINITY_HIT: u32 = 23;
+
+/// An ICMP error (destination unreachable, fragmentation needed, time exceeded) quoting a
+/// translated packet was rewritten to quote what the client sent (ingress or egress).
+pub const STAT_ICMP_ERROR_XLATE: u32 = 24;
+/// A new CT4 entry was written (a new flow, or one whose entry was evicted or expired).
+pub const STAT_CT_CREATED: u32 = 25;
+/// A CT4 write failed (memory pressure): the packet was still translated, the flow may
+/// change backend on its next packet.
+pub const STAT_CT_INSERT_FAILED: u32 = 26;
+/// A TCP packet other than a SYN to a frontend found no CT4 entry: its flow's state was
+/// evicted (map full) or expired, and a backend was selected again.
+pub const STAT_CT_LOST_MIDFLOW: u32 = 27;
+
+/// Ingress: an SCTP packet whose translation would change a port (nodePort != targetPort,
+/// or a SNAT port): SCTP's CRC32c covers the ports, so it is passed untranslated.
+pub const STAT_PASS_SCTP_PORT_REWRITE: u32 = 28;
 
 /// Number of reasons defined (indexes `0..STAT_REASONS`).
-pub const STAT_REASONS: usize = 21;
+pub const STAT_REASONS: usize = 29;
 
 /// The `reason` label of each index, for userspace.
 pub const STAT_NAMES: [&str; STAT_REASONS] = [
@@ -76,6 +100,14 @@ pub const STAT_NAMES: [&str; STAT_REASONS] = [
     "fib_fallback_to_stack",
     "translation_error",
     "pass_not_ready",
+    "drop_source_range",
+    "sock_source_range_denied",
+    "affinity_hit",
+    "translated_icmp_error",
+    "conntrack_created",
+    "conntrack_insert_failed",
+    "conntrack_lost_midflow",
+    "pass_sctp_port_rewrite",
 ];
 
 /// Traffic of one frontend (one reverse-NAT index), per CPU.
@@ -97,4 +129,4 @@ unsafe impl aya::Pod for SvcStats {}
 
 const _: () = assert!(core::mem::size_of::<SvcStats>() == 24);
 const _: () = assert!(STAT_REASONS as u32 <= crate::maps::STATS_MAX);
-const _: () = assert!(STAT_PASS_NOT_READY as usize + 1 == STAT_REASONS);
+const _: () = assert!(STAT_PASS_SCTP_PORT_REWRITE as usize + 1 == STAT_REASONS);

@@ -11,10 +11,16 @@ use aya_ebpf::{
 };
 use proxy_common::{
     config::{Lb4Config, SNAT_PORT_MAX, SNAT_PORT_MIN},
-    conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
+    conntrack::{
+        CT_FLAG_FIN_FWD, CT_FLAG_FIN_REV, CT_FLAG_RST, CT_FLAG_SEEN_NON_SYN, CT_FLAG_TCP_STATE,
+        Ct4Entry, Ct4Key, Nat4RevEntry, TcpCtState, tcp_ct_state,
+    },
 };
 
-use crate::maps::{CT4, NAT4_REV};
+use crate::{
+    maps::{CT4, NAT4_REV},
+    parse::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 /// SNAT ports tried after the preferred one: a random port and the ports following it.
 const SNAT4_PROBES: u32 = 4;
@@ -43,10 +49,81 @@ pub fn ct4_lookup(key: &Ct4Key) -> Option<Ct4Entry> {
     unsafe { CT4.get(key).copied() }
 }
 
+/// Writes the entry; `false` if the kernel refused (an LRU insert only fails under memory
+/// pressure: the flow is then re-created on its next packet).
 #[inline(always)]
-pub fn ct4_update(key: &Ct4Key, entry: &Ct4Entry) {
-    // An LRU insert only fails on memory pressure; the flow is then re-created next packet.
-    let _ = CT4.insert(key, entry, u64::from(BPF_ANY));
+pub fn ct4_update(key: &Ct4Key, entry: &Ct4Entry) -> bool {
+    CT4.insert(key, entry, u64::from(BPF_ANY)).is_ok()
+}
+
+/// Whether `tcp_flags` is a connection opening: SYN without ACK.
+#[inline(always)]
+pub fn tcp_is_syn(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// The CT_FLAG_* of a flow after a client packet with `tcp_flags` (`proto` TCP), given the
+/// entry's flags (`None`: a new entry). A new SYN on a closed entry starts over (the client
+/// reused the port: Cilium's "reopened"); an entry without state (older agent) counts as
+/// established. Other protocols carry no flags.
+#[inline(always)]
+pub fn ct4_flags_fwd(old: Option<u16>, proto: u8, tcp_flags: u8) -> u16 {
+    if proto != IPPROTO_TCP {
+        return 0;
+    }
+    let syn = tcp_is_syn(tcp_flags);
+    let mut flags = match old {
+        None => CT_FLAG_TCP_STATE,
+        Some(f) if f & CT_FLAG_TCP_STATE == 0 => CT_FLAG_TCP_STATE | CT_FLAG_SEEN_NON_SYN,
+        Some(f) if syn && tcp_ct_state(f) == TcpCtState::Closed => CT_FLAG_TCP_STATE,
+        Some(f) => f,
+    };
+    if !syn {
+        flags |= CT_FLAG_SEEN_NON_SYN;
+    }
+    if tcp_flags & TCP_FIN != 0 {
+        flags |= CT_FLAG_FIN_FWD;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        flags |= CT_FLAG_RST;
+    }
+    flags
+}
+
+/// Records a reply's FIN or RST in the flow's CT4 entry (found from its reverse entry `rev`:
+/// the client and frontend), so the sweep gives the closed flow its short timeout. Replies
+/// without those flags change nothing (no extra lookup on the hot path). A forward packet
+/// on another CPU may write the entry over at the same moment and lose the flag: the flow
+/// then keeps the established timeout, which is safe.
+#[inline(always)]
+pub fn ct4_note_reply(rev: &Nat4RevEntry, proto: u8, tcp_flags: u8) {
+    if proto != IPPROTO_TCP || tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+        return;
+    }
+    let key = ct4_key(rev.daddr, rev.saddr, rev.dport, rev.sport, proto);
+    let Some(ptr) = CT4.get_ptr_mut(&key) else {
+        return;
+    };
+    let mut add = 0;
+    if tcp_flags & TCP_FIN != 0 {
+        add |= CT_FLAG_FIN_REV;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        add |= CT_FLAG_RST;
+    }
+    // SAFETY: `ptr` points into the map value; a plain read-modify-write of one field.
+    unsafe {
+        if (*ptr).flags & CT_FLAG_TCP_STATE != 0 {
+            (*ptr).flags |= add;
+        }
+    }
+}
+
+/// The reverse entry for `key`, without refreshing it (an ICMP error is not flow activity).
+#[inline(always)]
+pub fn nat4_rev_peek(key: &Ct4Key) -> Option<Nat4RevEntry> {
+    // SAFETY: the value is copied out at once.
+    unsafe { NAT4_REV.get(key).copied() }
 }
 
 /// The reverse entry for `key`, with its `last_seen_ns` refreshed.

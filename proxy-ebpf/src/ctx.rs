@@ -8,14 +8,14 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::generated::bpf_redirect,
     programs::{TcContext, XdpContext},
 };
 
 use crate::{
     csum::{csum_replace2, csum_replace4, csum_udp_fixup},
-    parse::IPPROTO_UDP,
+    parse::{IPPROTO_SCTP, IPPROTO_UDP},
 };
 
 /// Where the L4 checksum lives and how to treat it.
@@ -23,7 +23,8 @@ use crate::{
 pub struct L4Csum {
     /// Absolute offset of the checksum field in the packet.
     pub off: usize,
-    /// IPPROTO_*; UDP's checksum 0 means "none" and is kept.
+    /// IPPROTO_*; UDP's checksum 0 means "none" and is kept; SCTP's CRC32c does not cover the
+    /// addresses (its port changes are handled by the caller).
     pub proto: u8,
 }
 
@@ -34,6 +35,8 @@ pub struct PktErr;
 pub trait NetCtx {
     /// Verdict that hands the packet to the kernel unchanged in path.
     const PASS: i32;
+    /// Verdict that drops the packet.
+    const DROP: i32;
 
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -71,7 +74,10 @@ pub trait NetCtx {
         new: u32,
     ) -> Result<(), PktErr>;
 
-    /// Replaces the 16-bit port at `off` and fixes the L4 checksum.
+    /// Writes `v` at `off` as is; the caller keeps every checksum right.
+    fn store_raw<T: Copy>(&self, off: usize, v: T) -> Result<(), PktErr>;
+
+    /// Replaces the 16-bit port at `off` and fixes the L4 checksum (TCP/UDP only).
     fn store_port(&self, off: usize, l4: L4Csum, old: u16, new: u16) -> Result<(), PktErr>;
 
     /// Replaces a 16-bit word of the IPv4 header and fixes the header checksum.
@@ -97,15 +103,21 @@ impl NetCtx for XdpContext {
     }
 
     const PASS: i32 = xdp_action::XDP_PASS as i32;
+    const DROP: i32 = xdp_action::XDP_DROP as i32;
 
+    // Volatile reads of the packet bounds, for every access: LLVM then cannot prove one
+    // bounds check redundant because of another (it drops checks implied by earlier ones,
+    // and the verifier, which tracks ranges per pointer, rejects the unchecked access).
     #[inline(always)]
     fn data(&self) -> usize {
-        XdpContext::data(self)
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data) as usize }
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data_end) as usize }
     }
 
     #[inline(always)]
@@ -115,7 +127,16 @@ impl NetCtx for XdpContext {
 
     #[inline(always)]
     fn pkt_len(&self) -> usize {
-        XdpContext::data_end(self) - XdpContext::data(self)
+        // Volatile reads: if LLVM knew this equals `data_end - data`, a length check made
+        // with it (e.g. the IPv4 total length) would let LLVM drop later packet bounds
+        // checks it implies, and the verifier cannot follow that reasoning.
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe {
+            let md = self.ctx;
+            let end = core::ptr::read_volatile(&(*md).data_end);
+            let start = core::ptr::read_volatile(&(*md).data);
+            end.wrapping_sub(start) as usize
+        }
     }
 
     #[inline(always)]
@@ -133,15 +154,22 @@ impl NetCtx for XdpContext {
         new: u32,
     ) -> Result<(), PktErr> {
         let l3_check: u16 = self.load(l3_csum_off)?;
-        let l4_check: u16 = self.load(l4.off)?;
         self.load::<u32>(off)?;
-        let mut l4_new = csum_replace4(l4_check, old, new);
-        if l4.proto == IPPROTO_UDP {
-            l4_new = csum_udp_fixup(l4_check, l4_new);
+        if l4.proto != IPPROTO_SCTP {
+            let l4_check: u16 = self.load(l4.off)?;
+            let mut l4_new = csum_replace4(l4_check, old, new);
+            if l4.proto == IPPROTO_UDP {
+                l4_new = csum_udp_fixup(l4_check, l4_new);
+            }
+            xdp_store(self, l4.off, l4_new)?;
         }
         xdp_store(self, l3_csum_off, csum_replace4(l3_check, old, new))?;
-        xdp_store(self, l4.off, l4_new)?;
         xdp_store(self, off, new)
+    }
+
+    #[inline(always)]
+    fn store_raw<T: Copy>(&self, off: usize, v: T) -> Result<(), PktErr> {
+        xdp_store(self, off, v)
     }
 
     #[inline(always)]
@@ -187,8 +215,8 @@ impl NetCtx for XdpContext {
 
 #[inline(always)]
 fn xdp_store<T: Copy>(ctx: &XdpContext, off: usize, v: T) -> Result<(), PktErr> {
-    let start = XdpContext::data(ctx);
-    let end = XdpContext::data_end(ctx);
+    let start = NetCtx::data(ctx);
+    let end = NetCtx::data_end(ctx);
     if start + off + size_of::<T>() > end {
         return Err(PktErr);
     }
@@ -204,15 +232,19 @@ impl NetCtx for TcContext {
     }
 
     const PASS: i32 = TC_ACT_OK as i32;
+    const DROP: i32 = TC_ACT_SHOT as i32;
 
+    // Volatile for the same reason as XDP's.
     #[inline(always)]
     fn data(&self) -> usize {
-        TcContext::data(self)
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        TcContext::data_end(self)
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
     }
 
     #[inline(always)]
@@ -240,15 +272,22 @@ impl NetCtx for TcContext {
         old: u32,
         new: u32,
     ) -> Result<(), PktErr> {
-        let mut flags = u64::from(BPF_F_PSEUDO_HDR) | 4;
-        if l4.proto == IPPROTO_UDP {
-            flags |= u64::from(BPF_F_MARK_MANGLED_0);
+        if l4.proto != IPPROTO_SCTP {
+            let mut flags = u64::from(BPF_F_PSEUDO_HDR) | 4;
+            if l4.proto == IPPROTO_UDP {
+                flags |= u64::from(BPF_F_MARK_MANGLED_0);
+            }
+            self.l4_csum_replace(l4.off, u64::from(old), u64::from(new), flags)
+                .map_err(|_| PktErr)?;
         }
-        self.l4_csum_replace(l4.off, u64::from(old), u64::from(new), flags)
-            .map_err(|_| PktErr)?;
         self.l3_csum_replace(l3_csum_off, u64::from(old), u64::from(new), 4)
             .map_err(|_| PktErr)?;
         self.store(off, &new, 0).map_err(|_| PktErr)
+    }
+
+    #[inline(always)]
+    fn store_raw<T: Copy>(&self, off: usize, v: T) -> Result<(), PktErr> {
+        self.store(off, &v, 0).map_err(|_| PktErr)
     }
 
     #[inline(always)]

@@ -5,14 +5,19 @@
 // purpose; TC_ACT_* are u32 in the bpfel bindings (the cast is not a no-op there).
 #![allow(clippy::manual_unwrap_or, clippy::unnecessary_cast)]
 
+mod affinity;
 mod csum;
 mod ct;
 mod ctx;
+mod icmp;
 mod lb;
+mod lb6;
 mod maps;
 mod nodeport;
 mod parse;
 mod sock;
+mod sock6;
+mod src_range;
 mod stats;
 
 use aya_ebpf::{
@@ -60,6 +65,46 @@ pub fn kproxy_sock4_recvmsg(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn kproxy_sock4_getpeername(ctx: SockAddrContext) -> i32 {
     match sock::sock4_xlate_rev(&ctx) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn kproxy_sock6_connect(ctx: SockAddrContext) -> i32 {
+    match sock6::sock6_xlate_fwd(
+        &ctx,
+        STAT_SOCK_CONNECT_XLATE,
+        STAT_SOCK_CONNECT_NO_ENDPOINTS,
+    ) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn kproxy_sock6_sendmsg(ctx: SockAddrContext) -> i32 {
+    match sock6::sock6_xlate_fwd(
+        &ctx,
+        STAT_SOCK_SENDMSG_XLATE,
+        STAT_SOCK_SENDMSG_NO_ENDPOINTS,
+    ) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn kproxy_sock6_recvmsg(ctx: SockAddrContext) -> i32 {
+    match sock6::sock6_xlate_rev(&ctx) {
+        Ok(v) => v,
+        Err(_) => 1,
+    }
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn kproxy_sock6_getpeername(ctx: SockAddrContext) -> i32 {
+    match sock6::sock6_xlate_rev(&ctx) {
         Ok(v) => v,
         Err(_) => 1,
     }

@@ -6,15 +6,19 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
+    affinity::{Lb4AffinityKey, Lb4AffinityValue},
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
+    lb6::{Lb6Backend, Lb6Key, Lb6RevNat, Lb6Service},
     maglev::{MaglevConfig, MaglevKey, MaglevRow},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    sock6::{Sock6RevKey, Sock6RevValue},
+    src_range::Lb4SrcRangeKey,
     stats::SvcStats,
 };
 
@@ -45,6 +49,13 @@ const _: () = assert!(name_is("KP_STATS_V1", names::STATS));
 const _: () = assert!(name_is("KP_SVC_STATS_V1", names::SVC_STATS));
 const _: () = assert!(name_is("KP_MAGLEV_V1", names::MAGLEV));
 const _: () = assert!(name_is("KP_MAGLEV_CFG_V1", names::MAGLEV_CONFIG));
+const _: () = assert!(name_is("KP_LB6_SVC_V1", names::LB6_SERVICES));
+const _: () = assert!(name_is("KP_LB6_BE_V1", names::LB6_BACKENDS));
+const _: () = assert!(name_is("KP_LB6_RNAT_V1", names::LB6_REVERSE_NAT));
+const _: () = assert!(name_is("KP_LB6_NPA_V1", names::LB6_NODEPORT_ADDRS));
+const _: () = assert!(name_is("KP_SOCK6_REV_V1", names::SOCK6_REV));
+const _: () = assert!(name_is("KP_AFF4_V1", names::LB4_AFFINITY));
+const _: () = assert!(name_is("KP_SRCR4_V1", names::LB4_SRC_RANGE));
 
 #[map(name = "KP_LB4_SVC_V1")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
@@ -93,3 +104,32 @@ pub static LB4_MAGLEV: HashMap<MaglevKey, MaglevRow> =
 /// The Maglev table size (0 = random selection).
 #[map(name = "KP_MAGLEV_CFG_V1")]
 pub static MAGLEV_CONFIG: Array<MaglevConfig> = Array::pinned(1, 0);
+#[map(name = "KP_LB6_SVC_V1")]
+pub static LB6_SERVICES: HashMap<Lb6Key, Lb6Service> = HashMap::pinned(names::LB6_SERVICES_MAX, 0);
+
+#[map(name = "KP_LB6_BE_V1")]
+pub static LB6_BACKENDS: HashMap<u32, Lb6Backend> = HashMap::pinned(names::LB6_BACKENDS_MAX, 0);
+
+/// Not read by the datapath today, like its IPv4 twin.
+#[map(name = "KP_LB6_RNAT_V1")]
+pub static LB6_REVERSE_NAT: HashMap<u16, Lb6RevNat> =
+    HashMap::pinned(names::LB6_REVERSE_NAT_MAX, 0);
+
+/// be address words -> flags (unused).
+#[map(name = "KP_LB6_NPA_V1")]
+pub static LB6_NODEPORT_ADDRS: HashMap<[u32; 4], u32> =
+    HashMap::pinned(names::LB6_NODEPORT_ADDRS_MAX, 0);
+
+#[map(name = "KP_SOCK6_REV_V1")]
+pub static SOCK6_REV: LruHashMap<Sock6RevKey, Sock6RevValue> =
+    LruHashMap::pinned(names::SOCK6_REV_MAX, 0);
+/// Session affinity: (client, frontend) -> backend and last use.
+#[map(name = "KP_AFF4_V1")]
+pub static LB4_AFFINITY: LruHashMap<Lb4AffinityKey, Lb4AffinityValue> =
+    LruHashMap::pinned(names::LB4_AFFINITY_MAX, 0);
+
+/// loadBalancerSourceRanges: (frontend, source prefix) -> 1. `BPF_F_NO_PREALLOC` is added by
+/// the constructor (the kernel requires it for LPM tries).
+#[map(name = "KP_SRCR4_V1")]
+pub static LB4_SRC_RANGE: LpmTrie<Lb4SrcRangeKey, u8> =
+    LpmTrie::pinned(names::LB4_SRC_RANGE_MAX, 0);

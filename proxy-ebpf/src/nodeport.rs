@@ -13,25 +13,31 @@ use proxy_common::{
     conntrack::{Ct4Entry, Nat4RevEntry},
     lb::{BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4Service, SVC_FLAG_EXTERNAL},
     stats::{
-        STAT_BACKEND_RESELECTED, STAT_FIB_FALLBACK, STAT_FIB_FORWARD, STAT_FWD_XLATE,
-        STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS, STAT_PASS_NOT_READY,
-        STAT_PASS_NOT_SERVICE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED, STAT_XLATE_ERROR,
+        STAT_BACKEND_RESELECTED, STAT_CT_CREATED, STAT_CT_INSERT_FAILED, STAT_CT_LOST_MIDFLOW,
+        STAT_DROP_SOURCE_RANGE, STAT_FIB_FALLBACK, STAT_FIB_FORWARD, STAT_FWD_XLATE,
+        STAT_ICMP_ERROR_XLATE, STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS,
+        STAT_PASS_NOT_READY, STAT_PASS_NOT_SERVICE, STAT_PASS_OTHER_PROTO,
+        STAT_PASS_SCTP_PORT_REWRITE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED, STAT_XLATE_ERROR,
     },
 };
 
 use crate::{
+    affinity::{lb4_affinity_select_by_addr, lb4_affinity_timeout_ns},
     ct::{
-        ct4_key, ct4_lookup, ct4_now, ct4_update, nat4_rev_claim, nat4_rev_force, nat4_rev_lookup,
-        snat4_alloc_port,
+        ct4_flags_fwd, ct4_key, ct4_lookup, ct4_note_reply, ct4_now, ct4_update, nat4_rev_claim,
+        nat4_rev_force, nat4_rev_lookup, snat4_alloc_port, tcp_is_syn,
     },
     ctx::{NetCtx, PktErr},
+    icmp::icmp4_err_xlate,
     lb::{
         lb4_config, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend,
         lb4_select_backend_maglev,
     },
     parse::{
-        ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, parse4,
+        ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP,
+        Ip4, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, ip4_parse, l4_parse,
     },
+    src_range::lb4_src_range_ok,
     stats::{stat_inc, svc_stat_add},
 };
 
@@ -46,7 +52,20 @@ pub fn nodeport_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
         stat_inc(STAT_PASS_NOT_READY);
         return Ok(C::PASS);
     };
-    let mut pkt = match parse4(ctx) {
+    let ip = match ip4_parse(ctx) {
+        Ok(ip) => ip,
+        Err(reason) => {
+            stat_inc(reason);
+            return Ok(C::PASS);
+        }
+    };
+    if ip.proto == IPPROTO_ICMP {
+        // Errors from a remote backend or a router about a SNATed flow (to the node's
+        // address); the stack forwards the rewritten error to the client.
+        icmp4_err_xlate_counted(ctx, &ip, true)?;
+        return Ok(C::PASS);
+    }
+    let mut pkt = match l4_parse(ctx, &ip) {
         Ok(pkt) => pkt,
         Err(reason) => {
             stat_inc(reason);
@@ -54,10 +73,22 @@ pub fn nodeport_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
         }
     };
     let now = ct4_now();
-    if nat4_rev_xlate(ctx, &mut pkt, now)? || lb4_xlate_ingress(ctx, &cfg, &mut pkt, now)? {
+    if nat4_rev_xlate(ctx, &mut pkt, now)? {
         return nodeport_forward(ctx, &cfg, &pkt);
     }
-    Ok(C::PASS)
+    match lb4_xlate_ingress(ctx, &cfg, &mut pkt, now)? {
+        Ingress::Translated => nodeport_forward(ctx, &cfg, &pkt),
+        Ingress::Pass => Ok(C::PASS),
+        Ingress::Drop => Ok(C::DROP),
+    }
+}
+
+/// What became of a packet that was not a reply.
+enum Ingress {
+    Translated,
+    Pass,
+    /// Refused by the frontend's loadBalancerSourceRanges.
+    Drop,
 }
 
 /// Egress of an external device: reverse NAT of replies from local backends. Never drops.
@@ -67,11 +98,31 @@ pub fn nodeport_egress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     if lb4_config().is_none() {
         return Ok(C::PASS);
     }
-    let Ok(mut pkt) = parse4(ctx) else {
+    let Ok(ip) = ip4_parse(ctx) else {
+        return Ok(C::PASS);
+    };
+    if ip.proto == IPPROTO_ICMP {
+        // Errors this node's stack or a local backend sends about a translated flow.
+        icmp4_err_xlate_counted(ctx, &ip, false)?;
+        return Ok(C::PASS);
+    }
+    let Ok(mut pkt) = l4_parse(ctx, &ip) else {
         return Ok(C::PASS);
     };
     nat4_rev_xlate(ctx, &mut pkt, ct4_now())?;
     Ok(C::PASS)
+}
+
+/// [`icmp4_err_xlate`], counted when it translated; other ICMP is counted as another
+/// protocol when `count_pass` (ingress counts every packet, egress only translations).
+#[inline(always)]
+fn icmp4_err_xlate_counted<C: NetCtx>(ctx: &C, ip: &Ip4, count_pass: bool) -> Result<(), PktErr> {
+    if icmp4_err_xlate(ctx, ip)? {
+        stat_inc(STAT_ICMP_ERROR_XLATE);
+    } else if count_pass {
+        stat_inc(STAT_PASS_OTHER_PROTO);
+    }
+    Ok(())
 }
 
 /// Rewrites a reply found in NAT4_REV so it comes from the frontend and goes to the client.
@@ -82,6 +133,7 @@ fn nat4_rev_xlate<C: NetCtx>(ctx: &C, pkt: &mut Pkt4, now: u64) -> Result<bool, 
         return Ok(false);
     };
     nat4_rewrite(ctx, pkt, rev.saddr, rev.sport, rev.daddr, rev.dport)?;
+    ct4_note_reply(&rev, pkt.proto, pkt.tcp_flags);
     stat_inc(STAT_REV_XLATE);
     svc_stat_add(rev.rev_nat_index, 1, u64::from(pkt.tot_len), 0);
     Ok(true)
@@ -98,6 +150,9 @@ fn nat4_rewrite<C: NetCtx>(
     daddr: u32,
     dport: u16,
 ) -> Result<(), PktErr> {
+    if !sctp4_ports_kept(pkt, sport, dport) {
+        return Err(PktErr);
+    }
     let csum = pkt.l3_csum_off();
     if saddr != pkt.saddr {
         ctx.store_addr(
@@ -130,16 +185,25 @@ fn nat4_rewrite<C: NetCtx>(
     Ok(())
 }
 
+/// SCTP is translated only when its ports stay: its CRC32c does not cover the addresses
+/// (an address rewrite needs no checksum change) but does cover the ports, and updating it
+/// for a port rewrite (a CRC over the whole packet, or an incremental GF(2) update) was too
+/// costly for the verifier. Cilium decides the same (SCTP services need port == targetPort).
+#[inline(always)]
+fn sctp4_ports_kept(pkt: &Pkt4, sport: u16, dport: u16) -> bool {
+    pkt.proto != IPPROTO_SCTP || (sport == pkt.sport && dport == pkt.dport)
+}
+
 /// Translates a packet to an external frontend (nodePort, externalIP, LB ingress). Cluster
-/// IPs and services without endpoints are left to the stack (`Ok(false)`, with the reason
-/// counted).
+/// IPs and services without endpoints are left to the stack, sources outside a frontend's
+/// loadBalancerSourceRanges dropped (with the reason counted).
 #[inline(always)]
 fn lb4_xlate_ingress<C: NetCtx>(
     ctx: &C,
     cfg: &Lb4Config,
     pkt: &mut Pkt4,
     now: u64,
-) -> Result<bool, PktErr> {
+) -> Result<Ingress, PktErr> {
     let reason = match lb4_xlate_ingress_flow(cfg, pkt, now) {
         Ok(flow) => {
             let (saddr, sport) = if flow.nat_saddr != 0 {
@@ -147,6 +211,10 @@ fn lb4_xlate_ingress<C: NetCtx>(
             } else {
                 (pkt.saddr, pkt.sport)
             };
+            if !sctp4_ports_kept(pkt, sport, flow.backend_port) {
+                stat_inc(STAT_PASS_SCTP_PORT_REWRITE);
+                return Ok(Ingress::Pass);
+            }
             // A failed store is counted by the entry point, as a translation error.
             nat4_rewrite(ctx, pkt, saddr, sport, flow.backend_addr, flow.backend_port)?;
             svc_stat_add(flow.rev_nat_index, 1, u64::from(pkt.tot_len), 0);
@@ -155,7 +223,11 @@ fn lb4_xlate_ingress<C: NetCtx>(
         Err(reason) => reason,
     };
     stat_inc(reason);
-    Ok(reason == STAT_FWD_XLATE)
+    Ok(match reason {
+        STAT_FWD_XLATE => Ingress::Translated,
+        STAT_DROP_SOURCE_RANGE => Ingress::Drop,
+        _ => Ingress::Pass,
+    })
 }
 
 /// The flow a packet to an external frontend belongs to, or why it is not translated (a
@@ -167,6 +239,11 @@ fn lb4_xlate_ingress_flow(cfg: &Lb4Config, pkt: &Pkt4, now: u64) -> Result<Ct4En
     };
     if svc.flags & SVC_FLAG_EXTERNAL == 0 {
         return Err(STAT_PASS_INTERNAL);
+    }
+    // Checked on every packet, before conntrack: a range removed from the service stops its
+    // established flows too.
+    if !lb4_src_range_ok(&svc, pkt.saddr) {
+        return Err(STAT_DROP_SOURCE_RANGE);
     }
     if svc.count == 0 {
         return Err(STAT_PASS_NO_ENDPOINTS);
@@ -188,6 +265,23 @@ fn lb4_flow_reuse(svc: &Lb4Service, ct: &Ct4Entry) -> Option<(u32, Lb4Backend, u
     Some((ct.backend_id, backend, ct.nat_sport))
 }
 
+/// The backend of a new flow: a frontend with session affinity follows its client's last
+/// pick (and balances new clients at random); otherwise Maglev (the same backend on every
+/// node), and random slots if its entry is missing or stale.
+#[inline(always)]
+fn lb4_select_new(
+    key: &Lb4Key,
+    svc: &Lb4Service,
+    pkt: &Pkt4,
+    now: u64,
+) -> Option<(u32, Lb4Backend)> {
+    if lb4_affinity_timeout_ns(svc).is_some() {
+        return lb4_affinity_select_by_addr(key, svc, pkt.saddr, now);
+    }
+    lb4_select_backend_maglev(key, svc, pkt.saddr, pkt.sport)
+        .or_else(|| lb4_select_backend(key, svc))
+}
+
 /// The CT entry for the packet's flow: the existing backend if still valid, else a fresh
 /// selection; claims the reverse entry (and a SNAT port for a remote backend) and writes CT4.
 /// Counts a new flow as a connection of the frontend, and a reselection; fails with the
@@ -202,6 +296,10 @@ fn lb4_flow_get(
 ) -> Result<Ct4Entry, u32> {
     let ct_key = ct4_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
     let ct = ct4_lookup(&ct_key);
+    if ct.is_none() && pkt.proto == IPPROTO_TCP && !tcp_is_syn(pkt.tcp_flags) {
+        // Mid-flow packet without state: evicted (map full) or expired.
+        stat_inc(STAT_CT_LOST_MIDFLOW);
+    }
     let reuse = match &ct {
         Some(ct) => lb4_flow_reuse(svc, ct),
         None => None,
@@ -209,13 +307,7 @@ fn lb4_flow_get(
     let (backend_id, backend, mut preferred) = match reuse {
         Some(found) => found,
         None => {
-            // Maglev first (the same backend on every node), random slots if its entry is
-            // missing or stale.
-            let selected = match lb4_select_backend_maglev(key, svc, pkt.saddr, pkt.sport) {
-                Some(found) => Some(found),
-                None => lb4_select_backend(key, svc),
-            };
-            let Some((id, backend)) = selected else {
+            let Some((id, backend)) = lb4_select_new(key, svc, pkt, now) else {
                 return Err(STAT_PASS_NO_BACKEND);
             };
             if ct.is_some() {
@@ -266,10 +358,14 @@ fn lb4_flow_get(
         rev_nat_index: svc.rev_nat_index,
         nat_saddr,
         nat_sport,
-        flags: 0,
+        flags: ct4_flags_fwd(ct.map(|c| c.flags), pkt.proto, pkt.tcp_flags),
         last_seen_ns: now,
     };
-    ct4_update(&ct_key, &entry);
+    if !ct4_update(&ct_key, &entry) {
+        stat_inc(STAT_CT_INSERT_FAILED);
+    } else if ct.is_none() {
+        stat_inc(STAT_CT_CREATED);
+    }
     Ok(entry)
 }
 
@@ -310,8 +406,9 @@ fn nodeport_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt4) -> Result<i
     Ok(ctx.forward(params.ifindex))
 }
 
-/// Headers the tc programs read and write: Ethernet, IPv4 with options, TCP.
-const TC_PULL_LEN: u32 = (ETH_HLEN + 60 + 20) as u32;
+/// Headers the tc programs read and write: Ethernet, IPv4 with options, TCP; or for an ICMP
+/// error, the ICMP header, the quoted IPv4 header with options and 8 bytes of its L4 header.
+const TC_PULL_LEN: u32 = (ETH_HLEN + 60 + 8 + 60 + 8) as u32;
 
 /// Makes the headers linear for direct access (a GRO or paged skb may hold only part of
 /// them in its head). A failed pull only means the parser sees a shorter packet.

@@ -8,18 +8,21 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, bpf_sock_addr},
-    helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
     sock::{Sock4RevKey, Sock4RevValue},
-    stats::{STAT_SOCK_NO_BACKEND, STAT_SOCK_REV_XLATE},
+    stats::{STAT_SOCK_NO_BACKEND, STAT_SOCK_REV_XLATE, STAT_SOCK_SOURCE_RANGE_DENIED},
 };
 
 use crate::{
-    lb::{lb4_config, lb4_lookup_service, lb4_select_backend},
+    affinity::lb4_affinity_select_by_netns,
+    ct::ct4_now,
+    lb::{lb4_config, lb4_lookup_service},
     maps::SOCK4_REV,
     parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
+    src_range::lb4_src_range_node_ok,
     stats::{stat_inc, svc_stat_add},
 };
 
@@ -35,6 +38,13 @@ pub struct SockErr;
 fn sock4_cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: plain helper call on the program's own context.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The socket's network namespace: the session-affinity client at socket level.
+#[inline(always)]
+fn sock4_netns(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: plain helper call on the program's own context (kernel >= 5.7).
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
 #[inline(always)]
@@ -71,13 +81,19 @@ pub fn sock4_xlate_fwd(
     let Some((key, svc)) = lb4_lookup_service(daddr, dport, proto) else {
         return Ok(SYS_PROCEED);
     };
+    if !lb4_src_range_node_ok(&svc) {
+        // The default errno of a rejecting sock_addr program: EPERM, as a firewall gives.
+        stat_inc(STAT_SOCK_SOURCE_RANGE_DENIED);
+        return Ok(SYS_REJECT);
+    }
     if svc.count == 0 {
         // SAFETY: plain helper call (cgroup programs, kernel >= 5.18).
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         stat_inc(refused_stat);
         return Ok(SYS_REJECT);
     }
-    let Some((_, backend)) = lb4_select_backend(&key, &svc) else {
+    let Some((_, backend)) = lb4_affinity_select_by_netns(&key, &svc, sock4_netns(ctx), ct4_now())
+    else {
         stat_inc(STAT_SOCK_NO_BACKEND);
         return Ok(SYS_PROCEED);
     };

@@ -88,16 +88,15 @@ fn node_name(args: &RunArgs) -> String {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = node_name(&args);
     let addresses = netdev::interface_addresses().context("listing this node's addresses")?;
-    let devices = if args.devices.is_empty() {
-        netdev::default_devices(&addresses, args.cluster_cidr)
-    } else {
-        args.devices.clone()
-    };
-    for dev in &devices {
-        if netdev::ifindex(dev).is_none() {
+    // Names given in full must exist at start (a typo fails at once); `prefix*` selectors
+    // may match nothing yet.
+    for dev in &args.devices {
+        if !dev.ends_with(['*', '+']) && netdev::ifindex(dev).is_none() {
             bail!("--devices: no interface named {dev:?} in this network namespace");
         }
     }
+    let mut node_devices = netdev::select_devices(&args.devices, &addresses, args.cluster_cidr);
+    let devices: Vec<String> = node_devices.iter().map(|(n, _)| n.clone()).collect();
     let cgroup_root = match &args.cgroup_root {
         Some(p) => {
             check_cgroup2_dir(p)?;
@@ -132,6 +131,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 crate::cli::LbAlgorithm::Maglev => Some(args.maglev_table_size),
                 crate::cli::LbAlgorithm::Random => None,
             },
+            ct_max: args.ct_max,
         },
         cluster_cidr: args.cluster_cidr,
     };
@@ -171,6 +171,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut retry_at: Option<Instant> = None;
     let mut retry_delay = RETRY_MIN;
     let mut last_nodeport_addrs = Vec::new();
+    let mut last_nodeport_addrs6: Vec<std::net::Ipv6Addr> = Vec::new();
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -224,17 +225,43 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 dirty |= !changes.is_empty() || !status.synced.load(Ordering::Relaxed);
             }
         }
-        let nodeport_addrs = match netdev::interface_addresses() {
-            Ok(a) => netdev::nodeport_addresses(&a, &args.nodeport_addresses),
+        let addresses = match netdev::interface_addresses() {
+            Ok(a) => Some(a),
             Err(e) => {
                 tracing::warn!("listing addresses: {e}");
-                last_nodeport_addrs.clone()
+                None
             }
         };
+        let nodeport_addrs = match &addresses {
+            Some(a) => netdev::nodeport_addresses(a, &args.nodeport_addresses),
+            None => last_nodeport_addrs.clone(),
+        };
+        if let Some(a) = &addresses {
+            // Devices added, removed or renamed: the per-device programs follow.
+            let now = netdev::select_devices(&args.devices, a, args.cluster_cidr);
+            if now != node_devices {
+                tracing::info!(before = ?node_devices, now = ?now, "node devices changed");
+                match dataplane.set_devices(&now) {
+                    Ok(()) => node_devices = now,
+                    Err(e) => tracing::error!("following the device change: {e:#}"),
+                }
+            }
+        }
         if nodeport_addrs != last_nodeport_addrs {
             last_nodeport_addrs = nodeport_addrs;
             dirty = true;
         }
+        // `--nodeport-addresses` takes IPv4 CIDRs; like kube-proxy with no CIDR of a family,
+        // the IPv6 family then serves nodePorts on every (global) IPv6 address.
+        match netdev::interface_addresses6() {
+            Ok(a) if a != last_nodeport_addrs6 => {
+                last_nodeport_addrs6 = a;
+                dirty = true;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("listing IPv6 addresses: {e}"),
+        }
+        dirty |= dataplane.has_due_work();
         if !have_objects || !dirty || retry_at.is_some_and(|t| Instant::now() < t) {
             continue;
         }
@@ -246,6 +273,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let ctx = NodeContext {
             node_name: node.clone(),
             nodeport_addresses: last_nodeport_addrs.clone(),
+            nodeport_addresses6: last_nodeport_addrs6.clone(),
             zone: model.node_zone(&node),
         };
         let started = Instant::now();
@@ -293,9 +321,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!(
-        "stopping; programs and maps stay pinned under {}",
-        args.bpf_root.display()
-    );
+    match mode {
+        "ebpf" => tracing::info!(
+            "stopping; programs and maps stay pinned under {}",
+            args.bpf_root.display()
+        ),
+        "userspace" => tracing::info!("stopping; the connections relayed by this agent end"),
+        _ => tracing::info!("stopping; the {mode} rules stay installed"),
+    }
     Ok(())
 }

@@ -55,7 +55,7 @@ pub fn ensure_root(root: &Path) -> anyhow::Result<()> {
         if !is_bpffs(root)? {
             mount_bpffs(root)?;
         }
-        return Ok(());
+        return root_only(root);
     }
     // Find the nearest existing ancestor.
     let mut missing: Vec<PathBuf> = Vec::new();
@@ -79,7 +79,15 @@ pub fn ensure_root(root: &Path) -> anyhow::Result<()> {
     if !is_bpffs(root)? {
         mount_bpffs(root)?;
     }
-    Ok(())
+    root_only(root)
+}
+
+/// Makes a pin directory root-only (0700): a directory created on an existing bpffs (the
+/// host's `/sys/fs/bpf`) would otherwise be world-readable.
+pub fn root_only(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} root-only", dir.display()))
 }
 
 fn is_sysfs(path: &Path) -> io::Result<bool> {

@@ -19,6 +19,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `RunArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: watch Services and EndpointSlices and program the dataplane.
@@ -49,7 +51,8 @@ pub enum ListCommand {
     Backends(InspectArgs),
     /// Flows translated by the device programs (CT4) and their reply translations (NAT4_REV).
     Conntrack(ConntrackArgs),
-    /// Session-affinity entries (not implemented yet: says so).
+    /// Session-affinity entries of the eBPF mode: client (address or netns), frontend,
+    /// backend, age, state (the rule modes keep theirs in netfilter: says where).
     Affinity(InspectArgs),
 }
 
@@ -125,7 +128,7 @@ pub struct CompletionsArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProxyMode {
-    /// The best mode this host supports: eBPF, else nftables, else iptables.
+    /// The best mode this host supports: eBPF, else nftables, else iptables, else userspace.
     Auto,
     /// Socket-level load balancing on the cgroup, XDP/tc on the devices.
     Ebpf,
@@ -134,6 +137,9 @@ pub enum ProxyMode {
     Nftables,
     /// kube-proxy's iptables layout under `KPROXY-` chains.
     Iptables,
+    /// The agent relays connections itself (service addresses on the `kproxy0` interface).
+    /// The slowest mode, and backends see the node's address instead of the client's.
+    Userspace,
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,8 +190,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/kproxy")]
     pub bpf_root: PathBuf,
 
-    /// `/healthz` (200 once the first full sync is programmed) and `/livez`.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10256")]
+    /// `/healthz` (200 once the first full sync is programmed) and `/livez`. Localhost only
+    /// unless set: pass `0.0.0.0:10256` for a load balancer's or the kubelet's checks.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10256")]
     pub healthz_bind_address: SocketAddr,
 
     /// Prometheus metrics on `/metrics`.
@@ -214,6 +221,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "PRIME", default_value_t = proxy_common::maglev::MAGLEV_TABLE_SIZE_DEFAULT,
           value_parser = parse_maglev_table_size)]
     pub maglev_table_size: u32,
+
+    /// Capacity of the device programs' conntrack and reverse-NAT maps (LRU: when full, the
+    /// least recently used flows are evicted). Applies when the maps are created (a new
+    /// --bpf-root, or after `kproxy cleanup`); pinned maps keep their size.
+    #[arg(long, value_name = "ENTRIES", default_value_t = proxy_common::maps::CT4_MAX,
+          value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
+    pub ct_max: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -5,14 +5,14 @@
 use std::{
     collections::{BTreeMap, btree_map::Entry},
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use tracing::{debug, warn};
 
 use crate::model::{
-    EndpointInfo, EndpointsMap, NamespacedName, ServicePortInfo, ServicePortMap, ServiceType,
-    SessionAffinity, TargetPort,
+    EndpointInfo, EndpointsMap, IpFamilyAddr, NamespacedName, ServicePortInfo, ServicePortMap,
+    ServiceType, SessionAffinity, TargetPort,
 };
 
 /// L4 protocol of a service port.
@@ -72,10 +72,10 @@ impl fmt::Display for ServicePortName {
     }
 }
 
-/// One endpoint a frontend balances over.
+/// One endpoint a frontend balances over (IPv4 unless named, see [`Backend6`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
-    pub address: Ipv4Addr,
+pub struct Backend<A = Ipv4Addr> {
+    pub address: A,
     /// The resolved target port (numeric, or a named targetPort resolved through the
     /// EndpointSlice's port names).
     pub port: u16,
@@ -146,12 +146,41 @@ impl Frontend {
     }
 }
 
+/// An IPv6 backend.
+pub type Backend6 = Backend<Ipv6Addr>;
+
+/// One IPv6 address:port/protocol the node serves (the IPv6 twin of [`Frontend`]). Session
+/// affinity and source ranges are not carried for IPv6 yet: LoadBalancer and nodePort
+/// frontends of services with `loadBalancerSourceRanges` are left out rather than served
+/// unfiltered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend6 {
+    pub service: ServicePortName,
+    /// `NodePort`: `address` is `::`, served on every IPv6 nodePort address of the node.
+    pub kind: FrontendKind,
+    pub address: Ipv6Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Sorted, deduplicated. Empty means "no endpoints": connections are refused.
+    pub backends: Vec<Backend6>,
+}
+
+impl Frontend6 {
+    pub fn key(&self) -> (Ipv6Addr, u16, Protocol) {
+        (self.address, self.port, self.protocol)
+    }
+}
+
 /// Everything the node must serve. Frontends are sorted by key and unique per key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: Vec<Frontend>,
     /// Addresses of this node on which nodePorts are served.
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// The IPv6 frontends (dual-stack and IPv6-only services), sorted by key, unique per key.
+    pub frontends6: Vec<Frontend6>,
+    /// IPv6 addresses of this node on which nodePorts are served.
+    pub nodeport_addresses6: Vec<Ipv6Addr>,
 }
 
 /// The node the agent runs on.
@@ -161,6 +190,8 @@ pub struct NodeContext {
     pub node_name: String,
     /// Addresses of this node on which nodePorts are served.
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// IPv6 addresses of this node on which nodePorts are served.
+    pub nodeport_addresses6: Vec<Ipv6Addr>,
     /// This Node's `topology.kubernetes.io/zone` label, for topology hints.
     pub zone: Option<String>,
 }
@@ -207,6 +238,9 @@ pub fn build(
 ) -> DesiredState {
     let mut frontends: BTreeMap<(Ipv4Addr, u16, Protocol), Frontend> = BTreeMap::new();
     for (spn, info) in services.iter() {
+        if !info.ipv4 {
+            continue; // IPv6-only: see `build6`
+        }
         let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
         let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
         let external = select_backends(eps, spn, info, node, info.external_policy_local());
@@ -274,11 +308,100 @@ pub fn build(
     DesiredState {
         frontends: frontends.into_values().collect(),
         nodeport_addresses,
+        ..DesiredState::default()
     }
 }
 
+/// `build`'s IPv6 twin: the IPv6 frontends of services that have the IPv6 family (an IPv6
+/// cluster IP), over their IPv6 endpoints, with the same semantics (traffic policies,
+/// terminating fallback, topology hints, first-wins conflicts). Fills `frontends6` and
+/// `nodeport_addresses6` of `desired`.
+pub fn build6(
+    desired: &mut DesiredState,
+    services: &ServicePortMap,
+    endpoints: &EndpointsMap<Ipv6Addr>,
+    node: &NodeContext,
+) {
+    let mut frontends: BTreeMap<(Ipv6Addr, u16, Protocol), Frontend6> = BTreeMap::new();
+    for (spn, info) in services.iter() {
+        let Some(cluster_ip) = info.cluster_ip6 else {
+            continue;
+        };
+        let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
+        let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
+        let external = select_backends(eps, spn, info, node, info.external_policy_local());
+        // Source ranges are not enforced for IPv6 yet: never serve the frontends they guard.
+        let restricted = source_ranges(info).is_some() || has_ipv6_source_ranges(info);
+        let mut add = |kind, address, port, backends: &Vec<Backend6>| {
+            if restricted && matches!(kind, FrontendKind::LoadBalancer | FrontendKind::NodePort) {
+                debug!(
+                    "{spn}: IPv6 {kind:?} frontend left out: loadBalancerSourceRanges are not enforced for IPv6 yet"
+                );
+                return;
+            }
+            let frontend = Frontend6 {
+                service: spn.clone(),
+                kind,
+                address,
+                port,
+                protocol: spn.protocol,
+                backends: backends.clone(),
+            };
+            match frontends.entry(frontend.key()) {
+                Entry::Vacant(e) => {
+                    e.insert(frontend);
+                }
+                Entry::Occupied(e) => {
+                    let kept = e.get();
+                    warn!(
+                        "{kind:?} frontend [{address}]:{port}/{} of {spn} conflicts with the {:?} frontend of {}, which is kept",
+                        spn.protocol.as_str(),
+                        kept.kind,
+                        kept.service
+                    );
+                }
+            }
+        };
+        add(FrontendKind::ClusterIp, cluster_ip, info.port, &internal);
+        if let Some(node_port) = info.served_node_port() {
+            add(
+                FrontendKind::NodePort,
+                Ipv6Addr::UNSPECIFIED,
+                node_port,
+                &external,
+            );
+        }
+        for ip in &info.external_ips6 {
+            add(FrontendKind::ExternalIp, *ip, info.port, &external);
+        }
+        if info.service_type == ServiceType::LoadBalancer {
+            for ip in &info.load_balancer_ips6 {
+                add(FrontendKind::LoadBalancer, *ip, info.port, &external);
+            }
+        }
+    }
+    let mut nodeport_addresses6 = node.nodeport_addresses6.clone();
+    nodeport_addresses6.sort_unstable();
+    nodeport_addresses6.dedup();
+    desired.frontends6 = frontends.into_values().collect();
+    desired.nodeport_addresses6 = nodeport_addresses6;
+}
+
+/// Whether a LoadBalancer service lists IPv6 source ranges (which `source_ranges` drops).
+fn has_ipv6_source_ranges(info: &ServicePortInfo) -> bool {
+    info.service_type == ServiceType::LoadBalancer
+        && info
+            .load_balancer_source_ranges
+            .iter()
+            .any(|c| c.address.is_ipv6())
+}
+
 /// The port an endpoint serves a service port on, if any.
-fn endpoint_port(ep: &EndpointInfo, spn: &ServicePortName, info: &ServicePortInfo) -> Option<u16> {
+fn endpoint_port<A>(
+    ep: &EndpointInfo<A>,
+    spn: &ServicePortName,
+    info: &ServicePortInfo,
+) -> Option<u16> {
     let numeric = match &info.target_port {
         TargetPort::Number(n) => Some(*n),
         TargetPort::Name(_) => None,
@@ -305,7 +428,7 @@ enum TopologyFilter {
 }
 
 impl TopologyFilter {
-    fn admits(self, ep: &EndpointInfo, node: &NodeContext) -> bool {
+    fn admits<A>(self, ep: &EndpointInfo<A>, node: &NodeContext) -> bool {
         match self {
             TopologyFilter::None => true,
             TopologyFilter::SameNode => ep.node_hints.contains(&node.node_name),
@@ -320,8 +443,8 @@ impl TopologyFilter {
 /// kube-proxy's `topologyModeFromHints`: hints are used only when every ready endpoint has
 /// them and at least one is meant for this node (or its zone); otherwise they are ignored, so
 /// that a half-hinted or foreign-zone-only slice never leaves the node without endpoints.
-fn topology_from_hints<'a>(
-    eps: impl Iterator<Item = &'a EndpointInfo>,
+fn topology_from_hints<'a, A: 'a>(
+    eps: impl Iterator<Item = &'a EndpointInfo<A>>,
     spn: &ServicePortName,
     node: &NodeContext,
 ) -> TopologyFilter {
@@ -369,19 +492,19 @@ fn topology_from_hints<'a>(
     TopologyFilter::None
 }
 
-fn select_backends(
-    eps: &[EndpointInfo],
+fn select_backends<A: IpFamilyAddr>(
+    eps: &[EndpointInfo<A>],
     spn: &ServicePortName,
     info: &ServicePortInfo,
     node: &NodeContext,
     local_only: bool,
-) -> Vec<Backend> {
-    let candidates: Vec<(&EndpointInfo, u16)> = eps
+) -> Vec<Backend<A>> {
+    let candidates: Vec<(&EndpointInfo<A>, u16)> = eps
         .iter()
         .filter(|ep| !local_only || ep.is_local(&node.node_name))
         .filter_map(|ep| endpoint_port(ep, spn, info).map(|port| (ep, port)))
         .collect();
-    let to_backend = |(ep, port): &(&EndpointInfo, u16)| Backend {
+    let to_backend = |(ep, port): &(&EndpointInfo<A>, u16)| Backend {
         address: ep.address,
         port: *port,
         is_local: ep.is_local(&node.node_name),
@@ -391,7 +514,7 @@ fn select_backends(
     } else {
         topology_from_hints(candidates.iter().map(|(ep, _)| *ep), spn, node)
     };
-    let mut backends: Vec<Backend> = candidates
+    let mut backends: Vec<Backend<A>> = candidates
         .iter()
         .filter(|(ep, _)| ep.ready && topology.admits(ep, node))
         .map(to_backend)
@@ -450,6 +573,7 @@ mod tests {
                     Ipv4Addr::new(192, 168, 1, 1),
                 ],
                 zone: zone.map(String::from),
+                ..Default::default()
             },
         )
     }

@@ -543,6 +543,26 @@ fn write_map_fill(out: &mut String, fills: &[crate::inspect::maps::MapFill]) {
             f.name, f.max_entries
         );
     }
+    // Cilium's "map pressure": how full a map is. For the LRU conntrack maps, 1 means new
+    // flows evict the least recently used ones (kproxy_datapath_events_total has
+    // conntrack_created, conntrack_lost_midflow and conntrack_insert_failed).
+    let _ = writeln!(
+        out,
+        "# HELP kproxy_bpf_map_pressure Entries / capacity of a pinned map (0..1)\n# TYPE kproxy_bpf_map_pressure gauge"
+    );
+    for f in &readable {
+        let _ = writeln!(
+            out,
+            "kproxy_bpf_map_pressure{{map=\"{}\"}} {}",
+            f.name,
+            f.ratio()
+        );
+    }
+}
+
+/// The health and metrics endpoints answer GET (and HEAD) only.
+fn is_read_only(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD")
 }
 
 /// Serves `/healthz` and `/livez` (health address) or `/metrics` (metrics address) until the
@@ -570,7 +590,19 @@ pub async fn serve(addr: SocketAddr, status: Arc<Status>, metrics: bool) {
                     _ => return,
                 };
             let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let mut words = req.split_whitespace();
+            let method = words.next().unwrap_or("");
+            let path = words.next().unwrap_or("/");
+            if !is_read_only(method) {
+                // The endpoints only report: nothing may change state through them.
+                let body = "method not allowed: use GET\n";
+                let resp = format!(
+                    "HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+                return;
+            }
             let (code, ctype, body) = match (metrics, path) {
                 (false, "/healthz") => {
                     let (c, b) = status.healthz();
@@ -802,6 +834,7 @@ mod tests {
             node_name: "n1".into(),
             nodeport_addresses: vec![],
             zone: None,
+            ..Default::default()
         };
         let desired = model.desired(&node);
         assert_eq!(

@@ -249,6 +249,7 @@ mod tests {
             node_name: name.into(),
             nodeport_addresses: vec![Ipv4Addr::LOCALHOST],
             zone: None,
+            ..Default::default()
         }
     }
 

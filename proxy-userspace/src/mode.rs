@@ -1,4 +1,5 @@
-//! Choosing the dataplane: `--proxy-mode auto` tries eBPF, then nftables, then iptables, and
+//! Choosing the dataplane: `--proxy-mode auto` tries eBPF, then nftables, then iptables, then
+//! the userspace relay, and
 //! says in one line which mode it chose and why the better ones were not usable. Whatever
 //! mode starts, the artifacts of the other modes are removed, so switching modes between runs
 //! leaves nothing behind.
@@ -12,6 +13,7 @@ use crate::{
         ebpf::{EbpfDataplane, EbpfSettings, cleanup as ebpf_cleanup},
         iptables::{self, IptablesDataplane, IptablesSettings},
         nftables::{self, NftablesDataplane, NftablesSettings},
+        userspace::{self, UserspaceDataplane},
     },
     netdev::Ipv4Cidr,
 };
@@ -39,6 +41,12 @@ fn start_iptables(inputs: &ModeInputs) -> anyhow::Result<Box<dyn Dataplane>> {
     Ok(Box::new(IptablesDataplane::new(settings)?))
 }
 
+fn start_userspace(_: &ModeInputs) -> anyhow::Result<Box<dyn Dataplane>> {
+    Ok(Box::new(
+        UserspaceDataplane::new().context("starting the userspace relay")?,
+    ))
+}
+
 /// Removes what the modes other than `keep` left behind (from an earlier run in another mode).
 fn remove_other_modes(keep: &str, inputs: &ModeInputs) {
     if keep != "ebpf" {
@@ -62,6 +70,13 @@ fn remove_other_modes(keep: &str, inputs: &ModeInputs) {
             Err(e) => tracing::debug!("iptables cleanup: {e:#}"),
         }
     }
+    if keep != "userspace" {
+        match userspace::cleanup() {
+            Ok(true) => tracing::info!("removed the userspace mode's interface"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("removing the userspace mode's interface: {e:#}"),
+        }
+    }
 }
 
 /// Starts the dataplane for `mode`.
@@ -71,10 +86,12 @@ pub fn start(mode: ProxyMode, inputs: &ModeInputs) -> anyhow::Result<Box<dyn Dat
         ProxyMode::Ebpf => &[("ebpf", start_ebpf)],
         ProxyMode::Nftables => &[("nftables", start_nftables)],
         ProxyMode::Iptables => &[("iptables", start_iptables)],
+        ProxyMode::Userspace => &[("userspace", start_userspace)],
         ProxyMode::Auto => &[
             ("ebpf", start_ebpf),
             ("nftables", start_nftables),
             ("iptables", start_iptables),
+            ("userspace", start_userspace),
         ],
     };
     let mut refused: Vec<String> = Vec::new();
@@ -100,7 +117,8 @@ pub fn start(mode: ProxyMode, inputs: &ModeInputs) -> anyhow::Result<Box<dyn Dat
 }
 
 /// `kproxy cleanup`: removes what every mode installed (eBPF pins and links under
-/// `bpf_root`, the nftables table, the iptables chains) in this network namespace.
+/// `bpf_root`, the nftables table, the iptables chains, the userspace mode's interface) in
+/// this network namespace.
 /// Idempotent; fails only if something that exists could not be removed.
 pub fn cleanup_all(bpf_root: &std::path::Path) -> anyhow::Result<()> {
     let pins = ebpf_cleanup::cleanup(bpf_root)
@@ -114,10 +132,13 @@ pub fn cleanup_all(bpf_root: &std::path::Path) -> anyhow::Result<()> {
         tracing::debug!("iptables cleanup: {e:#}");
         0
     });
+    let relay_interface =
+        userspace::cleanup().context("removing the userspace mode's interface")?;
     tracing::info!(
         pins,
         nftables_cleaned = table,
         iptables_chains_removed = chains,
+        relay_interface_removed = relay_interface,
         bpf_root = %bpf_root.display(),
         "cleanup done"
     );

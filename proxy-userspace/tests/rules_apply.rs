@@ -17,7 +17,7 @@ use kproxy::{
         iptables::{self, IptablesDataplane, IptablesSettings},
         nftables::{self, NftablesDataplane, NftablesSettings, RenderOptions},
     },
-    desired::{Backend, DesiredState, Frontend, FrontendKind, Protocol, ServicePortName},
+    desired::{Backend, DesiredState, Frontend, FrontendKind, Ipv4Cidr, Protocol, ServicePortName},
 };
 
 struct Netns {
@@ -126,8 +126,12 @@ fn fe(
     }
 }
 
+fn cidr(a: &str, len: u8) -> Ipv4Cidr {
+    Ipv4Cidr::new(a.parse().unwrap(), len).unwrap()
+}
+
 /// ClusterIP + NodePort with a local and a remote endpoint, a Service without endpoints, a
-/// UDP Service, an external IP.
+/// UDP Service with ClientIP affinity, an external IP, a LoadBalancer IP with source ranges.
 fn state() -> DesiredState {
     let web = vec![be("10.244.1.5", 8080, true), be("10.244.2.7", 8080, false)];
     let mut frontends = vec![
@@ -155,6 +159,17 @@ fn state() -> DesiredState {
             Protocol::Tcp,
             web,
         ),
+        Frontend {
+            source_ranges: Some(vec![cidr("192.0.2.0", 24)]),
+            ..fe(
+                "web",
+                FrontendKind::LoadBalancer,
+                "198.51.100.20",
+                80,
+                Protocol::Tcp,
+                vec![be("10.244.1.5", 8080, true)],
+            )
+        },
         fe(
             "empty",
             FrontendKind::ClusterIp,
@@ -171,14 +186,17 @@ fn state() -> DesiredState {
             Protocol::Tcp,
             vec![],
         ),
-        fe(
-            "dns",
-            FrontendKind::ClusterIp,
-            "10.96.0.53",
-            53,
-            Protocol::Udp,
-            vec![be("10.244.1.9", 5353, true), be("10.244.3.9", 5353, false)],
-        ),
+        Frontend {
+            affinity_timeout: Some(10800),
+            ..fe(
+                "dns",
+                FrontendKind::ClusterIp,
+                "10.96.0.53",
+                53,
+                Protocol::Udp,
+                vec![be("10.244.1.9", 5353, true), be("10.244.3.9", 5353, false)],
+            )
+        },
         fe(
             "sctp",
             FrontendKind::ClusterIp,
@@ -192,11 +210,12 @@ fn state() -> DesiredState {
     DesiredState {
         frontends,
         nodeport_addresses: vec![Ipv4Addr::new(192, 168, 1, 1)],
+        ..DesiredState::default()
     }
 }
 
-/// The state after churn: the remote DNS endpoint gone, a web endpoint added, the SCTP
-/// Service deleted.
+/// The state after churn: the remote DNS endpoint gone and its affinity timeout changed, a
+/// web endpoint added, a source range added, the SCTP Service deleted.
 fn state2() -> DesiredState {
     let mut d = state();
     d.frontends.retain(|f| f.service.name != "sctp");
@@ -204,6 +223,10 @@ fn state2() -> DesiredState {
         if f.service.name == "dns" {
             f.backends
                 .retain(|b| b.address != Ipv4Addr::new(10, 244, 3, 9));
+            f.affinity_timeout = Some(60);
+        }
+        if f.kind == FrontendKind::LoadBalancer {
+            f.source_ranges = Some(vec![cidr("192.0.2.0", 24), cidr("198.18.0.0", 16)]);
         }
         if f.service.name == "web" && f.kind == FrontendKind::ClusterIp {
             f.backends.push(be("10.244.4.4", 8080, false));
@@ -257,6 +280,14 @@ fn nftables_applies_atomically_and_cleans_up() {
     assert!(table.contains("numgen random mod 3"), "{table}");
     assert!(table.contains("fib daddr type local"), "{table}");
     assert!(table.contains("30443 : goto reject-chain"), "{table}");
+    // Affinity: one set per remaining DNS endpoint, with the new timeout; source ranges.
+    assert_eq!(table.matches("flags dynamic,timeout").count(), 1, "{table}");
+    assert!(table.contains("timeout 1m"), "{table}");
+    assert!(table.contains("update @affinity-"), "{table}");
+    assert!(
+        table.contains("ip saddr != { 192.0.2.0/24, 198.18.0.0/16 } drop"),
+        "{table}"
+    );
     // The whole table is one generation: one table, no leftovers.
     let tables = ns.sh(&["nft", "list", "tables"]);
     assert_eq!(tables.trim(), "table ip kproxy");
@@ -358,6 +389,21 @@ fn iptables_full_partial_and_cleanup() {
         "{save}"
     );
     assert!(save.contains("--probability 0.33333"), "{save}");
+    assert!(save.contains("--rcheck --seconds 60 --reap"), "{save}");
+    // iptables-save lists matches in its own order.
+    assert!(
+        save.lines()
+            .any(|l| l.starts_with("-A KPROXY-FW-") && l.contains("-s 198.18.0.0/16")),
+        "{save}"
+    );
+    let filter = ns.sh(&["iptables-save", "-t", "filter"]);
+    assert!(
+        filter
+            .lines()
+            .any(|l| l.starts_with("-A KPROXY-FIREWALL -d 198.51.100.20/32")
+                && l.contains("--dport 80 -j DROP")),
+        "{filter}"
+    );
 
     // A stray chain of ours (from an older run) is deleted by a full sync.
     ns.sh(&["iptables", "-t", "nat", "-N", "KPROXY-SVC-STALESTALESTALE"]);
@@ -454,6 +500,7 @@ fn conntrack_flush_deletes_stale_udp_entries() {
             ),
         ],
         nodeport_addresses: vec![Ipv4Addr::new(192, 168, 1, 1)],
+        ..DesiredState::default()
     };
     let mut new = old.clone();
     for f in &mut new.frontends {
@@ -613,6 +660,7 @@ fn traffic_state() -> DesiredState {
     DesiredState {
         frontends,
         nodeport_addresses: vec![Ipv4Addr::new(192, 168, 1, 1)],
+        ..DesiredState::default()
     }
 }
 

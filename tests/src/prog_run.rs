@@ -13,34 +13,47 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 use proxy_common::{
+    affinity::{Lb4AffinityKey, Lb4AffinityValue},
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4Service},
     maps,
+    src_range::{Lb4SrcRangeKey, SRC_RANGE_INDEX_BITS},
     stats::{STAT_REASONS, SvcStats},
 };
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 pub const ETH_HLEN: usize = 14;
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
+pub const XDP_DROP: u32 = 1;
+pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
 
 pub const PROG_XDP: &str = "kproxy_xdp_ingress";
 pub const PROG_TC_INGRESS: &str = "kproxy_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "kproxy_tc_egress";
 pub const PROG_CONNECT4: &str = "kproxy_sock4_connect";
-pub const PROGS_SOCK: [&str; 4] = [
+pub const PROGS_SOCK: [&str; 8] = [
     PROG_CONNECT4,
     "kproxy_sock4_sendmsg",
     "kproxy_sock4_recvmsg",
     "kproxy_sock4_getpeername",
+    "kproxy_sock6_connect",
+    "kproxy_sock6_sendmsg",
+    "kproxy_sock6_recvmsg",
+    "kproxy_sock6_getpeername",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -166,6 +179,8 @@ pub struct PacketSpec {
     pub payload: Vec<u8>,
     /// UDP only: send checksum 0 ("no checksum").
     pub udp_no_csum: bool,
+    /// TCP only: the flags byte (0x02 = SYN).
+    pub tcp_flags: u8,
 }
 
 impl PacketSpec {
@@ -180,6 +195,16 @@ impl PacketSpec {
             frag: 0x4000,
             payload: Vec::new(),
             udp_no_csum: false,
+            tcp_flags: 0x02,
+        }
+    }
+
+    /// An SCTP packet with one DATA-like chunk of payload (the CRC32c covers all of it).
+    pub fn sctp(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16) -> Self {
+        Self {
+            proto: IPPROTO_SCTP,
+            payload: b"\x00\x03\x00\x14kproxy sctp chunk".to_vec(),
+            ..Self::tcp(saddr, sport, daddr, dport)
         }
     }
 
@@ -197,7 +222,7 @@ impl PacketSpec {
             opts.push(0); // End of options list
         }
         let ihl = 20 + opts.len();
-        let l4_len = if self.proto == IPPROTO_TCP { 20 } else { 8 } + self.payload.len();
+        let l4_len = l4_hlen(self.proto) + self.payload.len();
         let tot_len = ihl + l4_len;
         let mut p = Vec::with_capacity(ETH_HLEN + tot_len);
         p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00]);
@@ -217,9 +242,12 @@ impl PacketSpec {
         if self.proto == IPPROTO_TCP {
             p.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
             p.extend_from_slice(&0u32.to_be_bytes()); // ack
-            p.extend_from_slice(&[0x50, 0x02]); // data offset 5, SYN
+            p.extend_from_slice(&[0x50, self.tcp_flags]); // data offset 5, flags
             p.extend_from_slice(&64240u16.to_be_bytes());
             p.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        } else if self.proto == IPPROTO_SCTP {
+            p.extend_from_slice(&0xdead_beefu32.to_be_bytes()); // verification tag
+            p.extend_from_slice(&[0, 0, 0, 0]); // CRC32c
         } else {
             p.extend_from_slice(&(l4_len as u16).to_be_bytes());
             p.extend_from_slice(&[0, 0]);
@@ -228,6 +256,41 @@ impl PacketSpec {
         fix_checksums(&mut p, !self.udp_no_csum);
         p
     }
+}
+
+/// The fixed header length of a transport the builder knows.
+pub fn l4_hlen(proto: u8) -> usize {
+    match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_SCTP => 12,
+        _ => 8,
+    }
+}
+
+/// The offset of the checksum inside a transport header.
+pub fn l4_csum_off(proto: u8) -> usize {
+    match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_SCTP => 8,
+        _ => 6,
+    }
+}
+
+/// Plain bitwise CRC32c (SCTP's checksum, RFC 9260 appendix B), as the value SCTP stores
+/// little-endian.
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 /// Offsets of an IPv4 packet built by [`PacketSpec::build`] (or translated from one).
@@ -247,11 +310,7 @@ pub fn parse(p: &[u8]) -> Parsed {
     let ihl = usize::from(p[ETH_HLEN] & 0x0f) * 4;
     let l4 = ETH_HLEN + ihl;
     let proto = p[ETH_HLEN + 9];
-    let csum_off = if proto == IPPROTO_TCP {
-        l4 + 16
-    } else {
-        l4 + 6
-    };
+    let csum_off = l4 + l4_csum_off(proto);
     Parsed {
         saddr: p[ETH_HLEN + 12..ETH_HLEN + 16].try_into().unwrap(),
         daddr: p[ETH_HLEN + 16..ETH_HLEN + 20].try_into().unwrap(),
@@ -274,11 +333,13 @@ pub fn fix_checksums(p: &mut [u8], udp_csum: bool) {
     let ip = csum_finish(csum_add(0, &p[l3..l4]));
     p[l3 + 10..l3 + 12].copy_from_slice(&ip.to_be_bytes());
     let proto = p[l3 + 9];
-    let csum_off = if proto == IPPROTO_TCP {
-        l4 + 16
-    } else {
-        l4 + 6
-    };
+    let csum_off = l4 + l4_csum_off(proto);
+    if proto == IPPROTO_SCTP {
+        p[csum_off..csum_off + 4].fill(0);
+        let crc = crc32c(&p[l4..]);
+        p[csum_off..csum_off + 4].copy_from_slice(&crc.to_le_bytes());
+        return;
+    }
     p[csum_off..csum_off + 2].copy_from_slice(&[0, 0]);
     if proto == IPPROTO_UDP && !udp_csum {
         return;
@@ -309,6 +370,108 @@ pub fn assert_checksums(p: &[u8], what: &str) {
         p,
         &fixed[..],
         "{what}: packet differs from its recomputation"
+    );
+}
+
+/// Builds an ICMP error (`icmp_type`/`code`, `mtu` in the "next-hop MTU" field for
+/// fragmentation needed) from `src` to `dst` quoting the first `quote_len` bytes of the IPv4
+/// packet in `quoted` (an Ethernet frame as [`PacketSpec::build`] makes), with correct
+/// checksums, as Linux's icmp_send builds one.
+pub fn icmp_error(
+    src: [u8; 4],
+    dst: [u8; 4],
+    icmp_type: u8,
+    code: u8,
+    mtu: u16,
+    quoted: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
+    let quote = &quoted[ETH_HLEN..(ETH_HLEN + quote_len).min(quoted.len())];
+    let tot_len = 20 + 8 + quote.len();
+    let mut p = Vec::with_capacity(ETH_HLEN + tot_len);
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x03, 0x02, 0, 0, 0, 0, 0x04, 0x08, 0x00]);
+    p.extend_from_slice(&[0x45, 0xc0]);
+    p.extend_from_slice(&(tot_len as u16).to_be_bytes());
+    p.extend_from_slice(&[0x43, 0x21, 0, 0, 64, IPPROTO_ICMP, 0, 0]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&[icmp_type, code, 0, 0, 0, 0]);
+    p.extend_from_slice(&mtu.to_be_bytes());
+    p.extend_from_slice(quote);
+    let ip = csum_finish(csum_add(0, &p[ETH_HLEN..ETH_HLEN + 20]));
+    p[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&ip.to_be_bytes());
+    let icmp = csum_finish(csum_add(0, &p[ETH_HLEN + 20..]));
+    p[ETH_HLEN + 22..ETH_HLEN + 24].copy_from_slice(&icmp.to_be_bytes());
+    p
+}
+
+/// An ICMP error as the tests read it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParsedIcmp {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub icmp_type: u8,
+    pub ip_csum: u16,
+    pub icmp_csum: u16,
+    /// The quoted packet: addresses, ports, its IPv4 header checksum, its L4 checksum when
+    /// quoted.
+    pub q_saddr: [u8; 4],
+    pub q_daddr: [u8; 4],
+    pub q_sport: u16,
+    pub q_dport: u16,
+    pub q_ip_csum: u16,
+    pub q_l4_csum: Option<u16>,
+}
+
+pub fn parse_icmp(p: &[u8]) -> ParsedIcmp {
+    let ihl = usize::from(p[ETH_HLEN] & 0x0f) * 4;
+    let icmp = ETH_HLEN + ihl;
+    let q = icmp + 8;
+    let qihl = usize::from(p[q] & 0x0f) * 4;
+    let ql4 = q + qihl;
+    let qcsum = ql4 + l4_csum_off(p[q + 9]);
+    ParsedIcmp {
+        saddr: p[ETH_HLEN + 12..ETH_HLEN + 16].try_into().unwrap(),
+        daddr: p[ETH_HLEN + 16..ETH_HLEN + 20].try_into().unwrap(),
+        icmp_type: p[icmp],
+        ip_csum: u16::from_be_bytes([p[ETH_HLEN + 10], p[ETH_HLEN + 11]]),
+        icmp_csum: u16::from_be_bytes([p[icmp + 2], p[icmp + 3]]),
+        q_saddr: p[q + 12..q + 16].try_into().unwrap(),
+        q_daddr: p[q + 16..q + 20].try_into().unwrap(),
+        q_sport: u16::from_be_bytes([p[ql4], p[ql4 + 1]]),
+        q_dport: u16::from_be_bytes([p[ql4 + 2], p[ql4 + 3]]),
+        q_ip_csum: u16::from_be_bytes([p[q + 10], p[q + 11]]),
+        q_l4_csum: (qcsum + 2 <= p.len()).then(|| u16::from_be_bytes([p[qcsum], p[qcsum + 1]])),
+    }
+}
+
+/// The ICMP error `p` with its outer IPv4 header checksum, ICMP checksum and quoted IPv4
+/// header checksum computed from scratch.
+pub fn icmp_recompute(p: &[u8]) -> Vec<u8> {
+    let ihl = usize::from(p[ETH_HLEN] & 0x0f) * 4;
+    let icmp = ETH_HLEN + ihl;
+    let q = icmp + 8;
+    let qihl = usize::from(p[q] & 0x0f) * 4;
+    let mut fixed = p.to_vec();
+    fixed[ETH_HLEN + 10..ETH_HLEN + 12].fill(0);
+    let ip = csum_finish(csum_add(0, &fixed[ETH_HLEN..icmp]));
+    fixed[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&ip.to_be_bytes());
+    fixed[q + 10..q + 12].fill(0);
+    let qip = csum_finish(csum_add(0, &fixed[q..q + qihl]));
+    fixed[q + 10..q + 12].copy_from_slice(&qip.to_be_bytes());
+    fixed[icmp + 2..icmp + 4].fill(0);
+    let ic = csum_finish(csum_add(0, &fixed[icmp..]));
+    fixed[icmp + 2..icmp + 4].copy_from_slice(&ic.to_be_bytes());
+    fixed
+}
+
+/// Panics unless the outer IPv4 header checksum, the ICMP checksum and the quoted IPv4
+/// header checksum of the ICMP error `p` are what a from-scratch computation gives.
+pub fn assert_icmp_checksums(p: &[u8], what: &str) {
+    assert_eq!(
+        p,
+        &icmp_recompute(p)[..],
+        "{what}: checksums differ from a recomputation"
     );
 }
 
@@ -481,6 +644,41 @@ impl Fixture {
         for k in keys {
             let _ = m.remove(&k);
         }
+    }
+
+    /// Gives the frontend's master entry `flags` (added) and the `backend_id` the writer
+    /// stores there (the affinity timeout in seconds).
+    pub fn set_master(&mut self, addr: [u8; 4], port: u16, proto: u8, flags: u16, backend_id: u32) {
+        let mut svcs = self.services();
+        let key = Lb4Key::new(be32(addr), be16(port), proto, 0);
+        let mut master = svcs.get(&key, 0).unwrap();
+        master.flags |= flags;
+        master.backend_id = backend_id;
+        svcs.insert(key, master, 0).unwrap();
+    }
+
+    /// Allows `addr/prefix_len` for the frontend `rev_nat_index` (loadBalancerSourceRanges).
+    pub fn add_src_range(&mut self, rev_nat_index: u16, addr: [u8; 4], prefix_len: u8) {
+        let mut m: LpmTrie<&mut MapData, Lb4SrcRangeKey, u8> =
+            LpmTrie::try_from(self.map(maps::LB4_SRC_RANGE)).unwrap();
+        let key = LpmKey::new(
+            SRC_RANGE_INDEX_BITS + u32::from(prefix_len),
+            Lb4SrcRangeKey::new(rev_nat_index, be32(addr)),
+        );
+        m.insert(&key, 1, 0).unwrap();
+    }
+
+    fn affinity(&mut self) -> HashMap<&mut MapData, Lb4AffinityKey, Lb4AffinityValue> {
+        HashMap::try_from(self.map(maps::LB4_AFFINITY)).unwrap()
+    }
+
+    /// Every session-affinity entry.
+    pub fn affinity_entries(&mut self) -> Vec<(Lb4AffinityKey, Lb4AffinityValue)> {
+        self.affinity().iter().map(|r| r.unwrap()).collect()
+    }
+
+    pub fn put_affinity(&mut self, key: Lb4AffinityKey, value: Lb4AffinityValue) {
+        self.affinity().insert(key, value, 0).unwrap();
     }
 
     pub fn remove_backend(&mut self, id: u32) {

@@ -183,9 +183,16 @@ fn every_object_parses_into_the_api_types() {
     let caps = sc.capabilities.expect("capabilities");
     assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
     let added: BTreeSet<String> = caps.add.unwrap_or_default().into_iter().collect();
-    let expected: BTreeSet<String> = ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON", "SYS_RESOURCE"]
-        .map(String::from)
-        .into();
+    let expected: BTreeSet<String> = [
+        "BPF",
+        "NET_ADMIN",
+        "SYS_ADMIN",
+        "PERFMON",
+        "SYS_RESOURCE",
+        "NET_BIND_SERVICE",
+    ]
+    .map(String::from)
+    .into();
     assert_eq!(added, expected, "capabilities added");
 
     let probe = c.liveness_probe.clone().expect("livenessProbe");

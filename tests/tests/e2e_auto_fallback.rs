@@ -2,7 +2,9 @@
 //! CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN dropped (capsh), so loading programs, creating maps
 //! and mounting bpffs all fail. It must say so in one line, fall back to nftables, and still
 //! serve the seed Service (nodePort from outside with the client's address kept, cluster IP
-//! from a pod); no BPF program may be left attached.
+//! from a pod); no BPF program may be left attached. With netfilter unusable as well (no
+//! `nft`, `iptables` or `iptables-restore` on the agent's PATH) it must fall back to the
+//! userspace relay and still serve.
 
 use std::time::Duration;
 
@@ -24,11 +26,9 @@ fn fail(c: &Cluster, msg: impl std::fmt::Display) -> ! {
     panic!("{msg}\n---- agent log ----\n{}\n----", agent_log(c))
 }
 
-#[test]
-fn auto_mode_without_bpf_capabilities_falls_back_to_nftables_and_serves() {
-    let mut c = fixtures::one_node(TESTPOD).expect("building the cluster");
-    fixtures::write_seed(&c, &["pod-a", "pod-b"], &["pod-a", "pod-b"]).expect("manifests");
-
+/// Starts node1's agent in auto mode under capsh without CAP_BPF, CAP_PERFMON and
+/// CAP_SYS_ADMIN (and with `path` as its PATH when given) and waits for /healthz.
+fn start_auto_without_bpf(c: &mut Cluster, path: Option<&str>) {
     let bin = kproxy_bin().expect("kproxy binary");
     let mut args = c.agent_args(1);
     let i = args
@@ -40,7 +40,10 @@ fn auto_mode_without_bpf_capabilities_falls_back_to_nftables_and_serves() {
         .chain(args)
         .collect::<Vec<_>>()
         .join(" ");
-    let capsh_cmd = format!("exec {command}");
+    let capsh_cmd = match path {
+        Some(p) => format!("PATH={p} exec {command}"),
+        None => format!("exec {command}"),
+    };
     let argv = [
         "capsh",
         "--drop=cap_bpf,cap_perfmon,cap_sys_admin",
@@ -55,12 +58,16 @@ fn auto_mode_without_bpf_capabilities_falls_back_to_nftables_and_serves() {
         (c.healthz(1) == 200).then_some(())
     });
     if healthy.is_none() {
-        fail(
-            &c,
-            "the agent without BPF capabilities never became healthy",
-        );
+        fail(c, "the agent without BPF capabilities never became healthy");
     }
+}
 
+#[test]
+fn auto_mode_without_bpf_capabilities_falls_back_to_nftables_and_serves() {
+    let mut c = fixtures::one_node(TESTPOD).expect("building the cluster");
+    fixtures::write_seed(&c, &["pod-a", "pod-b"], &["pod-a", "pod-b"]).expect("manifests");
+
+    start_auto_without_bpf(&mut c, None);
     let log = agent_log(&c);
     let chosen = log
         .lines()
@@ -117,4 +124,70 @@ fn auto_mode_without_bpf_capabilities_falls_back_to_nftables_and_serves() {
         !links.contains("prog/xdp"),
         "no XDP program may be attached: {links}"
     );
+}
+
+#[test]
+fn auto_mode_without_bpf_or_netfilter_falls_back_to_userspace_and_serves() {
+    let mut c = fixtures::one_node(TESTPOD).expect("building the cluster");
+    fixtures::write_seed(&c, &["pod-a", "pod-b"], &["pod-a", "pod-b"]).expect("manifests");
+    // An empty directory as PATH: no nft, iptables or iptables-restore for the agent.
+    let empty = c.tmp_dir().join("empty-path");
+    std::fs::create_dir_all(&empty).expect("creating the empty PATH directory");
+    start_auto_without_bpf(&mut c, Some(empty.to_str().expect("utf-8 path")));
+
+    let log = agent_log(&c);
+    let chosen = log
+        .lines()
+        .find(|l| l.contains("proxy mode userspace chosen"))
+        .unwrap_or_else(|| fail(&c, "no line saying userspace was chosen"));
+    eprintln!("agent: {chosen}");
+    for why in ["ebpf:", "nftables:", "iptables:"] {
+        assert!(
+            chosen.contains(why),
+            "the choice must say why {why} was not usable: {chosen}"
+        );
+    }
+
+    // Served through the relay: the nodePort from outside (the pods see the node, the
+    // userspace mode's documented limitation), the cluster IP from a pod, and
+    // localhost:nodePort on the node.
+    let nodeport = format!("http://{}:{}/", c.node_ip(1), seed::MYSVC_NODEPORT);
+    let cip = format!("http://{}:{}/", seed::MYSVC_IP, seed::MYSVC_PORT);
+    let localhost = format!("http://127.0.0.1:{}/", seed::MYSVC_NODEPORT);
+    for (place, url) in [
+        (c.client(), &nodeport),
+        (c.pod(fixtures::CLIENT_POD), &cip),
+        (c.node(1), &localhost),
+    ] {
+        let results = probe::curl_n(&place, url, 16, Duration::from_secs(3)).expect("curl");
+        let failed: Vec<String> = results
+            .iter()
+            .filter(|r| !r.ok())
+            .map(|r| r.to_string())
+            .collect();
+        if !failed.is_empty() {
+            fail(
+                &c,
+                format!("{} -> {url} through the relay: {failed:#?}", place.label),
+            );
+        }
+        let answered: Vec<String> = tally(&results).keys().cloned().collect();
+        assert_eq!(answered, ["pod-a", "pod-b"], "{} -> {url}", place.label);
+    }
+    let r = probe::curl(&c.client(), &nodeport, Duration::from_secs(3)).expect("curl");
+    assert_eq!(
+        r.seen_source(),
+        Some(c.node_ip(1).to_string().as_str()),
+        "the relay connects from the node: {r}"
+    );
+
+    // Nothing of the other modes was installed.
+    let node = c.node(1);
+    let nft = node.output(&["nft", "list", "ruleset"]).expect("nft");
+    let nft = String::from_utf8_lossy(&nft.stdout).into_owned();
+    assert!(!nft.contains("kproxy"), "no nftables table: {nft}");
+    let links = node.output(&["ip", "-d", "link", "show"]).expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    assert!(!links.contains("prog/xdp"), "no XDP program: {links}");
+    assert!(links.contains("kproxy0"), "the relay interface: {links}");
 }

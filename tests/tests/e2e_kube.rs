@@ -53,6 +53,11 @@ fn web2(c: &Cluster) -> Vec<Object> {
 /// Starts `kproxy run` on node1 with the harness's arguments, `--manifests` replaced by
 /// `--kubeconfig`. Returns the log path.
 fn start_api_agent(c: &mut Cluster, kubeconfig: &Path) -> std::path::PathBuf {
+    start_api_agent_idx(c, kubeconfig).1
+}
+
+/// `start_api_agent`, also returning the process index for `Cluster::stop_extra`.
+fn start_api_agent_idx(c: &mut Cluster, kubeconfig: &Path) -> (usize, std::path::PathBuf) {
     let mut argv = vec![kproxy_bin().unwrap().display().to_string()];
     let mut args = c.agent_args(1);
     if let Some(i) = args.iter().position(|a| a == "--manifests") {
@@ -64,7 +69,7 @@ fn start_api_agent(c: &mut Cluster, kubeconfig: &Path) -> std::path::PathBuf {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let place = c.node(1);
     let idx = c.spawn(&place, "kproxy node1 (API)", &argv).unwrap();
-    c.tmp_dir().join(format!("extra-{idx}.log"))
+    (idx, c.tmp_dir().join(format!("extra-{idx}.log")))
 }
 
 fn log_tail(log: &Path) -> String {
@@ -343,4 +348,126 @@ fn api_server_listens_in_a_netns() {
     ));
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(body.contains("\"ERROR\"") && body.contains("410"), "{body}");
+}
+
+/// Issue 5: the agent restarted (killed) while the API server is down serves the pinned
+/// state: the new agent must not flush or rewrite the maps before it has an initial list, so
+/// the Services programmed before keep working (nodePort under continuous traffic, cluster
+/// IPs from a pod); when the API server comes back it converges, including a change made
+/// while it was away.
+#[test]
+fn agent_restarted_while_the_api_is_down_serves_the_pinned_state() {
+    let mut c = fixtures::one_node(TESTPOD).expect("building the cluster");
+    let netns = format!("/var/run/netns/{}", c.node_netns(1));
+    let mut api = TestApiServer::in_netns(&netns).expect("starting the API server in node1");
+    let mut objects = c.node_objects();
+    objects.push(seed::mysvc().into());
+    objects.push(seed::mysvc_slice([c.endpoint("pod-a"), c.endpoint("pod-b")]).into());
+    objects.extend(web2(&c));
+    api.apply_yaml(&render(&objects)).unwrap();
+    let kubeconfig = c.tmp_dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+
+    let (first, log1) = start_api_agent_idx(&mut c, &kubeconfig);
+    let start = Instant::now();
+    while c.healthz(1) != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the agent did not become healthy\n{}",
+            log_tail(&log1)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let client = c.client();
+    let pod_z = c.pod("pod-z");
+    let np_url = format!("http://{}:{}/", c.node_ip(1), seed::MYSVC_NODEPORT);
+    let cip_url = format!("http://{}:{}/", seed::MYSVC_IP, seed::MYSVC_PORT);
+    let web2_url = format!("http://{WEB2_IP}:80/");
+    wait_served_by(
+        &c,
+        &client,
+        &np_url,
+        &["pod-a", "pod-b"],
+        Duration::from_secs(5),
+        &log1,
+    );
+
+    // Traffic throughout; the API server goes away, then the agent is killed and restarted.
+    let asker = nodeport_asker(&c, 300);
+    assert!(
+        asker
+            .wait_line(Duration::from_secs(5), |l| l.seq >= 10)
+            .is_some(),
+        "the client did not start"
+    );
+    let t_down = epoch_ms();
+    api.stop();
+    c.stop_extra(first);
+    let (_, log2) = start_api_agent_idx(&mut c, &kubeconfig);
+    thread::sleep(Duration::from_secs(3));
+    // The new agent runs, has not programmed anything, and everything is still served.
+    let text = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(
+        text.contains("kproxy started") && !text.contains("sync programmed"),
+        "the new agent should run and wait for the API before programming\n{}",
+        log_tail(&log2)
+    );
+    let mut seen = BTreeSet::new();
+    // 20 tries: each new connection picks one of the two at random (a miss: 2^-19).
+    for _ in 0..20 {
+        let r = c.curl(&pod_z, &cip_url);
+        assert!(
+            r.ok(),
+            "cluster IP while the API is down: {r}\n{}",
+            log_tail(&log2)
+        );
+        seen.insert(r.pod().unwrap_or("").to_owned());
+        let r = c.curl(&pod_z, &web2_url);
+        assert_eq!(
+            r.pod(),
+            Some("pod-c:8081"),
+            "web2 while the API is down: {r}"
+        );
+    }
+    assert_eq!(seen, ["pod-a".to_owned(), "pod-b".to_owned()].into());
+
+    // A change made while the API server is away, served once it is back.
+    api.apply_yaml(&mysvc_slice(&c, &["pod-b", "pod-c"]))
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    let t_up = epoch_ms();
+    api.start().unwrap();
+    let took = wait_served_by(
+        &c,
+        &client,
+        &np_url,
+        &["pod-b", "pod-c"],
+        Duration::from_secs(10),
+        &log2,
+    );
+    let lines = asker.finish(Duration::from_secs(60)).expect("the client");
+    let timeline = show(&lines);
+    let failed: Vec<String> = lines
+        .iter()
+        .filter(|l| !l.is_ok())
+        .map(|l| l.to_string())
+        .collect();
+    println!(
+        "API down {} ms, agent restarted meanwhile; {} requests, {} failed; the change made during the outage served {took:?} after the API came back",
+        t_up - t_down,
+        lines.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed while the API was down and the agent restarted: {failed:#?}\n{timeline}\n{}",
+        log_tail(&log2)
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let r = c.curl(&pod_z, &web2_url);
+    assert_eq!(
+        r.pod(),
+        Some("pod-c:8081"),
+        "web2 after the API came back: {r}"
+    );
 }

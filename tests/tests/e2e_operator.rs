@@ -205,9 +205,10 @@ fn check_commands(c: &Cluster, pods: &BTreeMap<String, Ipv4Addr>, sport: u16, an
     println!("$ kproxy list conntrack\n{table}");
     assert!(table.contains(&client), "{table}");
 
-    // list affinity: not implemented, said plainly, exit 0.
+    // list affinity: no Service has affinity here, said plainly (with where the rule modes
+    // keep theirs), exit 0.
     let aff = kproxy(c, &["list", "affinity"]);
-    assert!(aff.contains("not implemented"), "{aff}");
+    assert!(aff.contains("no session-affinity entries"), "{aff}");
 
     // trace: the exact tuple names the backend that answered.
     let dst = format!("{}:{}/tcp", c.node_ip(1), seed::MYSVC_NODEPORT);

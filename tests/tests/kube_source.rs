@@ -134,6 +134,7 @@ impl Agent {
                 node_name: NODE.into(),
                 nodeport_addresses: vec![Ipv4Addr::new(198, 18, 0, 11)],
                 zone: None,
+                ..Default::default()
             })
             .frontends
     }
@@ -145,6 +146,7 @@ fn mysvc_backends(m: &Model) -> Option<Vec<String>> {
         node_name: NODE.into(),
         nodeport_addresses: Vec::new(),
         zone: None,
+        ..Default::default()
     });
     d.frontends
         .iter()
@@ -414,4 +416,119 @@ async fn compaction_while_watching_relists_at_once() {
     println!("relisted and converged in {took:?}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
     assert!(server.stats().expired >= 1);
+}
+
+/// Hostile objects through the API (issue 5), applied while the agent already serves mysvc:
+/// each one is skipped on its own (a duplicate nodePort stays with mysvc, which served it
+/// first), the valid objects next to them are served, and a 10,000-endpoint slice reaches
+/// the model whole.
+#[tokio::test]
+async fn hostile_objects_are_skipped_each_and_the_rest_is_served() {
+    use kproxy_tests::harness::manifests::{EndpointSlice, Protocol};
+    let server = TestApiServer::new().unwrap();
+    seed_server(&server);
+    let mut a = Agent::connect(&server).await;
+    a.until(Duration::from_secs(10), "initial sync", |m, s| {
+        s.initial_sync_done() && has_service(m, "mysvc")
+    })
+    .await;
+
+    let svc = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}\n---\n"
+        )
+    };
+    let mut hostile = String::new();
+    hostile += &svc(
+        "dup-np",
+        "{type: NodePort, clusterIP: 10.96.71.1, ports: [{name: http, protocol: TCP, port: 80, targetPort: 80, nodePort: 30001}]}",
+    );
+    hostile += &svc(
+        "badip",
+        "{clusterIP: 10.96.71.2, ports: [{name: http, protocol: TCP, port: 80, targetPort: 80}]}",
+    );
+    hostile += "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: badip-1, namespace: default, labels: {kubernetes.io/service-name: badip}}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 80}]\nendpoints: [{addresses: [10.0.0.999]}]\n---\n";
+    hostile += &svc(
+        "port-zero",
+        "{clusterIP: 10.96.71.3, ports: [{name: http, protocol: TCP, port: 0, targetPort: 80}]}",
+    );
+    hostile += &svc(
+        "port-too-big",
+        "{clusterIP: 10.96.71.4, ports: [{name: http, protocol: TCP, port: 65536, targetPort: 80}]}",
+    );
+    hostile += &svc(
+        "badproto",
+        "{clusterIP: 10.96.71.5, ports: [{name: http, protocol: TCPX, port: 80, targetPort: 80}]}",
+    );
+    hostile += &svc(
+        "badcip",
+        "{clusterIP: 10.96.300.1, ports: [{name: http, protocol: TCP, port: 80, targetPort: 80}]}",
+    );
+    hostile += &svc(
+        "goodnew",
+        "{clusterIP: 10.96.71.9, ports: [{name: http, protocol: TCP, port: 80, targetPort: 80}]}",
+    );
+    server.apply_yaml(&hostile).unwrap();
+    a.until(Duration::from_secs(10), "goodnew served", |m, _| {
+        has_service(m, "goodnew") && has_service(m, "badip")
+    })
+    .await;
+    let m = &a.model;
+    let dup = kproxy::model::NamespacedName::new("default", "dup-np");
+    assert_eq!(
+        m.services().rejection(&dup),
+        Some("nodePort 30001/TCP is already used by Service default/mysvc")
+    );
+    assert!(!has_service(m, "dup-np"));
+    for bad in ["port-zero", "port-too-big", "badproto", "badcip"] {
+        assert!(!has_service(m, bad), "{bad} must not be served");
+    }
+    assert_eq!(
+        mysvc_backends(m),
+        Some(vec!["10.244.1.2:80".to_owned(), "10.244.1.3:80".to_owned()])
+    );
+    // The Service of the invalid slice is served without endpoints (refused, not a crash).
+    let badip: Vec<_> = a
+        .frontends()
+        .into_iter()
+        .filter(|f| f.address.to_string() == "10.96.71.2")
+        .collect();
+    assert!(
+        badip.len() == 1 && badip[0].backends.is_empty(),
+        "{badip:?}"
+    );
+
+    // 10,000 endpoints in one slice.
+    let eps = (0..10_000u32).map(|i| {
+        let n = i + 1;
+        ep("pod-big", &format!("10.245.{}.{}", n / 256, n % 256))
+    });
+    let big = yaml(vec![
+        Service::cluster_ip("big", "10.96.70.70")
+            .port("http", Protocol::Tcp, 80, 8090, None)
+            .into(),
+        EndpointSlice::for_service("big")
+            .port("http", Protocol::Tcp, 8090)
+            .endpoints(eps)
+            .into(),
+    ]);
+    let t = Instant::now();
+    server.apply_yaml(&big).unwrap();
+    let took = a
+        .until(Duration::from_secs(30), "10,000 endpoints", |m, _| {
+            m.desired(&NodeContext {
+                node_name: NODE.into(),
+                nodeport_addresses: Vec::new(),
+                zone: None,
+                ..Default::default()
+            })
+            .frontends
+            .iter()
+            .any(|f| f.address.to_string() == "10.96.70.70" && f.backends.len() == 10_000)
+        })
+        .await;
+    println!(
+        "API source: 10,000-endpoint slice applied -> in the model after {took:?} ({:?} including the apply)",
+        t.elapsed()
+    );
 }

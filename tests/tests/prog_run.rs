@@ -690,9 +690,14 @@ fn counters_nodeport_flow_both_directions() {
     for prog in [PROG_XDP, PROG_TC_INGRESS] {
         let mut fx = nodeport_fixture(IPPROTO_TCP, &[local_be()]);
         let syn = syn_to_nodeport().build();
-        assert_events(&mut fx, &[(STAT_FWD_XLATE, 1)], "first SYN", |fx| {
-            run_translated(fx, prog, &syn, "nodePort SYN");
-        });
+        assert_events(
+            &mut fx,
+            &[(STAT_FWD_XLATE, 1), (STAT_CT_CREATED, 1)],
+            "first SYN",
+            |fx| {
+                run_translated(fx, prog, &syn, "nodePort SYN");
+            },
+        );
         assert_eq!(
             fx.svc_stats(7),
             SvcStats {
@@ -881,7 +886,174 @@ fn counters_fib_forward_or_fallback() {
     // Without the flag neither is counted.
     fx.set_config(CFG_FLAG_READY, SNAT_MIN, SNAT_MAX);
     let syn = PacketSpec::tcp(CLIENT, CLIENT_PORT + 1, NODE, NODE_PORT).build();
-    assert_events(&mut fx, &[(STAT_FWD_XLATE, 1)], "no FIB forwarding", |fx| {
-        run_translated(fx, PROG_XDP, &syn, "translated");
-    });
+    assert_events(
+        &mut fx,
+        &[(STAT_FWD_XLATE, 1), (STAT_CT_CREATED, 1)],
+        "no FIB forwarding",
+        |fx| {
+            run_translated(fx, PROG_XDP, &syn, "translated");
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session affinity (KP_AFF4_V1) and loadBalancerSourceRanges (KP_SRCR4_V1)
+
+use proxy_common::{
+    affinity::{AFFINITY_CLIENT_ADDR, Lb4AffinityKey, Lb4AffinityValue},
+    lb::{SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES},
+};
+
+const REMOTE_BE3: [u8; 4] = [10, 244, 3, 11];
+
+fn three_remote() -> [Backend; 3] {
+    [
+        remote_be(2, REMOTE_BE),
+        remote_be(3, REMOTE_BE2),
+        remote_be(4, REMOTE_BE3),
+    ]
+}
+
+/// A nodePort with three remote backends and ClientIP affinity of `timeout` seconds.
+fn affinity_fixture(timeout: u32) -> Fixture {
+    let mut fx = nodeport_fixture(IPPROTO_TCP, &three_remote());
+    fx.set_config(CFG_FLAG_READY, 0, 0);
+    fx.set_master([0; 4], NODE_PORT, IPPROTO_TCP, SVC_FLAG_AFFINITY, timeout);
+    fx
+}
+
+/// The backend a new flow from `client:sport` gets.
+fn new_flow_backend(fx: &Fixture, prog: &str, client: [u8; 4], sport: u16) -> [u8; 4] {
+    let syn = PacketSpec::tcp(client, sport, NODE, NODE_PORT).build();
+    run_translated(fx, prog, &syn, "new flow").daddr
+}
+
+fn clock_monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn affinity_keeps_a_client_on_its_backend_until_the_backend_goes() {
+    for prog in [PROG_XDP, PROG_TC_INGRESS] {
+        let mut fx = affinity_fixture(10_800);
+        let first = new_flow_backend(&fx, prog, CLIENT, 20_000);
+        for sport in 20_001..20_030 {
+            assert_eq!(
+                new_flow_backend(&fx, prog, CLIENT, sport),
+                first,
+                "{prog}: flow from port {sport} left the client's backend"
+            );
+        }
+        // Other clients are balanced as usual (all 40 on one backend: p = 3 * 3^-40).
+        let others: std::collections::HashSet<[u8; 4]> = (0..40u8)
+            .map(|i| new_flow_backend(&fx, prog, [192, 0, 2, 100 + i], 20_000))
+            .collect();
+        assert!(
+            others.len() > 1,
+            "{prog}: 40 clients all went to {others:?}"
+        );
+        let entries = fx.affinity_entries();
+        let mine = entries
+            .iter()
+            .find(|(k, _)| k.client_id == u64::from(be32(CLIENT)))
+            .expect("an affinity entry for the client");
+        assert_eq!(mine.0.client_kind, AFFINITY_CLIENT_ADDR);
+        assert_eq!(mine.0.rev_nat_index, 7);
+        // The pinned backend is removed: the next flow must reselect, then stick again.
+        fx.remove_backend(mine.1.backend_id);
+        let moved = new_flow_backend(&fx, prog, CLIENT, 21_000);
+        assert_ne!(moved, first, "{prog}: a removed backend was used");
+        for sport in 21_001..21_010 {
+            assert_eq!(new_flow_backend(&fx, prog, CLIENT, sport), moved, "{prog}");
+        }
+    }
+}
+
+#[test]
+fn affinity_expires_after_the_timeout() {
+    let mut fx = affinity_fixture(1);
+    let stale = clock_monotonic_ns() - 5_000_000_000;
+    let fresh = clock_monotonic_ns();
+    let mut moved = 0;
+    for i in 0..30u8 {
+        let client = [192, 0, 2, 100 + i];
+        let key = Lb4AffinityKey::new(u64::from(be32(client)), 7, AFFINITY_CLIENT_ADDR);
+        // An expired pick of backend 4 is ignored...
+        fx.put_affinity(
+            key,
+            Lb4AffinityValue {
+                last_used_ns: stale,
+                backend_id: 4,
+                _pad: 0,
+            },
+        );
+        if new_flow_backend(&fx, PROG_XDP, client, 20_000) != REMOTE_BE3 {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "30 expired picks were all honoured");
+    // ...a live one is honoured.
+    for i in 0..10u8 {
+        let client = [192, 0, 2, 200 + i];
+        let key = Lb4AffinityKey::new(u64::from(be32(client)), 7, AFFINITY_CLIENT_ADDR);
+        fx.put_affinity(
+            key,
+            Lb4AffinityValue {
+                last_used_ns: fresh,
+                backend_id: 4,
+                _pad: 0,
+            },
+        );
+        assert_eq!(new_flow_backend(&fx, PROG_XDP, client, 20_000), REMOTE_BE3);
+    }
+}
+
+#[test]
+fn affinity_is_ignored_without_the_flag() {
+    let mut fx = nodeport_fixture(IPPROTO_TCP, &three_remote());
+    fx.set_config(CFG_FLAG_READY, 0, 0);
+    let seen: std::collections::HashSet<[u8; 4]> = (0..40u16)
+        .map(|i| new_flow_backend(&fx, PROG_XDP, CLIENT, 20_000 + i))
+        .collect();
+    assert!(
+        seen.len() > 1,
+        "without affinity 40 flows all went to {seen:?}"
+    );
+    assert!(
+        fx.affinity_entries().is_empty(),
+        "entries written without affinity"
+    );
+}
+
+#[test]
+fn source_ranges_drop_sources_outside_them() {
+    for (prog, drop) in [(PROG_XDP, XDP_DROP), (PROG_TC_INGRESS, TC_ACT_SHOT)] {
+        let mut fx = nodeport_fixture(IPPROTO_TCP, &[remote_be(2, REMOTE_BE)]);
+        fx.set_master([0; 4], NODE_PORT, IPPROTO_TCP, SVC_FLAG_SOURCE_RANGES, 0);
+        let inside = PacketSpec::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT).build();
+        let outside = PacketSpec::tcp([198, 51, 100, 7], CLIENT_PORT, NODE, NODE_PORT).build();
+        // No range yet: everyone is dropped (an empty list allows none).
+        assert_events(&mut fx, &[(STAT_DROP_SOURCE_RANGE, 1)], "no ranges", |fx| {
+            assert_eq!(fx.run(prog, &inside).0, drop, "{prog}: empty ranges");
+        });
+        fx.add_src_range(7, [192, 0, 2, 0], 24);
+        // Another frontend's range must not count.
+        fx.add_src_range(8, [198, 51, 100, 0], 24);
+        run_translated(&fx, prog, &inside, "source inside the range");
+        assert_events(&mut fx, &[(STAT_DROP_SOURCE_RANGE, 1)], "outside", |fx| {
+            assert_eq!(fx.run(prog, &outside).0, drop, "{prog}: outside the range");
+        });
+        // A /32 works as well.
+        fx.add_src_range(7, [198, 51, 100, 7], 32);
+        run_translated(&fx, prog, &outside, "source in a /32");
+    }
 }

@@ -77,6 +77,7 @@ fn node_with(
     let desired = DesiredState {
         frontends,
         nodeport_addresses: vec![Ipv4Addr::from(NODE)],
+        ..DesiredState::default()
     };
     let mut maps = PinnedMaps::take(&mut fx.ebpf).expect("take the maps");
     maps.set_maglev_config(datapath_table_size).unwrap();

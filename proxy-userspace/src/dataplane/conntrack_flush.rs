@@ -500,6 +500,7 @@ mod tests {
                 fe(FrontendKind::ClusterIp, "10.96.0.11", 53, &[]),
             ],
             nodeport_addresses: vec![ip("192.168.1.1")],
+            ..DesiredState::default()
         };
         let new = DesiredState {
             frontends: vec![
@@ -523,6 +524,7 @@ mod tests {
                 ),
             ],
             nodeport_addresses: vec![ip("192.168.1.1")],
+            ..DesiredState::default()
         };
         let s = StaleUdp::between(&old, &new);
         let want: HashSet<_> = [

@@ -5,6 +5,7 @@ pub mod conntrack_flush;
 pub mod ebpf;
 pub mod iptables;
 pub mod nftables;
+pub mod userspace;
 
 use crate::desired::DesiredState;
 
@@ -26,4 +27,16 @@ pub trait Dataplane {
     /// Makes the dataplane serve exactly `desired`. `full` asks the backend to re-read what it
     /// has programmed instead of trusting its own record (after an error, or on start).
     fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats>;
+
+    /// Whether the backend has delayed work that the next apply does (e.g. removing a
+    /// drained backend): the agent then syncs even without a change.
+    fn has_due_work(&self) -> bool {
+        false
+    }
+
+    /// The node's devices (name, ifindex) changed: devices were added, removed or renamed.
+    /// Backends with per-device programs follow; the rule modes match addresses, not devices.
+    fn set_devices(&mut self, _devices: &[(String, u32)]) -> anyhow::Result<()> {
+        Ok(())
+    }
 }

@@ -10,14 +10,18 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::LpmTrie},
 };
 use proxy_common::{
+    affinity::{Lb4AffinityKey, Lb4AffinityValue},
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
+    lb6::{Lb6Backend, Lb6Key, Lb6RevNat, Lb6Service},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    sock6::{Sock6RevKey, Sock6RevValue},
+    src_range::Lb4SrcRangeKey,
     stats::{STAT_NAMES, SvcStats},
 };
 use serde::Serialize;
@@ -94,6 +98,19 @@ fn count_keys<K: Pod + Eq + Hash, V: Pod>(map: Map) -> Result<u64, MapError> {
     Ok(seen.len() as u64)
 }
 
+fn count_lpm_keys<K: Pod, V: Pod>(map: Map) -> Result<u64, MapError> {
+    let map: LpmTrie<MapData, K, V> = LpmTrie::try_from(map)?;
+    let mut n = 0;
+    for k in map.keys() {
+        match k {
+            Ok(_) => n += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 fn count_percpu_keys<K: Pod + Eq + Hash, V: Pod>(map: Map) -> Result<u64, MapError> {
     let map: PerCpuHashMap<MapData, K, V> = PerCpuHashMap::try_from(map)?;
     let mut seen = std::collections::HashSet::new();
@@ -156,7 +173,8 @@ fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
         | Map::LruHashMap(d)
         | Map::Array(d)
         | Map::PerCpuArray(d)
-        | Map::PerCpuHashMap(d) => d.info()?,
+        | Map::PerCpuHashMap(d)
+        | Map::LpmTrie(d) => d.info()?,
         _ => bail!("{name} has an unexpected map type"),
     };
     let entries = match name {
@@ -171,6 +189,13 @@ fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
         names::MAGLEV => {
             count_keys::<proxy_common::maglev::MaglevKey, proxy_common::maglev::MaglevRow>(map)
         }
+        names::LB4_AFFINITY => count_keys::<Lb4AffinityKey, Lb4AffinityValue>(map),
+        names::LB4_SRC_RANGE => count_lpm_keys::<Lb4SrcRangeKey, u8>(map),
+        names::LB6_SERVICES => count_keys::<Lb6Key, Lb6Service>(map),
+        names::LB6_BACKENDS => count_keys::<u32, Lb6Backend>(map),
+        names::LB6_REVERSE_NAT => count_keys::<u16, Lb6RevNat>(map),
+        names::LB6_NODEPORT_ADDRS => count_keys::<[u32; 4], u32>(map),
+        names::SOCK6_REV => count_keys::<Sock6RevKey, Sock6RevValue>(map),
         // An array always holds max_entries elements.
         _ => Ok(u64::from(info.max_entries())),
     }
@@ -316,6 +341,25 @@ pub fn frontend_label(key: &Lb4Key) -> String {
         s.push_str(" (nodePort)");
     }
     s
+}
+
+/// The loadBalancerSourceRanges entries pinned under `root`.
+pub fn read_src_ranges(
+    root: &Path,
+) -> anyhow::Result<Vec<crate::dataplane::ebpf::writer::SrcRange>> {
+    let map: LpmTrie<MapData, Lb4SrcRangeKey, u8> =
+        LpmTrie::try_from(open(root, names::LB4_SRC_RANGE)?).with_context(|| {
+            format!("{} has an unexpected type or layout", names::LB4_SRC_RANGE)
+        })?;
+    let mut out = Vec::new();
+    for k in map.keys() {
+        match k {
+            Ok(k) => out.push(crate::dataplane::ebpf::maps::src_range_of(&k)),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", names::LB4_SRC_RANGE)),
+        }
+    }
+    Ok(out)
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`, which stamps conntrack entries.

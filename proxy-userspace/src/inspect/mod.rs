@@ -10,6 +10,7 @@ pub mod services;
 pub mod status;
 pub mod table;
 pub mod trace;
+pub mod trace_policy;
 
 use std::io::Write as _;
 
@@ -57,7 +58,7 @@ pub fn list(cmd: &ListCommand) -> anyhow::Result<()> {
             emit(a.output, &backends::list(&snap), |v| backends::render(v))
         }
         ListCommand::Conntrack(a) => list_conntrack(a),
-        ListCommand::Affinity(a) => emit(a.output, &affinity::list(), affinity::render),
+        ListCommand::Affinity(a) => emit(a.output, &affinity::list(&a.bpf_root)?, affinity::render),
     }
 }
 
@@ -80,6 +81,11 @@ pub fn trace(a: &TraceArgs) -> anyhow::Result<()> {
     let root = &a.common.bpf_root;
     let snap = maps::LbSnapshot::read(root)?;
     let ct = maps::read_hash::<Ct4Key, Ct4Entry>(root, names::CT4)?;
-    let t = trace::trace(&snap, &ct, a.src, a.dst, maps::monotonic_ns());
+    let now = maps::monotonic_ns();
+    let mut t = trace::trace(&snap, &ct, a.src, a.dst, now);
+    // Pins of an agent older than these maps: the policies are simply not shown.
+    let affinity = maps::read_hash(root, names::LB4_AFFINITY).unwrap_or_default();
+    let ranges = maps::read_src_ranges(root).unwrap_or_default();
+    trace_policy::apply(&mut t, &snap, a.src, &affinity, &ranges, now);
     emit(a.common.output, &t, trace::render)
 }

@@ -3,8 +3,8 @@
 use std::net::Ipv4Addr;
 
 use proxy_common::lb::{
-    BACKEND_FLAG_LOCAL, Lb4Key, Lb4Service, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL,
-    SVC_FLAG_NODEPORT,
+    BACKEND_FLAG_LOCAL, Lb4Key, Lb4Service, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT, SVC_FLAG_SOURCE_RANGES,
 };
 use serde::Serialize;
 
@@ -21,7 +21,8 @@ pub struct ServiceEntry {
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: String,
-    /// From the frontend flags: `ClusterIP`, `NodePort`, `External`.
+    /// From the frontend flags: `ClusterIP`, `NodePort`, `External`, `ClientIPAffinity`,
+    /// `SourceRanges`.
     pub types: Vec<&'static str>,
     pub rev_nat_index: u16,
     /// The master entry's slot count (0: no endpoints, connections are refused).
@@ -55,6 +56,12 @@ pub fn type_flags(flags: u16) -> Vec<&'static str> {
     }
     if flags & SVC_FLAG_EXTERNAL != 0 {
         v.push("External");
+    }
+    if flags & SVC_FLAG_AFFINITY != 0 {
+        v.push("ClientIPAffinity");
+    }
+    if flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        v.push("SourceRanges");
     }
     v
 }

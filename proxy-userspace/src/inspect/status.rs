@@ -21,8 +21,9 @@ use super::{
     table::Table,
 };
 use crate::dataplane::ebpf::attach::{
-    PROG_CONNECT4, PROG_GETPEERNAME4, PROG_RECVMSG4, PROG_SENDMSG4, PROG_TC_EGRESS,
-    PROG_TC_INGRESS, PROG_XDP, links_dir,
+    PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_RECVMSG4,
+    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP,
+    links_dir,
 };
 
 /// A map this full gets a warning.
@@ -82,11 +83,15 @@ pub struct Status {
     pub errors: Vec<String>,
 }
 
-const PROGRAMS: [&str; 7] = [
+const PROGRAMS: [&str; 11] = [
     PROG_CONNECT4,
     PROG_SENDMSG4,
     PROG_RECVMSG4,
     PROG_GETPEERNAME4,
+    PROG_CONNECT6,
+    PROG_SENDMSG6,
+    PROG_RECVMSG6,
+    PROG_GETPEERNAME6,
     PROG_XDP,
     PROG_TC_INGRESS,
     PROG_TC_EGRESS,

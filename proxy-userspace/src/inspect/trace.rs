@@ -132,10 +132,12 @@ pub struct Trace {
     pub matched: Option<&'static str>,
     pub types: Vec<&'static str>,
     pub rev_nat_index: Option<u16>,
-    /// `not-a-service`, `no-endpoints` (refused), `conntrack` (an existing flow keeps its
-    /// backend), `random` (a new flow: one of `candidates` at random).
+    /// `not-a-service`, `no-endpoints` (refused), `dropped` (loadBalancerSourceRanges),
+    /// `conntrack` (an existing flow keeps its backend), `affinity` (a new flow follows its
+    /// client's session affinity), `random` (a new flow: one of `candidates` at random).
     pub verdict: &'static str,
-    /// The backend of an existing flow (verdict `conntrack`).
+    /// The backend of an existing flow (verdict `conntrack`) or of the client's affinity
+    /// (verdict `affinity`).
     pub backend: Option<Candidate>,
     /// The source an existing flow is SNATed to (a remote backend).
     pub snat: Option<SocketAddrV4>,
@@ -373,15 +375,22 @@ pub fn render(t: &Trace) -> String {
     let verdict = match t.verdict {
         "not-a-service" => "not a service".to_string(),
         "no-endpoints" => "no endpoints: refused".to_string(),
-        "conntrack" => match &t.backend {
-            Some(b) => format!(
-                "backend {}:{} (id {}, {}){}",
-                b.address,
-                b.port,
-                b.id,
-                b.locality,
-                t.snat.map(|s| format!(", SNAT {s}")).unwrap_or_default()
-            ),
+        "dropped" => "dropped: the source is outside loadBalancerSourceRanges".to_string(),
+        "conntrack" | "affinity" => match &t.backend {
+            Some(b) => {
+                format!(
+                    "backend {}:{} (id {}, {}){}",
+                    b.address,
+                    b.port,
+                    b.id,
+                    b.locality,
+                    t.snat.map(|s| format!(", SNAT {s}")).unwrap_or_default()
+                ) + if t.verdict == "affinity" {
+                    " (session affinity)"
+                } else {
+                    ""
+                }
+            }
             None => "conntrack".into(),
         },
         _ => {

@@ -7,6 +7,8 @@ use std::{
     net::Ipv4Addr,
 };
 
+use super::family::IpFamilyAddr;
+
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tracing::{debug, warn};
 
@@ -28,10 +30,11 @@ pub struct EndpointPort {
     pub protocol: Protocol,
 }
 
-/// One endpoint of a service (kube-proxy's `BaseEndpointInfo`).
+/// One endpoint of a service (kube-proxy's `BaseEndpointInfo`), of the IP family `A`
+/// (IPv4 unless named).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EndpointInfo {
-    pub address: Ipv4Addr,
+pub struct EndpointInfo<A = Ipv4Addr> {
+    pub address: A,
     /// Port name -> port, from the slice's `ports`. `None` when the slice had no ports list:
     /// the service port's numeric targetPort applies.
     pub ports: Option<BTreeMap<String, EndpointPort>>,
@@ -50,7 +53,7 @@ pub struct EndpointInfo {
     pub node_hints: BTreeSet<String>,
 }
 
-impl EndpointInfo {
+impl<A> EndpointInfo<A> {
     /// Whether the endpoint runs on the node named `node`.
     pub fn is_local(&self, node: &str) -> bool {
         self.node_name.as_deref() == Some(node)
@@ -59,16 +62,17 @@ impl EndpointInfo {
 
 /// The usable content of one EndpointSlice.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SliceInfo {
+pub struct SliceInfo<A = Ipv4Addr> {
     pub service: NamespacedName,
-    pub endpoints: Vec<EndpointInfo>,
+    pub endpoints: Vec<EndpointInfo<A>>,
 }
 
 /// What an EndpointSlice means to the proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SliceConversion {
-    Serve(SliceInfo),
-    /// Not for kproxy and not an error (IPv6/FQDN address type, headless, another proxy's).
+pub enum SliceConversion<A = Ipv4Addr> {
+    Serve(SliceInfo<A>),
+    /// Not for kproxy and not an error (another family's or FQDN address type, headless,
+    /// another proxy's).
     Ignored(String),
     Invalid(String),
 }
@@ -90,8 +94,14 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<NamespacedName> {
     Some(NamespacedName::new(&own.namespace, svc))
 }
 
-/// Validates a slice and extracts its endpoints. Pure: logs nothing.
+/// Validates an IPv4 slice and extracts its endpoints. Pure: logs nothing.
 pub fn convert_slice(slice: &EndpointSlice) -> SliceConversion {
+    convert_slice_as::<Ipv4Addr>(slice)
+}
+
+/// Validates a slice of the family `A` and extracts its endpoints; slices of another
+/// `addressType` are ignored (the other family's tracker takes them). Pure: logs nothing.
+pub fn convert_slice_as<A: IpFamilyAddr>(slice: &EndpointSlice) -> SliceConversion<A> {
     if slice_name(slice).name.is_empty() {
         return SliceConversion::Invalid("has no metadata.name".into());
     }
@@ -108,10 +118,11 @@ pub fn convert_slice(slice: &EndpointSlice) -> SliceConversion {
     let Some(service) = slice_service(slice) else {
         return SliceConversion::Invalid(format!("has no label {LABEL_SERVICE_NAME}"));
     };
-    if slice.address_type != "IPv4" {
+    if slice.address_type != A::ADDRESS_TYPE {
         return SliceConversion::Ignored(format!(
-            "addressType {:?}: kproxy serves IPv4 only for now",
-            slice.address_type
+            "addressType {:?} is not {}",
+            slice.address_type,
+            A::ADDRESS_TYPE
         ));
     }
     let ports = match &slice.ports {
@@ -152,9 +163,10 @@ pub fn convert_slice(slice: &EndpointSlice) -> SliceConversion {
         let Some(addr) = ep.addresses.first() else {
             return SliceConversion::Invalid(format!("endpoints[{i}] has no addresses"));
         };
-        let Ok(address) = addr.parse::<Ipv4Addr>() else {
+        let Ok(address) = addr.parse::<A>() else {
             return SliceConversion::Invalid(format!(
-                "endpoints[{i}].addresses[0] {addr:?} is not an IPv4 address"
+                "endpoints[{i}].addresses[0] {addr:?} is not an {} address",
+                A::ADDRESS_TYPE
             ));
         };
         let cond = ep.conditions.as_ref();
@@ -189,8 +201,10 @@ pub fn convert_slice(slice: &EndpointSlice) -> SliceConversion {
 /// deduplicated by address. An endpoint listed twice (it moves between slices during updates)
 /// keeps the first entry's conditions unless only a later one is ready; the named ports of
 /// both entries are combined, the kept entry's winning on a name clash.
-pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceInfo>) -> Vec<EndpointInfo> {
-    let mut merged: BTreeMap<Ipv4Addr, EndpointInfo> = BTreeMap::new();
+pub fn merge_slices<'a, A: IpFamilyAddr>(
+    slices: impl IntoIterator<Item = &'a SliceInfo<A>>,
+) -> Vec<EndpointInfo<A>> {
+    let mut merged: BTreeMap<A, EndpointInfo<A>> = BTreeMap::new();
     for slice in slices {
         for ep in &slice.endpoints {
             match merged.entry(ep.address) {
@@ -224,21 +238,35 @@ pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceInfo>) -> Vec<
 
 /// Pending endpoint changes (kube-proxy's `EndpointsChangeTracker` with its slice cache):
 /// the slices seen so far, and per service the merged endpoints before the first unapplied
-/// change and after the latest one.
-#[derive(Debug, Default)]
-pub struct EndpointsChangeTracker {
+/// change and after the latest one. One tracker per IP family (`A`, IPv4 unless named):
+/// each takes the slices of its `addressType`.
+#[derive(Debug)]
+pub struct EndpointsChangeTracker<A = Ipv4Addr> {
     /// Service -> slice name -> content, as of the latest update.
-    slices: BTreeMap<NamespacedName, BTreeMap<String, SliceInfo>>,
+    slices: BTreeMap<NamespacedName, BTreeMap<String, SliceInfo<A>>>,
     /// Slice namespace/name -> the service it is filed under.
     owners: BTreeMap<NamespacedName, NamespacedName>,
-    items: BTreeMap<NamespacedName, Change<Vec<EndpointInfo>>>,
+    items: BTreeMap<NamespacedName, Change<Vec<EndpointInfo<A>>>>,
+}
+
+impl<A> Default for EndpointsChangeTracker<A> {
+    fn default() -> Self {
+        Self {
+            slices: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            items: BTreeMap::new(),
+        }
+    }
 }
 
 impl EndpointsChangeTracker {
+    /// The IPv4 tracker.
     pub fn new() -> Self {
         Self::default()
     }
+}
 
+impl<A: IpFamilyAddr> EndpointsChangeTracker<A> {
     /// Records an add (`None, Some`), update (`Some, Some`) or delete (`Some, None`) of a
     /// slice. The slice's earlier content is taken from the tracker's own cache, so a missed
     /// event can't leave stale endpoints. Returns whether any change is pending.
@@ -251,8 +279,10 @@ impl EndpointsChangeTracker {
             return !self.items.is_empty();
         };
         let key = slice_name(any);
-        let info = current.and_then(|slice| match convert_slice(slice) {
+        let info = current.and_then(|slice| match convert_slice_as::<A>(slice) {
             SliceConversion::Serve(info) => Some(info),
+            // Mostly the other family's slices: not worth a line per event.
+            SliceConversion::Ignored(_) if slice.address_type != A::ADDRESS_TYPE => None,
             SliceConversion::Ignored(why) => {
                 debug!("EndpointSlice {key} ignored: {why}");
                 None
@@ -280,7 +310,7 @@ impl EndpointsChangeTracker {
     fn modify(
         &mut self,
         service: &NamespacedName,
-        f: impl FnOnce(&mut BTreeMap<String, SliceInfo>),
+        f: impl FnOnce(&mut BTreeMap<String, SliceInfo<A>>),
     ) {
         let slices = self.slices.entry(service.clone()).or_default();
         let before = merge_slices(slices.values());
@@ -312,30 +342,44 @@ impl EndpointsChangeTracker {
     }
 
     /// The pending changes, in service name order.
-    pub fn pending(&self) -> impl Iterator<Item = (&NamespacedName, &Change<Vec<EndpointInfo>>)> {
+    pub fn pending(
+        &self,
+    ) -> impl Iterator<Item = (&NamespacedName, &Change<Vec<EndpointInfo<A>>>)> {
         self.items.iter()
     }
 
-    fn take(&mut self) -> BTreeMap<NamespacedName, Change<Vec<EndpointInfo>>> {
+    fn take(&mut self) -> BTreeMap<NamespacedName, Change<Vec<EndpointInfo<A>>>> {
         std::mem::take(&mut self.items)
     }
 }
 
 /// Service -> its endpoints merged from all its slices (kube-proxy's `EndpointsMap`, keyed by
 /// service rather than service port: ports are resolved per endpoint by `desired::build`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EndpointsMap {
-    services: BTreeMap<NamespacedName, Vec<EndpointInfo>>,
+/// One per IP family (`A`, IPv4 unless named).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointsMap<A = Ipv4Addr> {
+    services: BTreeMap<NamespacedName, Vec<EndpointInfo<A>>>,
+}
+
+impl<A> Default for EndpointsMap<A> {
+    fn default() -> Self {
+        Self {
+            services: BTreeMap::new(),
+        }
+    }
 }
 
 impl EndpointsMap {
+    /// The IPv4 map.
     pub fn new() -> Self {
         Self::default()
     }
+}
 
+impl<A: IpFamilyAddr> EndpointsMap<A> {
     /// Applies and clears the tracker's pending changes; returns the services whose
     /// endpoints changed.
-    pub fn apply(&mut self, tracker: &mut EndpointsChangeTracker) -> BTreeSet<NamespacedName> {
+    pub fn apply(&mut self, tracker: &mut EndpointsChangeTracker<A>) -> BTreeSet<NamespacedName> {
         let mut changed = BTreeSet::new();
         for (name, change) in tracker.take() {
             if change.current.is_empty() {
@@ -349,11 +393,11 @@ impl EndpointsMap {
     }
 
     /// A service's endpoints, sorted by address; empty when it has none.
-    pub fn get(&self, service: &NamespacedName) -> &[EndpointInfo] {
+    pub fn get(&self, service: &NamespacedName) -> &[EndpointInfo<A>] {
         self.services.get(service).map_or(&[], Vec::as_slice)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&NamespacedName, &[EndpointInfo])> {
+    pub fn iter(&self) -> impl Iterator<Item = (&NamespacedName, &[EndpointInfo<A>])> {
         self.services.iter().map(|(k, v)| (k, v.as_slice()))
     }
 

@@ -5,11 +5,13 @@
 //! Data flows one way: source -> trackers -> maps -> `desired::build` -> dataplane.
 
 pub mod endpoints;
+pub mod family;
 pub mod service;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    net::Ipv6Addr,
 };
 
 use k8s_openapi::{
@@ -20,6 +22,7 @@ use tracing::debug;
 
 pub use self::{
     endpoints::{EndpointInfo, EndpointPort, EndpointsChangeTracker, EndpointsMap},
+    family::IpFamilyAddr,
     service::{
         Cidr, ServiceChangeTracker, ServicePortInfo, ServicePortMap, ServiceType, SessionAffinity,
         TargetPort, TrafficPolicy,
@@ -101,6 +104,9 @@ pub struct Model {
     endpoints: EndpointsMap,
     service_changes: ServiceChangeTracker,
     endpoint_changes: EndpointsChangeTracker,
+    /// The IPv6 twins: slices with `addressType: IPv6`, merged per service.
+    endpoints6: EndpointsMap<Ipv6Addr>,
+    endpoint_changes6: EndpointsChangeTracker<Ipv6Addr>,
     nodes: BTreeMap<String, Node>,
     node_changes: BTreeSet<String>,
     /// The last full set given to `replace_all`.
@@ -182,7 +188,10 @@ impl Model {
         old: Option<&EndpointSlice>,
         new: Option<&EndpointSlice>,
     ) -> bool {
-        self.endpoint_changes.update(old, new)
+        // Each family's tracker takes the slices of its addressType and ignores the others.
+        let v4 = self.endpoint_changes.update(old, new);
+        let v6 = self.endpoint_changes6.update(old, new);
+        v4 || v6
     }
 
     /// A Node was added, updated or deleted. Returns whether changes are pending.
@@ -210,13 +219,15 @@ impl Model {
     pub fn has_pending(&self) -> bool {
         !self.service_changes.is_empty()
             || !self.endpoint_changes.is_empty()
+            || !self.endpoint_changes6.is_empty()
             || !self.node_changes.is_empty()
     }
 
     /// Applies the trackers' pending changes to the maps.
     pub fn apply_pending(&mut self) -> ModelChanges {
         let mut services = self.services.apply(&mut self.service_changes);
-        let endpoint_services = self.endpoints.apply(&mut self.endpoint_changes);
+        let mut endpoint_services = self.endpoints.apply(&mut self.endpoint_changes);
+        endpoint_services.extend(self.endpoints6.apply(&mut self.endpoint_changes6));
         for name in &endpoint_services {
             if self.services.service(name).is_none() {
                 debug!("EndpointSlices of Service {name} changed; the Service is not known (yet)");
@@ -231,7 +242,9 @@ impl Model {
 
     /// What the node must serve, from the applied state (pending changes not included).
     pub fn desired(&self, node: &NodeContext) -> DesiredState {
-        desired::build(&self.services, &self.endpoints, node)
+        let mut desired = desired::build(&self.services, &self.endpoints, node);
+        desired::build6(&mut desired, &self.services, &self.endpoints6, node);
+        desired
     }
 
     pub fn services(&self) -> &ServicePortMap {
@@ -240,6 +253,11 @@ impl Model {
 
     pub fn endpoints(&self) -> &EndpointsMap {
         &self.endpoints
+    }
+
+    /// The IPv6 endpoints (EndpointSlices with `addressType: IPv6`).
+    pub fn endpoints6(&self) -> &EndpointsMap<Ipv6Addr> {
+        &self.endpoints6
     }
 
     /// The `topology.kubernetes.io/zone` label of the Node `name`, if known and set.
@@ -309,6 +327,8 @@ pub(crate) mod testutil {
 mod tests {
     use super::{testutil::*, *};
     use crate::desired::FrontendKind;
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    use std::net::Ipv4Addr;
 
     #[test]
     fn replace_all_feeds_differences() {
@@ -371,5 +391,164 @@ mod tests {
         assert_eq!(ch.nodes, ["n1".to_owned()].into());
         assert!(model.node("n1").is_some());
         assert!(!model.on_node(Some(&node), Some(&node)));
+    }
+
+    fn slice6(name: &str, svc: &str, eps: &[(&str, &str, bool)]) -> EndpointSlice {
+        let mut y = format!(
+            "metadata:\n  name: {name}\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv6\nports:\n- {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n"
+        );
+        for (ip, node, ready) in eps {
+            y.push_str(&format!(
+                "- addresses: ['{ip}']\n  nodeName: {node}\n  conditions: {{ready: {ready}}}\n"
+            ));
+        }
+        slice(&y)
+    }
+
+    fn slice_obj(s: EndpointSlice) -> K8sObject {
+        K8sObject::EndpointSlice(Box::new(s))
+    }
+
+    fn service_obj(s: Service) -> K8sObject {
+        K8sObject::Service(Box::new(s))
+    }
+
+    #[test]
+    fn dual_stack_service_gets_frontends_in_both_families() {
+        let svc = service(
+            "metadata: {name: web}\nspec:\n  type: NodePort\n  clusterIPs: [10.96.0.10, 'fd00:10:96::10']\n  ipFamilies: [IPv4, IPv6]\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\n",
+        );
+        let v4 = simple_slice(
+            "web-v4",
+            "web",
+            8080,
+            &[("10.0.0.1", "n1", true, true, false)],
+        );
+        // Two IPv6 slices; one endpoint listed in both (moving between slices) is kept once.
+        let a = slice6(
+            "web-v6a",
+            "web",
+            &[
+                ("fd00:10:244:1::5", "n1", true),
+                ("fd00:10:244:2::6", "n2", true),
+            ],
+        );
+        let b = slice6(
+            "web-v6b",
+            "web",
+            &[
+                ("fd00:10:244:2::6", "n2", true),
+                ("fd00:10:244:2::7", "n2", false),
+            ],
+        );
+        let mut model = Model::new();
+        let ch = model.replace_all(vec![
+            service_obj(svc.clone()),
+            slice_obj(v4.clone()),
+            slice_obj(a.clone()),
+            slice_obj(b.clone()),
+        ]);
+        assert_eq!(ch.services, [NamespacedName::new("default", "web")].into());
+        let node = NodeContext {
+            node_name: "n1".into(),
+            nodeport_addresses6: vec!["fd00:198:18::1".parse().unwrap()],
+            ..Default::default()
+        };
+        let d = model.desired(&node);
+        // IPv4: cluster IP and nodePort over the IPv4 endpoint only.
+        assert_eq!(d.frontends.len(), 2);
+        assert!(
+            d.frontends
+                .iter()
+                .all(|f| f.backends.len() == 1
+                    && f.backends[0].address == Ipv4Addr::new(10, 0, 0, 1))
+        );
+        // IPv6: cluster IP and nodePort (::) over the two ready IPv6 endpoints.
+        let kinds: Vec<(FrontendKind, String)> = d
+            .frontends6
+            .iter()
+            .map(|f| (f.kind, f.address.to_string()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (FrontendKind::NodePort, "::".into()),
+                (FrontendKind::ClusterIp, "fd00:10:96::10".into())
+            ]
+        );
+        let backends: Vec<(String, u16, bool)> = d.frontends6[1]
+            .backends
+            .iter()
+            .map(|b| (b.address.to_string(), b.port, b.is_local))
+            .collect();
+        assert_eq!(
+            backends,
+            vec![
+                ("fd00:10:244:1::5".into(), 8080, true),
+                ("fd00:10:244:2::6".into(), 8080, false)
+            ]
+        );
+        assert_eq!(d.nodeport_addresses6, node.nodeport_addresses6);
+
+        // The IPv6 slices go: the IPv6 frontends stay without backends (refused), IPv4 unchanged.
+        let ch = model.replace_all(vec![service_obj(svc.clone()), slice_obj(v4.clone())]);
+        assert_eq!(ch.services.len(), 1);
+        let d2 = model.desired(&node);
+        assert_eq!(d2.frontends, d.frontends);
+        assert!(d2.frontends6.iter().all(|f| f.backends.is_empty()));
+        assert!(model.endpoints6().is_empty());
+    }
+
+    #[test]
+    fn ipv6_only_service_has_no_ipv4_frontends() {
+        let svc = service(
+            "metadata: {name: v6}\nspec:\n  type: LoadBalancer\n  clusterIP: 'fd00:10:96::20'\n  externalIPs: ['2001:db8::1']\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]\nstatus: {loadBalancer: {ingress: [{ip: '2001:db8::2'}]}}\n",
+        );
+        let mut model = Model::new();
+        model.replace_all(vec![
+            service_obj(svc),
+            slice_obj(slice6("v6-a", "v6", &[("fd00:10:244:1::5", "n1", true)])),
+        ]);
+        let d = model.desired(&NodeContext::default());
+        assert!(d.frontends.is_empty(), "{:?}", d.frontends);
+        let kinds: Vec<FrontendKind> = d.frontends6.iter().map(|f| f.kind).collect();
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
+        for k in [
+            FrontendKind::ClusterIp,
+            FrontendKind::NodePort,
+            FrontendKind::ExternalIp,
+            FrontendKind::LoadBalancer,
+        ] {
+            assert!(kinds.contains(&k), "{k:?} in {kinds:?}");
+        }
+        assert!(d.frontends6.iter().all(|f| f.backends.len() == 1));
+    }
+
+    #[test]
+    fn ipv6_frontends_guarded_by_source_ranges_are_left_out() {
+        let svc = service(
+            "metadata: {name: v6}\nspec:\n  type: LoadBalancer\n  clusterIP: 'fd00:10:96::20'\n  loadBalancerSourceRanges: ['2001:db8:1::/48']\n  ports: [{name: http, port: 80, nodePort: 30081}]\nstatus: {loadBalancer: {ingress: [{ip: '2001:db8::2'}]}}\n",
+        );
+        let mut model = Model::new();
+        model.replace_all(vec![service_obj(svc)]);
+        let d = model.desired(&NodeContext::default());
+        let kinds: Vec<FrontendKind> = d.frontends6.iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, vec![FrontendKind::ClusterIp]);
+    }
+
+    #[test]
+    fn ipv4_slices_and_ipv6_slices_feed_their_own_family() {
+        let mut model = Model::new();
+        assert!(
+            model.on_endpoint_slice(None, Some(&slice6("x", "web", &[("fd00::1", "n1", true)])))
+        );
+        model.apply_pending();
+        assert!(model.endpoints().is_empty());
+        assert_eq!(model.endpoints6().len(), 1);
+        // An IPv4 address in an IPv6 slice is invalid (the slice is skipped).
+        assert!(!model.on_endpoint_slice(
+            None,
+            Some(&slice6("y", "web2", &[("10.0.0.1", "n1", true)]))
+        ));
     }
 }

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::util::intstr::IntOrString};
@@ -97,8 +97,15 @@ impl Cidr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePortInfo {
     pub service_type: ServiceType,
-    /// The service's IPv4 cluster IP (from `spec.clusterIPs`, whatever its position).
+    /// The service's IPv4 cluster IP (from `spec.clusterIPs`, whatever its position);
+    /// `0.0.0.0` for IPv6-only services (see `ipv4`).
     pub cluster_ip: Ipv4Addr,
+    /// Whether the service has the IPv4 family (an IPv4 entry in `spec.clusterIPs`). An
+    /// IPv6-only service has none: nothing IPv4 (cluster IP, nodePort, external or
+    /// LoadBalancer IPs) is served for it, as kube-proxy's IPv4 proxier ignores it.
+    pub ipv4: bool,
+    /// The service's IPv6 cluster IP, if it has the IPv6 family (dual-stack or IPv6-only).
+    pub cluster_ip6: Option<Ipv6Addr>,
     pub port: u16,
     pub protocol: Protocol,
     /// Only for NodePort and LoadBalancer services that have one.
@@ -109,6 +116,10 @@ pub struct ServicePortInfo {
     /// IPv4 `status.loadBalancer.ingress[].ip` of LoadBalancer services, without those with
     /// `ipMode: Proxy` (KEP-1860: the load balancer delivers to the node, not to the VIP).
     pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// IPv6 `spec.externalIPs` (sorted, deduplicated).
+    pub external_ips6: Vec<Ipv6Addr>,
+    /// IPv6 LoadBalancer ingress IPs, as `load_balancer_ips`.
+    pub load_balancer_ips6: Vec<Ipv6Addr>,
     /// The effective policy: Kubernetes ignores `Local` on ClusterIP services.
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
@@ -141,9 +152,9 @@ pub type ServicePorts = BTreeMap<ServicePortName, ServicePortInfo>;
 /// What a Service means to the proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceConversion {
-    /// A service kproxy serves (its IPv4 family).
+    /// A service kproxy serves (in its IPv4 and/or IPv6 family).
     Serve(ServicePorts),
-    /// Not for kproxy and not an error (ExternalName, headless, another proxy's, IPv6-only).
+    /// Not for kproxy and not an error (ExternalName, headless, another proxy's).
     Ignored(String),
     /// Fails validation; the reason says why.
     Invalid(String),
@@ -227,38 +238,27 @@ fn convert(service: &Service) -> Conversion {
                 .into(),
         );
     }
-    let mut cluster_ip = None;
-    for ip in &cluster_ips {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => {
-                cluster_ip.get_or_insert(v4);
-            }
-            Ok(IpAddr::V6(_)) => {}
-            Err(_) => return Err(format!("invalid clusterIP {ip:?}")),
-        }
-    }
-    let Some(cluster_ip) = cluster_ip else {
-        return Ok(Err(format!(
-            "IPv6-only (clusterIP {}): kproxy serves IPv4 only for now",
-            cluster_ips.join(",")
-        )));
-    };
-    if cluster_ip.is_unspecified() {
-        return Err(format!("invalid clusterIP {cluster_ip}"));
-    }
+    let (cluster_ip4, cluster_ip6) =
+        cluster_ips_by_family(&cluster_ips, spec.ip_families.as_deref())?;
+    let ipv4 = cluster_ip4.is_some();
+    let cluster_ip = cluster_ip4.unwrap_or(Ipv4Addr::UNSPECIFIED);
 
     let mut external_ips = Vec::new();
+    let mut external_ips6 = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) if !v4.is_unspecified() => external_ips.push(v4),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(IpAddr::V6(v6)) if usable_ipv6(v6) => external_ips6.push(v6),
             _ => return Err(format!("invalid spec.externalIPs[{i}] {ip:?}")),
         }
     }
     external_ips.sort_unstable();
     external_ips.dedup();
+    external_ips6.sort_unstable();
+    external_ips6.dedup();
 
     let mut load_balancer_ips = Vec::new();
+    let mut load_balancer_ips6 = Vec::new();
     if service_type == ServiceType::LoadBalancer {
         let ingress = service
             .status
@@ -275,7 +275,11 @@ fn convert(service: &Service) -> Conversion {
                         load_balancer_ips.push(v4);
                     }
                 }
-                Ok(IpAddr::V6(_)) => {}
+                Ok(IpAddr::V6(v6)) if usable_ipv6(v6) => {
+                    if ing.ip_mode.as_deref() != Some("Proxy") {
+                        load_balancer_ips6.push(v6);
+                    }
+                }
                 _ => {
                     return Err(format!(
                         "invalid status.loadBalancer.ingress[{i}].ip {ip:?}"
@@ -286,6 +290,8 @@ fn convert(service: &Service) -> Conversion {
     }
     load_balancer_ips.sort_unstable();
     load_balancer_ips.dedup();
+    load_balancer_ips6.sort_unstable();
+    load_balancer_ips6.dedup();
 
     let external_traffic_policy = match parse_policy(
         spec.external_traffic_policy.as_deref(),
@@ -415,12 +421,16 @@ fn convert(service: &Service) -> Conversion {
         let info = ServicePortInfo {
             service_type,
             cluster_ip,
+            ipv4,
+            cluster_ip6,
             port,
             protocol,
             node_port,
             target_port,
             external_ips: external_ips.clone(),
             load_balancer_ips: load_balancer_ips.clone(),
+            external_ips6: external_ips6.clone(),
+            load_balancer_ips6: load_balancer_ips6.clone(),
             external_traffic_policy,
             internal_traffic_policy,
             session_affinity,
@@ -436,6 +446,52 @@ fn convert(service: &Service) -> Conversion {
         }
     }
     Ok(Ok(out))
+}
+
+/// An IPv6 address a service can be served on: not `::`, not v4-mapped (`::ffff:a.b.c.d`
+/// is an IPv4 destination to the kernel, which the IPv4 family serves).
+fn usable_ipv6(ip: Ipv6Addr) -> bool {
+    !ip.is_unspecified() && ip.to_ipv4_mapped().is_none()
+}
+
+/// Splits `spec.clusterIPs` into the IPv4 and the IPv6 cluster IP: at most one of each
+/// (Kubernetes' dual-stack rule), consistent with `spec.ipFamilies` when that is set.
+fn cluster_ips_by_family(
+    cluster_ips: &[&str],
+    ip_families: Option<&[String]>,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), String> {
+    let (mut v4, mut v6) = (None, None);
+    for ip in cluster_ips {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) if !a.is_unspecified() => {
+                if v4.replace(a).is_some() {
+                    return Err(format!(
+                        "spec.clusterIPs {cluster_ips:?} has two IPv4 addresses"
+                    ));
+                }
+            }
+            Ok(IpAddr::V6(a)) if usable_ipv6(a) => {
+                if v6.replace(a).is_some() {
+                    return Err(format!(
+                        "spec.clusterIPs {cluster_ips:?} has two IPv6 addresses"
+                    ));
+                }
+            }
+            _ => return Err(format!("invalid clusterIP {ip:?}")),
+        }
+    }
+    if let Some(families) = ip_families.filter(|f| !f.is_empty()) {
+        if let Some(f) = families.iter().find(|f| *f != "IPv4" && *f != "IPv6") {
+            return Err(format!("unknown spec.ipFamilies entry {f:?}"));
+        }
+        let listed = |f: &str| families.iter().any(|x| x == f);
+        if (v4.is_some() && !listed("IPv4")) || (v6.is_some() && !listed("IPv6")) {
+            return Err(format!(
+                "spec.clusterIPs {cluster_ips:?} do not match spec.ipFamilies {families:?}"
+            ));
+        }
+    }
+    Ok((v4, v6))
 }
 
 fn parse_policy(value: Option<&str>, field: &str) -> Result<TrafficPolicy, String> {
@@ -476,13 +532,16 @@ fn valid_port_name(s: &str) -> bool {
         && !s.contains("--")
 }
 
-/// Finds services whose nodePorts collide with an earlier service (by namespace/name order):
-/// the API server would have refused the later one. Returns the losers with the reason.
+/// Finds services whose nodePorts collide with another service's: the API server would have
+/// refused one of them. The nodePort stays with a service in `incumbents` (those already
+/// served: a newcomer never takes a programmed nodePort away), else with the first by
+/// namespace/name. Returns the losers with the reason, which names the keeper.
 pub fn nodeport_conflicts<'a>(
     services: impl IntoIterator<Item = (&'a NamespacedName, &'a ServicePorts)>,
+    incumbents: &BTreeSet<NamespacedName>,
 ) -> BTreeMap<NamespacedName, String> {
     let mut sorted: Vec<_> = services.into_iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    sorted.sort_by_key(|(name, _)| (!incumbents.contains(*name), *name));
     let mut owners: BTreeMap<(u16, Protocol), &NamespacedName> = BTreeMap::new();
     let mut losers = BTreeMap::new();
     for (name, ports) in sorted {
@@ -603,6 +662,12 @@ impl ServicePortMap {
     /// (including those whose nodePort conflict appeared or went away).
     pub fn apply(&mut self, tracker: &mut ServiceChangeTracker) -> BTreeSet<NamespacedName> {
         let mut changed = BTreeSet::new();
+        let incumbents: BTreeSet<NamespacedName> = self
+            .services
+            .keys()
+            .filter(|name| !self.rejected.contains_key(*name))
+            .cloned()
+            .collect();
         for (name, change) in tracker.take() {
             if change.current.is_empty() {
                 self.services.remove(&name);
@@ -611,7 +676,7 @@ impl ServicePortMap {
             }
             changed.insert(name);
         }
-        let rejected = nodeport_conflicts(&self.services);
+        let rejected = nodeport_conflicts(&self.services, &incumbents);
         for (name, why) in &rejected {
             if self.rejected.get(name) != Some(why) || changed.contains(name) {
                 warn!("Service {name} skipped: {why}");
@@ -741,6 +806,55 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_and_ipv6_only_services() {
+        let ports = served(
+            "metadata: {name: s}\nspec:\n  type: LoadBalancer\n  ipFamilies: [IPv6, IPv4]\n\
+             \x20 clusterIP: 'fd00:10:96::a'\n  clusterIPs: ['fd00:10:96::a', 10.96.0.10]\n\
+             \x20 externalIPs: ['2001:db8::2', 1.2.3.4, '2001:db8::1', '2001:db8::2']\n\
+             \x20 ports: [{port: 80, nodePort: 30080}]\n\
+             status: {loadBalancer: {ingress: [{ip: '2001:db8::9'}, {ip: 5.6.7.8}, {ip: '2001:db8::8', ipMode: Proxy}]}}\n",
+        );
+        let p = ports.values().next().expect("one port");
+        assert!(p.ipv4);
+        assert_eq!(p.cluster_ip, Ipv4Addr::new(10, 96, 0, 10));
+        assert_eq!(p.cluster_ip6, Some("fd00:10:96::a".parse().unwrap()));
+        assert_eq!(p.external_ips, vec![Ipv4Addr::new(1, 2, 3, 4)]);
+        let v6 = |s: &[&str]| -> Vec<Ipv6Addr> { s.iter().map(|a| a.parse().unwrap()).collect() };
+        assert_eq!(p.external_ips6, v6(&["2001:db8::1", "2001:db8::2"]));
+        assert_eq!(p.load_balancer_ips, vec![Ipv4Addr::new(5, 6, 7, 8)]);
+        assert_eq!(p.load_balancer_ips6, v6(&["2001:db8::9"]));
+
+        // IPv6-only: served, without an IPv4 family.
+        let ports =
+            served("metadata: {name: s}\nspec: {clusterIP: 'fd00::1', ports: [{port: 80}]}\n");
+        let p = ports.values().next().expect("one port");
+        assert!(!p.ipv4);
+        assert_eq!(p.cluster_ip6, Some("fd00::1".parse().unwrap()));
+
+        for (yaml, why) in [
+            ("clusterIPs: [10.0.0.1, 10.0.0.2]", "two IPv4 addresses"),
+            ("clusterIPs: ['fd00::1', 'fd00::2']", "two IPv6 addresses"),
+            (
+                "clusterIPs: [10.0.0.1, 'fd00::1'], ipFamilies: [IPv4]",
+                "do not match spec.ipFamilies",
+            ),
+            (
+                "clusterIPs: [10.0.0.1], ipFamilies: [IPv5]",
+                "unknown spec.ipFamilies",
+            ),
+            // A v4-mapped address is an IPv4 destination: not an IPv6 cluster IP.
+            ("clusterIPs: ['::ffff:10.0.0.1']", "invalid clusterIP"),
+            (
+                "clusterIP: 10.0.0.1, externalIPs: ['::']",
+                "invalid spec.externalIPs[0]",
+            ),
+        ] {
+            let got = invalid(&format!("{META}spec: {{{yaml}, ports: [{{port: 80}}]}}\n"));
+            assert!(got.contains(why), "{yaml}: {got}");
+        }
+    }
+
+    #[test]
     fn ignored_services() {
         assert!(
             ignored("metadata: {name: s}\nspec: {type: ExternalName, externalName: example.com}\n")
@@ -754,10 +868,6 @@ mod tests {
             "metadata: {name: s, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n"
         )
         .contains("another proxy"));
-        assert!(
-            ignored("metadata: {name: s}\nspec: {clusterIP: 'fd00::1', ports: [{port: 80}]}\n")
-                .contains("IPv4 only")
-        );
         // Dual-stack with an IPv6 primary: its IPv4 address is served.
         let ports = served(
             "metadata: {name: s}\nspec: {clusterIP: 'fd00::1', clusterIPs: ['fd00::1', 10.0.0.7], ports: [{port: 80}]}\n",
@@ -896,6 +1006,26 @@ mod tests {
         let changed = map.apply(&mut tracker);
         assert!(changed.contains(&b));
         assert!(map.service(&b).is_some());
+    }
+
+    #[test]
+    fn a_served_node_port_is_not_taken_by_a_newcomer() {
+        let mut tracker = ServiceChangeTracker::new();
+        let mut map = ServicePortMap::new();
+        tracker.update(None, Some(&np_service("z-old", 30000)));
+        map.apply(&mut tracker);
+        // "a-new" sorts first but arrives later: the served one keeps the nodePort.
+        tracker.update(None, Some(&np_service("a-new", 30000)));
+        let changed = map.apply(&mut tracker);
+        let newcomer = NamespacedName::new("default", "a-new");
+        let old = NamespacedName::new("default", "z-old");
+        assert!(changed.contains(&newcomer));
+        assert_eq!(
+            map.rejection(&newcomer),
+            Some("nodePort 30000/TCP is already used by Service default/z-old")
+        );
+        assert!(map.service(&old).is_some());
+        assert!(map.rejection(&old).is_none());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! everything else is used.
 
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt, fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 use tracing::{debug, warn};
 
-use super::{K8sObject, ObjectKey};
+use super::{K8sObject, ObjectKey, ObjectKind};
 use crate::model::{
     DEFAULT_NAMESPACE, NamespacedName,
     endpoints::{SliceConversion, convert_slice},
@@ -65,11 +65,23 @@ pub enum Level {
     Debug,
 }
 
+/// What a rejected document held, so that the watcher can keep serving the last good
+/// version of it instead of dropping what is programmed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Unusable {
+    /// This object (a Service, EndpointSlice or Node that failed validation).
+    Object(ObjectKey),
+    /// Unknown: the document is not even YAML, so any object of its file may be affected.
+    Document,
+}
+
 /// A problem (or, at debug level, a note) found while reading manifests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diagnostic {
     pub level: Level,
     pub message: String,
+    /// Set when a document that may hold a served object was rejected.
+    pub unusable: Option<Unusable>,
 }
 
 impl Diagnostic {
@@ -77,6 +89,15 @@ impl Diagnostic {
         Self {
             level: Level::Warn,
             message,
+            unusable: None,
+        }
+    }
+
+    fn rejected(message: String, unusable: Unusable) -> Self {
+        Self {
+            level: Level::Warn,
+            message,
+            unusable: Some(unusable),
         }
     }
 
@@ -84,6 +105,7 @@ impl Diagnostic {
         Self {
             level: Level::Debug,
             message,
+            unusable: None,
         }
     }
 
@@ -117,7 +139,10 @@ pub fn parse_manifest(file: &Path, text: &str) -> (Vec<Parsed>, Vec<Diagnostic>)
         let padded = format!("{}{doc}", "\n".repeat(line.saturating_sub(1)));
         match serde_yaml::from_str::<Value>(&padded) {
             Ok(value) => handle_value(value, Some(&padded), &origin, &mut out, &mut diags),
-            Err(e) => diags.push(Diagnostic::warn(format!("{origin}: malformed YAML: {e}"))),
+            Err(e) => diags.push(Diagnostic::rejected(
+                format!("{origin}: malformed YAML: {e}"),
+                Unusable::Document,
+            )),
         }
     }
     (out, diags)
@@ -179,6 +204,22 @@ fn describe(kind: &str, value: &Value, namespaced: bool) -> String {
     }
 }
 
+/// The identity of an untyped object of a kind kproxy reads (namespace defaulted).
+fn untyped_key(kind: ObjectKind, value: &Value) -> Unusable {
+    let name = str_at(value, &["metadata", "name"]).unwrap_or_default();
+    let namespace = match kind {
+        ObjectKind::Node => "",
+        _ => str_at(value, &["metadata", "namespace"])
+            .filter(|s| !s.is_empty())
+            .unwrap_or(DEFAULT_NAMESPACE),
+    };
+    Unusable::Object(ObjectKey {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
 fn typed<T: DeserializeOwned>(value: Value, text: Option<&str>) -> Result<T, String> {
     match text {
         Some(t) => serde_yaml::from_str(t).map_err(|e| e.to_string()),
@@ -236,20 +277,29 @@ fn handle_value(
         }
         ("v1", "Service") => {
             let what = describe(kind, &value, true);
+            let key = untyped_key(ObjectKind::Service, &value);
             match typed::<Service>(value, text) {
                 Ok(svc) => push_service(svc, &what, origin, out, diags),
-                Err(e) => diags.push(Diagnostic::warn(format!("{origin}: {what}: {e}; skipped"))),
+                Err(e) => diags.push(Diagnostic::rejected(
+                    format!("{origin}: {what}: {e}; skipped"),
+                    key,
+                )),
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let what = describe(kind, &value, true);
+            let key = untyped_key(ObjectKind::EndpointSlice, &value);
             match typed::<EndpointSlice>(value, text) {
                 Ok(slice) => push_slice(slice, &what, origin, out, diags),
-                Err(e) => diags.push(Diagnostic::warn(format!("{origin}: {what}: {e}; skipped"))),
+                Err(e) => diags.push(Diagnostic::rejected(
+                    format!("{origin}: {what}: {e}; skipped"),
+                    key,
+                )),
             }
         }
         ("v1", "Node") => {
             let what = describe(kind, &value, false);
+            let key = untyped_key(ObjectKind::Node, &value);
             match typed::<Node>(value, text) {
                 Ok(node) if node.metadata.name.as_deref().is_some_and(|n| !n.is_empty()) => {
                     out.push(Parsed {
@@ -260,7 +310,10 @@ fn handle_value(
                 Ok(_) => diags.push(Diagnostic::warn(format!(
                     "{origin}: {what}: has no metadata.name; skipped"
                 ))),
-                Err(e) => diags.push(Diagnostic::warn(format!("{origin}: {what}: {e}; skipped"))),
+                Err(e) => diags.push(Diagnostic::rejected(
+                    format!("{origin}: {what}: {e}; skipped"),
+                    key,
+                )),
             }
         }
         (_, "Service" | "EndpointSlice" | "Node") => {
@@ -274,8 +327,10 @@ fn handle_value(
                 describe(kind, &value, kind != "Node")
             )));
         }
-        _ => diags.push(Diagnostic::debug(format!(
-            "{origin}: {} ({api_version}) is not used by kproxy; ignored",
+        // Said once per read of the file (files are re-read only when they change), so a
+        // directory shared with other manifests does not flood the log.
+        _ => diags.push(Diagnostic::warn(format!(
+            "{origin}: {} ({api_version}): kind {kind} is not one kproxy reads (Service, EndpointSlice, Node); ignored",
             describe(kind, &value, true)
         ))),
     }
@@ -297,9 +352,11 @@ fn push_service(
     default_namespace(&mut svc.metadata.namespace);
     match convert_service(&svc) {
         ServiceConversion::Invalid(why) => {
-            diags.push(Diagnostic::warn(format!(
-                "{origin}: {what}: {why}; skipped"
-            )));
+            let key = K8sObject::Service(Box::new(svc)).key();
+            diags.push(Diagnostic::rejected(
+                format!("{origin}: {what}: {why}; skipped"),
+                Unusable::Object(key),
+            ));
             return;
         }
         ServiceConversion::Ignored(why) => {
@@ -325,9 +382,11 @@ fn push_slice(
     default_namespace(&mut slice.metadata.namespace);
     match convert_slice(&slice) {
         SliceConversion::Invalid(why) => {
-            diags.push(Diagnostic::warn(format!(
-                "{origin}: {what}: {why}; skipped"
-            )));
+            let key = K8sObject::EndpointSlice(Box::new(slice)).key();
+            diags.push(Diagnostic::rejected(
+                format!("{origin}: {what}: {why}; skipped"),
+                Unusable::Object(key),
+            ));
             return;
         }
         SliceConversion::Ignored(why) => {
@@ -344,11 +403,21 @@ fn push_slice(
 }
 
 /// Checks across files: an object defined twice (the first by file and document order wins)
-/// and Services whose nodePort another Service already uses (the later by namespace/name
-/// loses, as the API server would have refused it). Returns the objects, sorted by key.
+/// and Services whose nodePort another Service already uses (one of them is skipped, as the
+/// API server would have refused it: not one in `served`, else the later by namespace/name).
+/// Returns the objects, sorted by key.
 pub fn assemble<'a>(
     parsed: impl IntoIterator<Item = &'a Parsed>,
+    served: &BTreeSet<NamespacedName>,
 ) -> (Vec<K8sObject>, Vec<Diagnostic>) {
+    let (kept, diags) = assemble_parsed(parsed, served);
+    (kept.into_iter().map(|p| p.object).collect(), diags)
+}
+
+fn assemble_parsed<'a>(
+    parsed: impl IntoIterator<Item = &'a Parsed>,
+    served: &BTreeSet<NamespacedName>,
+) -> (Vec<Parsed>, Vec<Diagnostic>) {
     let mut diags = Vec::new();
     let mut by_key: BTreeMap<ObjectKey, &Parsed> = BTreeMap::new();
     for p in parsed {
@@ -378,7 +447,7 @@ pub fn assemble<'a>(
             _ => None,
         })
         .collect();
-    let losers = nodeport_conflicts(services.iter().map(|(_, n, p)| (n, p)));
+    let losers = nodeport_conflicts(services.iter().map(|(_, n, p)| (n, p)), served);
     for (key, name, _) in &services {
         if let Some(why) = losers.get(name) {
             if let Some(p) = by_key.remove(key) {
@@ -389,10 +458,7 @@ pub fn assemble<'a>(
             }
         }
     }
-    (
-        by_key.into_values().map(|p| p.object.clone()).collect(),
-        diags,
-    )
+    (by_key.into_values().cloned().collect(), diags)
 }
 
 /// What identifies a file's version: a replaced file (rename) has a new inode, an edited one
@@ -457,15 +523,31 @@ fn scan(path: &Path) -> Fingerprint {
     Fingerprint::Files(stamps)
 }
 
+/// One file as last read: its usable objects and what it held that could not be used.
+#[derive(Debug)]
+struct CachedFile {
+    stamp: FileStamp,
+    parsed: Vec<Parsed>,
+    unusable: BTreeSet<Unusable>,
+}
+
 /// Watches `--manifests PATH` by polling: re-reads when a file's (path, mtime, size, inode)
 /// changes, or a file appears or goes away, and returns the full set of objects. Only changed
 /// files are parsed again, so an unchanged bad file is not reported on every read.
+///
+/// Nothing programmed is lost to a bad edit: when a served object's new version is rejected
+/// (invalid, or in a document that is not YAML at all), its last good version keeps being
+/// returned until the file is fixed or the object is removed from it.
 #[derive(Debug)]
 pub struct ManifestWatcher {
     path: PathBuf,
     interval: Duration,
     state: Option<Fingerprint>,
-    cache: BTreeMap<PathBuf, (FileStamp, Vec<Parsed>)>,
+    cache: BTreeMap<PathBuf, CachedFile>,
+    /// The objects returned by the last read, with where they came from.
+    last_good: BTreeMap<ObjectKey, Parsed>,
+    /// Objects of `last_good` that are last good versions kept in place of rejected ones.
+    kept: BTreeSet<ObjectKey>,
 }
 
 impl ManifestWatcher {
@@ -476,6 +558,8 @@ impl ManifestWatcher {
             interval: DEFAULT_POLL_INTERVAL,
             state: None,
             cache: BTreeMap::new(),
+            last_good: BTreeMap::new(),
+            kept: BTreeSet::new(),
         }
     }
 
@@ -524,24 +608,8 @@ impl ManifestWatcher {
                 let mut cache = BTreeMap::new();
                 for stamp in stamps {
                     let entry = match self.cache.remove(&stamp.path) {
-                        Some(cached) if cached.0 == *stamp => cached,
-                        _ => {
-                            let parsed = match fs::read_to_string(&stamp.path) {
-                                Ok(text) => {
-                                    let (parsed, d) = parse_manifest(&stamp.path, &text);
-                                    diags.extend(d);
-                                    parsed
-                                }
-                                Err(e) => {
-                                    diags.push(Diagnostic::warn(format!(
-                                        "{}: cannot be read: {e}",
-                                        stamp.path.display()
-                                    )));
-                                    Vec::new()
-                                }
-                            };
-                            (stamp.clone(), parsed)
-                        }
+                        Some(cached) if cached.stamp == *stamp => cached,
+                        _ => read_file(stamp, &mut diags),
                     };
                     cache.insert(stamp.path.clone(), entry);
                 }
@@ -549,9 +617,57 @@ impl ManifestWatcher {
             }
         }
         self.state = Some(fingerprint);
-        let (objects, d) = assemble(self.cache.values().flat_map(|(_, parsed)| parsed));
+        let kept = self.last_good_of_rejected();
+        let kept_keys: BTreeSet<ObjectKey> = kept.iter().map(|p| p.object.key()).collect();
+        for p in &kept {
+            let key = p.object.key();
+            if !self.kept.contains(&key) {
+                diags.push(Diagnostic::warn(format!(
+                    "{key}: its new version in {} cannot be used; serving its last good version until the file is fixed",
+                    p.origin.file.display()
+                )));
+            }
+        }
+        let served: BTreeSet<NamespacedName> = self
+            .last_good
+            .keys()
+            .filter(|k| k.kind == ObjectKind::Service)
+            .map(|k| NamespacedName::new(&k.namespace, &k.name))
+            .collect();
+        let all = self
+            .cache
+            .values()
+            .flat_map(|f| &f.parsed)
+            .chain(kept.iter());
+        let (objects, d) = assemble_parsed(all, &served);
         diags.extend(d);
-        Some((objects, diags))
+        self.last_good = objects
+            .iter()
+            .map(|p| (p.object.key(), p.clone()))
+            .collect();
+        self.kept = kept_keys;
+        Some((objects.into_iter().map(|p| p.object).collect(), diags))
+    }
+
+    /// The last good versions of objects whose file now holds a rejected version of them (or
+    /// a document that is not YAML, which may have been any of the file's objects).
+    fn last_good_of_rejected(&self) -> Vec<Parsed> {
+        let mut kept = Vec::new();
+        for (file, cached) in &self.cache {
+            if cached.unusable.is_empty() {
+                continue;
+            }
+            let present: BTreeSet<ObjectKey> =
+                cached.parsed.iter().map(|p| p.object.key()).collect();
+            let any = cached.unusable.contains(&Unusable::Document);
+            for (key, p) in &self.last_good {
+                let rejected = any || cached.unusable.contains(&Unusable::Object(key.clone()));
+                if p.origin.file == *file && rejected && !present.contains(key) {
+                    kept.push(p.clone());
+                }
+            }
+        }
+        kept
     }
 
     /// Waits (polling every interval) until the manifests change, and returns the full set.
@@ -563,6 +679,30 @@ impl ManifestWatcher {
             }
             tokio::time::sleep(self.interval).await;
         }
+    }
+}
+
+/// Reads and parses one manifest file.
+fn read_file(stamp: &FileStamp, diags: &mut Vec<Diagnostic>) -> CachedFile {
+    let (parsed, unusable) = match fs::read_to_string(&stamp.path) {
+        Ok(text) => {
+            let (parsed, d) = parse_manifest(&stamp.path, &text);
+            let unusable = d.iter().filter_map(|d| d.unusable.clone()).collect();
+            diags.extend(d);
+            (parsed, unusable)
+        }
+        Err(e) => {
+            diags.push(Diagnostic::warn(format!(
+                "{}: cannot be read: {e}",
+                stamp.path.display()
+            )));
+            (Vec::new(), BTreeSet::new())
+        }
+    };
+    CachedFile {
+        stamp: stamp.clone(),
+        parsed,
+        unusable,
     }
 }
 
@@ -623,17 +763,21 @@ mod tests {
         );
         let (parsed, diags) = parse_manifest(Path::new("f.yml"), &text);
         assert_eq!(keys(&parsed), ["Service default/web"]);
-        let debug: Vec<_> = diags.iter().filter(|d| d.level == Level::Debug).collect();
-        assert_eq!(debug.len(), 1);
-        assert!(debug[0].message.contains("Deployment default/d"));
         let w = warnings(&diags);
-        assert_eq!(w.len(), 4, "{w:?}");
+        assert_eq!(w.len(), 5, "{w:?}");
         assert!(
-            w[0].contains("document 2") && w[0].contains("Service default/x: has no apiVersion")
+            w[0].contains("document 1")
+                && w[0].contains("Deployment default/d")
+                && w[0].contains("kind Deployment is not one kproxy reads"),
+            "{}",
+            w[0]
         );
-        assert!(w[1].contains("document 3") && w[1].contains("has no kind"));
-        assert!(w[2].contains("document 4") && w[2].contains("not a Kubernetes object"));
-        assert!(w[3].contains("apiVersion discovery.k8s.io/v1beta1 is not supported"));
+        assert!(
+            w[1].contains("document 2") && w[1].contains("Service default/x: has no apiVersion")
+        );
+        assert!(w[2].contains("document 3") && w[2].contains("has no kind"));
+        assert!(w[3].contains("document 4") && w[3].contains("not a Kubernetes object"));
+        assert!(w[4].contains("apiVersion discovery.k8s.io/v1beta1 is not supported"));
     }
 
     #[test]
@@ -664,7 +808,7 @@ mod tests {
         assert_eq!(p1[0].origin.item, Some(0));
         let dup = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}\n";
         let (p2, _) = parse_manifest(Path::new("2.yaml"), dup);
-        let (objects, diags) = assemble(p1.iter().chain(&p2));
+        let (objects, diags) = assemble(p1.iter().chain(&p2), &BTreeSet::new());
         let names: Vec<String> = objects.iter().map(|o| o.key().to_string()).collect();
         assert_eq!(names, ["Service default/a"]);
         let w = warnings(&diags);
@@ -729,6 +873,55 @@ mod tests {
     }
 
     #[test]
+    fn a_rejected_new_version_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("web.yaml");
+        let other = dir.path().join("other.yaml");
+        write(&f, &format!("{SVC}---\n{SLICE}"));
+        write(&other, &SVC.replace("web", "other"));
+        let mut w = ManifestWatcher::new(dir.path());
+        assert_eq!(w.poll().map(|o| o.len()), Some(3));
+
+        // The Service's port edited to 65536: reported, and the old version still served.
+        write(
+            &f,
+            &format!("{}---\n{SLICE}", SVC.replace("port: 80", "port: 65536")),
+        );
+        let (objects, diags) = w.poll_with_diagnostics().expect("changed");
+        let w1 = warnings(&diags);
+        assert_eq!(w1.len(), 2, "{w1:?}");
+        assert!(w1[0].contains("Service default/web") && w1[0].contains("65536"));
+        assert!(w1[1].contains("serving its last good version"), "{}", w1[1]);
+        let K8sObject::Service(svc) = &objects[1] else {
+            panic!("{objects:?}")
+        };
+        assert_eq!(svc.metadata.name.as_deref(), Some("web"));
+        assert_eq!(
+            svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+            80
+        );
+        // Another file changes: still kept, not reported again.
+        write(&other, &SVC.replace("web", "other2"));
+        let (objects, diags) = w.poll_with_diagnostics().expect("changed");
+        assert_eq!(objects.len(), 3);
+        assert!(warnings(&diags).is_empty(), "{diags:?}");
+
+        // A document that is not YAML: every object of that file keeps its last version.
+        write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
+        let objects = w.poll().expect("changed");
+        assert_eq!(objects.len(), 3, "{objects:?}");
+
+        // Fixed with the Service removed on purpose: it goes.
+        write(&f, SLICE);
+        let objects = w.poll().expect("changed");
+        let names: Vec<String> = objects.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(
+            names,
+            ["Service default/other2", "EndpointSlice prod/web-1"]
+        );
+    }
+
+    #[test]
     fn watcher_on_a_single_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("one.yaml");
@@ -760,7 +953,7 @@ mod tests {
         ];
         for text in inputs {
             let (parsed, _) = parse_manifest(Path::new("g.yaml"), text);
-            let _ = assemble(&parsed);
+            let _ = assemble(&parsed, &BTreeSet::new());
         }
     }
 }

@@ -85,6 +85,7 @@ fn desired(services: usize) -> DesiredState {
     DesiredState {
         frontends,
         nodeport_addresses: vec![Ipv4Addr::from(NODE)],
+        ..DesiredState::default()
     }
 }
 

@@ -186,7 +186,13 @@ fn ask(args: &[String], proto: Proto) -> Result<(), String> {
 }
 
 fn new_udp(o: &AskOpts) -> io::Result<UdpSocket> {
-    let s = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], o.sport)))?;
+    // The target's family: an IPv6 target needs an IPv6 socket.
+    let any = if o.target.is_ipv6() {
+        SocketAddr::from(([0u16; 8], o.sport))
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], o.sport))
+    };
+    let s = UdpSocket::bind(any)?;
     s.set_read_timeout(Some(o.timeout))?;
     if o.connected {
         s.connect(o.target)?;

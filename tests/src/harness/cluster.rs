@@ -11,6 +11,12 @@
 //!  (eth0 10.244.1.10/32, default via 169.254.1.1 = the node, which has it on lo)
 //! ```
 //!
+//! With `ClusterBuilder::dual_stack()` every one of them also gets an IPv6 address next to
+//! its IPv4 one (all IPv4 addresses unchanged): the client fd00:198:18::100/64, node n
+//! fd00:198:18::n/64, pods fd00:10:244:n::<10+k>/128 with a default route via fe80::1 (the
+//! node's end of every pod veth), routes between nodes' pod ranges fd00:10:244:n::/64;
+//! no DAD anywhere (`accept_dad=0`, `nodad`), so addresses are usable at once.
+//!
 //! Each node also gets its own cgroup v2 directory (every process started "in" the node or
 //! one of its pods is put there, so the agent's socket hooks see them) and its own bpf-root
 //! directory. Everything is named `kpt<pid>x<counter>...` and removed on drop, also when a
@@ -18,7 +24,7 @@
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::Arc,
     thread,
@@ -39,6 +45,21 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const HEALTHZ_PORT: u16 = 10256;
+
+/// The outside client's IPv6 address on the lan (dual-stack clusters).
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 0x100);
+/// Pods' IPv6 default gateway: the node's end of every pod veth.
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The IPv6 address of node `n` on the lan (dual-stack clusters).
+pub fn node_ip6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, u16::from(n))
+}
+
+/// The IPv6 pod range of node `n`.
+pub fn pod_cidr6(n: u8) -> String {
+    format!("fd00:10:244:{n:x}::/64")
+}
 
 /// The address of node `n` (1-based) on the lan.
 pub fn node_ip(n: u8) -> Ipv4Addr {
@@ -101,6 +122,18 @@ pub struct PodSpec {
     pub udp_ports: Vec<u16>,
 }
 
+/// Turns off duplicate address detection in `ns` for interfaces created from now on (and
+/// existing ones), so IPv6 addresses are usable at once.
+fn no_dad(ns: &NetNs) -> Result<()> {
+    for k in [
+        "net.ipv6.conf.all.accept_dad",
+        "net.ipv6.conf.default.accept_dad",
+    ] {
+        ns.sysctl(k, "0")?;
+    }
+    Ok(())
+}
+
 impl PodSpec {
     /// A pod with nginx on port 80.
     pub fn new(name: &str, node: u8) -> PodSpec {
@@ -135,9 +168,17 @@ pub struct ClusterBuilder {
     pods: Vec<PodSpec>,
     testpod: Option<PathBuf>,
     proxy_mode: Option<String>,
+    dual_stack: bool,
 }
 
 impl ClusterBuilder {
+    /// Gives the client, nodes and pods IPv6 addresses too (see the module docs); nginx
+    /// then also listens on the pod's IPv6 address.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
+    }
+
     pub fn nodes(mut self, n: u8) -> Self {
         self.nodes = n;
         self
@@ -183,6 +224,8 @@ struct NodeState {
 struct PodState {
     spec: PodSpec,
     ip: Ipv4Addr,
+    /// Dual-stack clusters only.
+    ip6: Option<Ipv6Addr>,
     netns: Arc<NetNs>,
     dir: PathBuf,
     nginx: Option<Proc>,
@@ -204,6 +247,7 @@ pub struct Cluster {
     extra: Vec<Proc>,
     /// The agents' `--proxy-mode`.
     proxy_mode: String,
+    dual_stack: bool,
 }
 
 impl Cluster {
@@ -247,6 +291,7 @@ impl Cluster {
             pods: Vec::new(),
             extra: Vec::new(),
             proxy_mode: b.proxy_mode.clone().unwrap_or_else(|| "ebpf".into()),
+            dual_stack: b.dual_stack,
         };
         fs::create_dir_all(&manifests)?;
         c.cgroup_parent = Some(Cgroup::create(cg_root.join(&id))?);
@@ -259,6 +304,9 @@ impl Cluster {
         // The outside client.
         let client = NetNs::create(&format!("{id}-client"))?;
         c.client = Some(client.clone());
+        if c.dual_stack {
+            no_dad(&client)?;
+        }
         lan.ip(&[
             "link",
             "add",
@@ -276,6 +324,9 @@ impl Cluster {
             format!("addr add {CLIENT_IP}/24 dev eth0"),
             "link set eth0 up".into(),
         ])?;
+        if c.dual_stack {
+            client.ip_batch(&[format!("addr add {CLIENT_IP6}/64 dev eth0 nodad")])?;
+        }
         c.ethtool(&lan, "cl", &["tx", "off"])?;
         c.ethtool(&client, "eth0", &["tx", "off"])?;
 
@@ -289,6 +340,13 @@ impl Cluster {
                 .map(|m| format!("route add {} via {}", pod_cidr(m), node_ip(m)))
                 .collect();
             c.nodes[i].netns.ip_batch(&lines)?;
+            if c.dual_stack {
+                let lines: Vec<String> = (1..=b.nodes)
+                    .filter(|&m| m != c.nodes[i].index)
+                    .map(|m| format!("route add {} via {}", pod_cidr6(m), node_ip6(m)))
+                    .collect();
+                c.nodes[i].netns.ip_batch(&lines)?;
+            }
         }
         c.write_manifests("nodes.yaml", &c.node_objects())?;
         for spec in b.pods {
@@ -340,6 +398,9 @@ impl Cluster {
             pods_on_node: 0,
         });
         let lan_if = format!("n{n}");
+        if self.dual_stack {
+            no_dad(&netns)?;
+        }
         lan.ip(&[
             "link",
             "add",
@@ -361,6 +422,16 @@ impl Cluster {
             "link set eth0 up".into(),
             format!("addr add {POD_GATEWAY}/32 dev lo scope link"),
         ])?;
+        if self.dual_stack {
+            // A default route, as real nodes have: packets to service addresses then reach
+            // the forward hook (where the rule modes reject them without endpoints) instead
+            // of being answered "no route" by the kernel.
+            netns.ip_batch(&[
+                format!("addr add {}/64 dev eth0 nodad", node_ip6(n)),
+                "route add ::/0 dev eth0".into(),
+            ])?;
+            netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),
@@ -429,6 +500,18 @@ impl Cluster {
             spec.node,
             10 + self.nodes[ni].pods_on_node,
         ));
+        let ip6 = self.dual_stack.then(|| {
+            Ipv6Addr::new(
+                0xfd00,
+                0x10,
+                0x244,
+                u16::from(spec.node),
+                0,
+                0,
+                0,
+                u16::from(10 + self.nodes[ni].pods_on_node),
+            )
+        });
         self.nodes[ni].pods_on_node += 1;
         let if_name = format!("vp{}", self.nodes[ni].next_if);
         self.nodes[ni].next_if += 1;
@@ -439,12 +522,16 @@ impl Cluster {
         self.pods.push(PodState {
             spec: spec.clone(),
             ip,
+            ip6,
             netns: netns.clone(),
             dir: dir.clone(),
             nginx: None,
             udp: Vec::new(),
         });
 
+        if ip6.is_some() {
+            no_dad(&netns)?;
+        }
         node_ns.ip(&[
             "link",
             "add",
@@ -467,6 +554,16 @@ impl Cluster {
             format!("route add {POD_GATEWAY}/32 dev eth0 scope link"),
             format!("route add default via {POD_GATEWAY} dev eth0"),
         ])?;
+        if let Some(ip6) = ip6 {
+            node_ns.ip_batch(&[
+                format!("addr add {POD_GATEWAY6}/64 dev {if_name} nodad"),
+                format!("route add {ip6}/128 dev {if_name}"),
+            ])?;
+            netns.ip_batch(&[
+                format!("addr add {ip6}/128 dev eth0 nodad"),
+                format!("route add ::/0 via {POD_GATEWAY6} dev eth0"),
+            ])?;
+        }
         // See add_node: no partial checksums from veths. The pod side keeps GRO off, as the
         // veths CNIs create do, so frames XDP-redirected into a pod's veth are dropped (the
         // kernel wants NAPI on the receiving peer): a dataplane must not rely on that.
@@ -518,8 +615,12 @@ impl Cluster {
             } else {
                 format!("{}:{port}", p.spec.name)
             };
+            let listen6 = p
+                .ip6
+                .map(|ip6| format!("        listen [{ip6}]:{port};\n"))
+                .unwrap_or_default();
             servers.push_str(&format!(
-                "    server {{\n        listen {}:{port};\n        location / {{ return 200 \"{label} $remote_addr\\n\"; }}\n    }}\n",
+                "    server {{\n        listen {}:{port};\n{listen6}        location / {{ return 200 \"{label} $remote_addr\\n\"; }}\n    }}\n",
                 p.ip
             ));
         }
@@ -571,6 +672,36 @@ impl Cluster {
         let tp = self.testpod.to_string_lossy().into_owned();
         let proc = place.spawn_logged(
             &format!("udp-serve {name}:{port}"),
+            &[&tp, "udp-serve", name, &addr],
+            &log,
+        )?;
+        self.pods[pi].udp.push(proc);
+        let ok = sys::wait_for(Duration::from_secs(5), Duration::from_millis(10), || {
+            fs::read_to_string(&log)
+                .ok()
+                .filter(|s| s.contains("listening"))
+                .map(|_| ())
+        });
+        if ok.is_none() {
+            bail!(
+                "udp-serve in pod {name} did not start: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts `kproxy-testpod udp-serve <pod> [<pod ipv6>]:<port>` in pod `name`
+    /// (dual-stack clusters).
+    pub fn start_udp_serve6(&mut self, name: &str, port: u16) -> Result<()> {
+        let pi = self.pod_idx(name)?;
+        let place = self.pod(name);
+        let log = self.pods[pi].dir.join(format!("udp6-{port}.out"));
+        let _ = fs::remove_file(&log);
+        let addr = format!("[{}]:{port}", self.pod_ip6(name));
+        let tp = self.testpod.to_string_lossy().into_owned();
+        let proc = place.spawn_logged(
+            &format!("udp-serve {name}:[{port}]"),
             &[&tp, "udp-serve", name, &addr],
             &log,
         )?;
@@ -662,6 +793,22 @@ impl Cluster {
 
     pub fn pod_ip(&self, name: &str) -> Ipv4Addr {
         self.pods[self.pod_idx(name).expect("no such pod")].ip
+    }
+
+    /// Pod `name`'s IPv6 address (dual-stack clusters).
+    pub fn pod_ip6(&self, name: &str) -> Ipv6Addr {
+        self.pods[self.pod_idx(name).expect("no such pod")]
+            .ip6
+            .expect("pod IPv6 addresses exist in dual-stack clusters only")
+    }
+
+    /// A ready endpoint for pod `name` in an `addressType: IPv6` slice.
+    pub fn endpoint6(&self, name: &str) -> Endpoint {
+        Endpoint::new(
+            &self.pod_ip6(name).to_string(),
+            &format!("node{}", self.pod_node(name)),
+            name,
+        )
     }
 
     pub fn pod_node(&self, name: &str) -> u8 {
@@ -790,6 +937,10 @@ impl Cluster {
             node.cgroup.path().display().to_string(),
             "--bpf-root".into(),
             node.bpf_root.display().to_string(),
+            // The health checks of these tests come from outside the node (the default is
+            // localhost only, as for a real node without a load balancer).
+            "--healthz-bind-address".into(),
+            format!("0.0.0.0:{HEALTHZ_PORT}"),
         ]
     }
 

@@ -40,6 +40,9 @@ pub struct Service {
     pub type_: ServiceType,
     /// None: the field is left out.
     pub cluster_ip: Option<String>,
+    /// The IPv6 cluster IP: second in `clusterIPs` (dual-stack), or the only one when
+    /// `cluster_ip` is None (IPv6-only).
+    pub cluster_ip6: Option<String>,
     pub ports: Vec<ServicePort>,
     /// `app: <selector>`.
     pub selector: String,
@@ -53,6 +56,7 @@ impl Service {
             namespace: "default".into(),
             type_: ServiceType::ClusterIp,
             cluster_ip: Some(cluster_ip.into()),
+            cluster_ip6: None,
             ports: Vec::new(),
             selector: name.into(),
         }
@@ -64,6 +68,19 @@ impl Service {
             type_: ServiceType::NodePort,
             ..Service::cluster_ip(name, cluster_ip)
         }
+    }
+
+    /// Makes the service dual-stack (IPv4 primary) with this IPv6 cluster IP.
+    pub fn dual_stack(mut self, cluster_ip6: &str) -> Service {
+        self.cluster_ip6 = Some(cluster_ip6.into());
+        self
+    }
+
+    /// Makes the service IPv6-only with this cluster IP.
+    pub fn ipv6_only(mut self, cluster_ip6: &str) -> Service {
+        self.cluster_ip = None;
+        self.cluster_ip6 = Some(cluster_ip6.into());
+        self
     }
 
     pub fn selector(mut self, app: &str) -> Service {
@@ -106,14 +123,27 @@ impl Service {
                 ServiceType::NodePort => "NodePort",
             }
         );
-        if let Some(ip) = &self.cluster_ip {
-            let _ = writeln!(s, "  clusterIP: {ip}\n  clusterIPs:\n  - {ip}");
+        match (&self.cluster_ip, &self.cluster_ip6) {
+            (Some(ip), Some(ip6)) => {
+                let _ = writeln!(
+                    s,
+                    "  clusterIP: {ip}\n  clusterIPs:\n  - {ip}\n  - '{ip6}'\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies:\n  - IPv4\n  - IPv6"
+                );
+            }
+            (None, Some(ip6)) => {
+                let _ = writeln!(
+                    s,
+                    "  clusterIP: '{ip6}'\n  clusterIPs:\n  - '{ip6}'\n  ipFamilies:\n  - IPv6"
+                );
+            }
+            (ip, None) => {
+                if let Some(ip) = ip {
+                    let _ = writeln!(s, "  clusterIP: {ip}\n  clusterIPs:\n  - {ip}");
+                }
+                let _ = writeln!(s, "  ipFamilies:\n  - IPv4");
+            }
         }
-        let _ = writeln!(
-            s,
-            "  ipFamilies:\n  - IPv4\n  selector:\n    app: {}",
-            self.selector
-        );
+        let _ = writeln!(s, "  selector:\n    app: {}", self.selector);
         let _ = writeln!(s, "  ports:");
         for p in &self.ports {
             let _ = writeln!(
@@ -171,6 +201,8 @@ pub struct EndpointSlice {
     pub service: String,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// `IPv4` (default) or `IPv6`.
+    pub address_type: String,
 }
 
 impl EndpointSlice {
@@ -182,7 +214,14 @@ impl EndpointSlice {
             service: service.into(),
             ports: Vec::new(),
             endpoints: Vec::new(),
+            address_type: "IPv4".into(),
         }
+    }
+
+    /// An `addressType: IPv6` slice (name it apart from the IPv4 one with `named`).
+    pub fn ipv6(mut self) -> EndpointSlice {
+        self.address_type = "IPv6".into();
+        self
     }
 
     pub fn named(mut self, name: &str) -> EndpointSlice {
@@ -213,8 +252,8 @@ impl EndpointSlice {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\n    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\naddressType: IPv4",
-            self.name, self.namespace, self.service
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\n    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io\naddressType: {}",
+            self.name, self.namespace, self.service, self.address_type
         );
         if self.ports.is_empty() {
             let _ = writeln!(s, "ports: []");
@@ -238,11 +277,26 @@ impl EndpointSlice {
                 let _ = writeln!(
                     s,
                     "- addresses:\n  - {}\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: false\n  nodeName: {}\n  targetRef:\n    kind: Pod\n    name: {}\n    namespace: {}",
-                    e.ip, e.ready, e.ready, e.node_name, e.pod, self.namespace
+                    yaml_address(&e.ip),
+                    e.ready,
+                    e.ready,
+                    e.node_name,
+                    e.pod,
+                    self.namespace
                 );
             }
         }
         s
+    }
+}
+
+/// An address as a YAML scalar: IPv6 addresses quoted (a bare `fd00::1` is fine YAML, but
+/// quoting keeps `::`-leading ones from being read as something else).
+fn yaml_address(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("'{ip}'")
+    } else {
+        ip.to_string()
     }
 }
 

@@ -27,15 +27,23 @@ pub const PROG_CONNECT4: &str = "kproxy_sock4_connect";
 pub const PROG_SENDMSG4: &str = "kproxy_sock4_sendmsg";
 pub const PROG_RECVMSG4: &str = "kproxy_sock4_recvmsg";
 pub const PROG_GETPEERNAME4: &str = "kproxy_sock4_getpeername";
+pub const PROG_CONNECT6: &str = "kproxy_sock6_connect";
+pub const PROG_SENDMSG6: &str = "kproxy_sock6_sendmsg";
+pub const PROG_RECVMSG6: &str = "kproxy_sock6_recvmsg";
+pub const PROG_GETPEERNAME6: &str = "kproxy_sock6_getpeername";
 pub const PROG_XDP: &str = "kproxy_xdp_ingress";
 pub const PROG_TC_INGRESS: &str = "kproxy_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "kproxy_tc_egress";
 
-const CGROUP_PROGRAMS: [&str; 4] = [
+const CGROUP_PROGRAMS: [&str; 8] = [
     PROG_CONNECT4,
     PROG_SENDMSG4,
     PROG_RECVMSG4,
     PROG_GETPEERNAME4,
+    PROG_CONNECT6,
+    PROG_SENDMSG6,
+    PROG_RECVMSG6,
+    PROG_GETPEERNAME6,
 ];
 
 /// Where the links live: `<bpf-root>/links`.
@@ -54,6 +62,7 @@ pub struct Attachment {
 pub fn attach_all(ebpf: &mut Ebpf, settings: &EbpfSettings) -> anyhow::Result<Vec<Attachment>> {
     let dir = links_dir(&settings.bpf_root);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::bpffs::root_only(&dir)?;
     let mut kept: Vec<PathBuf> = Vec::new();
     let mut out = Vec::new();
 
@@ -75,43 +84,10 @@ pub fn attach_all(ebpf: &mut Ebpf, settings: &EbpfSettings) -> anyhow::Result<Ve
     }
 
     for dev in &settings.devices {
-        let xdp_pin = dir.join(format!("xdp@{dev}"));
-        let xdp = if settings.device_ingress_xdp {
-            attach_xdp(ebpf, dev, &xdp_pin)
-        } else {
-            Err(anyhow::anyhow!("--device-ingress tc"))
-        };
-        match xdp {
-            Ok(()) => {
-                kept.push(xdp_pin);
-                out.push(Attachment {
-                    program: PROG_XDP,
-                    target: format!("xdp/native {dev}"),
-                });
-            }
-            Err(e) => {
-                tracing::warn!(
-                    device = %dev,
-                    "native XDP unavailable or not wanted ({e:#}); using tc ingress on this device instead"
-                );
-                let pin = dir.join(format!("tc_ingress@{dev}"));
-                attach_tc(ebpf, PROG_TC_INGRESS, dev, TcAttachType::Ingress, &pin)
-                    .with_context(|| format!("attaching {PROG_TC_INGRESS} to {dev}"))?;
-                kept.push(pin);
-                out.push(Attachment {
-                    program: PROG_TC_INGRESS,
-                    target: format!("tc/ingress {dev}"),
-                });
-            }
+        for (a, pin) in attach_device(ebpf, &dir, dev, settings.device_ingress_xdp)? {
+            kept.push(pin);
+            out.push(a);
         }
-        let pin = dir.join(format!("tc_egress@{dev}"));
-        attach_tc(ebpf, PROG_TC_EGRESS, dev, TcAttachType::Egress, &pin)
-            .with_context(|| format!("attaching {PROG_TC_EGRESS} to {dev}"))?;
-        kept.push(pin);
-        out.push(Attachment {
-            program: PROG_TC_EGRESS,
-            target: format!("tc/egress {dev}"),
-        });
     }
 
     // Links of an earlier run that this run does not use (a device no longer listed):
@@ -127,6 +103,177 @@ pub fn attach_all(ebpf: &mut Ebpf, settings: &EbpfSettings) -> anyhow::Result<Ve
         tracing::info!(program = a.program, target = %a.target, "attached");
     }
     Ok(out)
+}
+
+/// Loads every program into the kernel (the verifier runs now, so a refused program is an
+/// error at start even when attaching waits).
+pub fn load_all(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for name in CGROUP_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {name}"))?;
+    }
+    let xdp: &mut Xdp = ebpf
+        .program_mut(PROG_XDP)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {PROG_XDP}"))?
+        .try_into()?;
+    xdp.load().with_context(|| format!("loading {PROG_XDP}"))?;
+    for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(())
+}
+
+/// Whether links of an earlier agent are pinned under `bpf_root` (its programs may serve).
+pub fn links_pinned(bpf_root: &Path) -> bool {
+    std::fs::read_dir(links_dir(bpf_root))
+        .map(|mut rd| rd.next().is_some())
+        .unwrap_or(false)
+}
+
+/// Attaches the device programs to `dev` (XDP, or tc ingress where native XDP cannot attach;
+/// tc egress), each through a link pinned as `<kind>@<dev>` under `dir`, swapping the program
+/// into a link pinned there before when it is on the same device. With `ingress_xdp` false
+/// (`--device-ingress tc`) the ingress program is always tc.
+pub fn attach_device(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    dev: &str,
+    ingress_xdp: bool,
+) -> anyhow::Result<Vec<(Attachment, PathBuf)>> {
+    let mut out = Vec::new();
+    let xdp_pin = dir.join(format!("xdp@{dev}"));
+    let xdp = if ingress_xdp {
+        attach_xdp(ebpf, dev, &xdp_pin)
+    } else {
+        Err(anyhow::anyhow!("--device-ingress tc"))
+    };
+    match xdp {
+        Ok(()) => out.push((
+            Attachment {
+                program: PROG_XDP,
+                target: format!("xdp/native {dev}"),
+            },
+            xdp_pin,
+        )),
+        Err(e) => {
+            tracing::warn!(
+                device = %dev,
+                "native XDP unavailable or not wanted ({e:#}); using tc ingress on this device instead"
+            );
+            let pin = dir.join(format!("tc_ingress@{dev}"));
+            attach_tc(ebpf, PROG_TC_INGRESS, dev, TcAttachType::Ingress, &pin)
+                .with_context(|| format!("attaching {PROG_TC_INGRESS} to {dev}"))?;
+            out.push((
+                Attachment {
+                    program: PROG_TC_INGRESS,
+                    target: format!("tc/ingress {dev}"),
+                },
+                pin,
+            ));
+        }
+    }
+    let pin = dir.join(format!("tc_egress@{dev}"));
+    attach_tc(ebpf, PROG_TC_EGRESS, dev, TcAttachType::Egress, &pin)
+        .with_context(|| format!("attaching {PROG_TC_EGRESS} to {dev}"))?;
+    out.push((
+        Attachment {
+            program: PROG_TC_EGRESS,
+            target: format!("tc/egress {dev}"),
+        },
+        pin,
+    ));
+    Ok(out)
+}
+
+/// A device link pin's name, split: `xdp@eth0` -> ("xdp", "eth0").
+fn device_pin_parts(pin: &Path) -> Option<(&str, &str)> {
+    let name = pin.file_name()?.to_str()?;
+    let (kind, dev) = name.split_once('@')?;
+    matches!(kind, "xdp" | "tc_ingress" | "tc_egress").then_some((kind, dev))
+}
+
+/// What [`follow_devices`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DeviceChanges {
+    pub attached: Vec<String>,
+    pub detached: Vec<String>,
+    /// `(old name, new name)`.
+    pub renamed: Vec<(String, String)>,
+}
+
+/// Brings the device links under `dir` in line with `wanted` (name, ifindex): links whose
+/// device is gone or no longer wanted are detached and unpinned; a link whose device was
+/// renamed keeps working and its pin follows the new name; wanted devices without links get
+/// the programs (XDP ingress unless `ingress_xdp` is false). Per-device failures are logged
+/// and skipped (the others still get served).
+pub fn follow_devices(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    wanted: &[(String, u32)],
+    ingress_xdp: bool,
+) -> anyhow::Result<DeviceChanges> {
+    let mut changes = DeviceChanges::default();
+    let mut linked: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let pin = entry?.path();
+        let Some((kind, dev)) = device_pin_parts(&pin) else {
+            continue;
+        };
+        let (kind, dev) = (kind.to_owned(), dev.to_owned());
+        // The device the link is attached to now (0: its device was deleted).
+        let ifindex = bpf_sys::open_pinned(&pin)
+            .and_then(|l| bpf_sys::link_target(&l))
+            .map(|(_, on)| on)
+            .unwrap_or(0);
+        match wanted
+            .iter()
+            .find(|(_, i)| u64::from(*i) == ifindex && ifindex != 0)
+        {
+            Some((name, _)) if *name == dev => linked.push(dev),
+            Some((name, _)) => {
+                let to = dir.join(format!("{kind}@{name}"));
+                std::fs::rename(&pin, &to)
+                    .with_context(|| format!("renaming {} to {}", pin.display(), to.display()))?;
+                tracing::info!(from = %dev, to = %name, "device renamed: its links follow");
+                if !changes.renamed.iter().any(|(_, n)| n == name) {
+                    changes.renamed.push((dev, name.clone()));
+                }
+                linked.push(name.clone());
+            }
+            None => {
+                if let Ok(link) = bpf_sys::open_pinned(&pin) {
+                    let _ = bpf_sys::link_detach(&link);
+                }
+                let _ = std::fs::remove_file(&pin);
+                tracing::info!(device = %dev, program = %kind, "device gone or no longer selected: detached");
+                if !changes.detached.contains(&dev) {
+                    changes.detached.push(dev);
+                }
+            }
+        }
+    }
+    for (name, _) in wanted {
+        if linked.contains(name) {
+            continue;
+        }
+        match attach_device(ebpf, dir, name, ingress_xdp) {
+            Ok(done) => {
+                for (a, _) in &done {
+                    tracing::info!(program = a.program, target = %a.target, "attached to a new device");
+                }
+                changes.attached.push(name.clone());
+            }
+            Err(e) => tracing::error!(device = %name, "attaching to a new device failed: {e:#}"),
+        }
+    }
+    Ok(changes)
 }
 
 /// Pins a new link at `pin` atomically: pin beside it, then rename over the old pin (whose
@@ -151,7 +298,9 @@ fn attach_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin: &Path) -> anyh
         .program_mut(name)
         .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
         .try_into()?;
-    prog.load()?;
+    if prog.fd().is_err() {
+        prog.load()?;
+    }
     // A link pinned by an earlier agent on this same cgroup: swap its program in place.
     let cgroup_id = cgroup.metadata()?.ino();
     let prog_fd = prog.fd()?.as_fd().as_raw_fd();

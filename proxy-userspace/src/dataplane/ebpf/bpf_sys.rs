@@ -110,3 +110,70 @@ pub unsafe fn map_update_batch(
         Err(e) => (processed, Err(e)),
     }
 }
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// Copies every entry of the (non per-CPU) map `from` into `to`, both with these key and value
+/// sizes; entries that vanish while copying are skipped. Returns the number copied.
+pub fn map_copy(
+    from: &OwnedFd,
+    to: &OwnedFd,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<usize> {
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut value = vec![0u8; value_size.max(1)];
+    let mut copied = 0;
+    let mut first = true;
+    loop {
+        // map_fd (u32, padded), key (u64), next_key (u64).
+        let key_ptr = if first { 0 } else { key.as_ptr() as u64 };
+        let mut attr = [
+            from.as_raw_fd() as u64,
+            key_ptr,
+            next.as_mut_ptr() as u64,
+            0,
+        ];
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr, 32) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(copied),
+            Err(e) => return Err(e),
+        }
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+        // map_fd, key, value, flags.
+        let mut attr = [
+            from.as_raw_fd() as u64,
+            key.as_ptr() as u64,
+            value.as_mut_ptr() as u64,
+            0,
+        ];
+        if bpf(BPF_MAP_LOOKUP_ELEM, &mut attr, 32).is_err() {
+            continue;
+        }
+        let mut attr = [
+            to.as_raw_fd() as u64,
+            key.as_ptr() as u64,
+            value.as_mut_ptr() as u64,
+            0,
+        ];
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr, 32)?;
+        copied += 1;
+    }
+}
+
+/// `struct bpf_map_info`'s first fields of the map at `fd`: type, id, key size, value size,
+/// max entries, flags.
+pub fn map_info(fd: &OwnedFd) -> io::Result<[u32; 6]> {
+    // The kernel fills at most `len` bytes of the (larger) struct.
+    let mut info = [0u32; 20];
+    let len = std::mem::size_of_val(&info) as u64;
+    let mut attr = [
+        fd.as_raw_fd() as u64 | (len << 32),
+        info.as_mut_ptr() as u64,
+    ];
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
+    Ok([info[0], info[1], info[2], info[3], info[4], info[5]])
+}

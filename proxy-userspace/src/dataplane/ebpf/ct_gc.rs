@@ -11,10 +11,13 @@
 //!   port or service): the datapath would reselect on the next packet anyway;
 //! - NAT4_REV entries idle longer than the timeout that no kept CT4 entry uses.
 //!
-//! The CT entry holds no TCP state, so TCP gets a conservative idle timeout (2 h; kube-proxy
-//! keeps established TCP for 24 h through the kernel's conntrack, but also tracks FIN/RST,
-//! which we cannot see here). UDP gets 2 min. `KPROXY_CT_TCP_IDLE_SECS`,
-//! `KPROXY_CT_UDP_IDLE_SECS` and `KPROXY_CT_GC_INTERVAL_SECS` override the defaults.
+//! TCP entries expire by the state the datapath recorded in their flags (Cilium's timeouts):
+//! only the client's SYN seen 60 s, established 6 h (longer than the default 2 h TCP
+//! keepalive), closed (RST, or FIN from both sides) 10 s; entries without state (written by
+//! an older agent) count as established. UDP and other protocols: 2 min idle.
+//! `KPROXY_CT_TCP_SYN_SECS`, `KPROXY_CT_TCP_IDLE_SECS` (established),
+//! `KPROXY_CT_TCP_CLOSE_SECS`, `KPROXY_CT_UDP_IDLE_SECS` and `KPROXY_CT_GC_INTERVAL_SECS`
+//! override the defaults.
 //!
 //! Races: the maps are read in the order CT4, NAT4_REV, backends, so a backend a CT entry
 //! named existed when the entry was read; and an entry is deleted only if it still holds
@@ -29,20 +32,28 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use proxy_common::{
-    conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
+    conntrack::{
+        CT_TIMEOUT_TCP_CLOSE_SECS, CT_TIMEOUT_TCP_ESTABLISHED_SECS, CT_TIMEOUT_TCP_SYN_SECS,
+        CT_TIMEOUT_UDP_SECS, Ct4Entry, Ct4Key, Nat4RevEntry, TcpCtState, tcp_ct_state,
+    },
     lb::Lb4Backend,
     maps as names,
 };
 
 use crate::inspect::maps::{monotonic_ns, open, read_hash};
 
-const PROTO_UDP: u8 = 17;
+const PROTO_TCP: u8 = 6;
 
 /// Idle timeouts and how often to sweep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtGcConfig {
-    /// TCP and every protocol other than UDP.
+    /// TCP, only the client's SYN seen.
+    pub tcp_syn: Duration,
+    /// TCP established (and entries without state).
     pub tcp_idle: Duration,
+    /// TCP after an RST or a FIN from both sides.
+    pub tcp_close: Duration,
+    /// UDP and every protocol other than TCP.
     pub udp_idle: Duration,
     pub interval: Duration,
 }
@@ -50,8 +61,10 @@ pub struct CtGcConfig {
 impl Default for CtGcConfig {
     fn default() -> Self {
         Self {
-            tcp_idle: Duration::from_secs(2 * 3600),
-            udp_idle: Duration::from_secs(120),
+            tcp_syn: Duration::from_secs(CT_TIMEOUT_TCP_SYN_SECS),
+            tcp_idle: Duration::from_secs(CT_TIMEOUT_TCP_ESTABLISHED_SECS),
+            tcp_close: Duration::from_secs(CT_TIMEOUT_TCP_CLOSE_SECS),
+            udp_idle: Duration::from_secs(CT_TIMEOUT_UDP_SECS),
             interval: Duration::from_secs(60),
         }
     }
@@ -74,17 +87,34 @@ impl CtGcConfig {
     pub fn from_env() -> Self {
         let d = Self::default();
         Self {
+            tcp_syn: env_secs("KPROXY_CT_TCP_SYN_SECS").unwrap_or(d.tcp_syn),
             tcp_idle: env_secs("KPROXY_CT_TCP_IDLE_SECS").unwrap_or(d.tcp_idle),
+            tcp_close: env_secs("KPROXY_CT_TCP_CLOSE_SECS").unwrap_or(d.tcp_close),
             udp_idle: env_secs("KPROXY_CT_UDP_IDLE_SECS").unwrap_or(d.udp_idle),
             interval: env_secs("KPROXY_CT_GC_INTERVAL_SECS").unwrap_or(d.interval),
         }
     }
 
-    fn idle_ns(&self, proto: u8) -> u64 {
-        let d = if proto == PROTO_UDP {
+    /// The idle timeout of an entry of `proto` with CT flags `flags`.
+    fn timeout_ns(&self, proto: u8, flags: u16) -> u64 {
+        let d = if proto != PROTO_TCP {
             self.udp_idle
         } else {
+            match tcp_ct_state(flags) {
+                TcpCtState::SynSent => self.tcp_syn,
+                TcpCtState::Established => self.tcp_idle,
+                TcpCtState::Closed => self.tcp_close,
+            }
+        };
+        d.as_nanos().min(u128::from(u64::MAX)) as u64
+    }
+
+    /// The timeout of a reverse entry no kept flow uses: the longest its protocol has.
+    fn orphan_ns(&self, proto: u8) -> u64 {
+        let d = if proto == PROTO_TCP {
             self.tcp_idle
+        } else {
+            self.udp_idle
         };
         d.as_nanos().min(u128::from(u64::MAX)) as u64
     }
@@ -161,14 +191,14 @@ pub fn select(
             .filter(|r| reverse_belongs_to(r, k))
             .map_or(0, |r| r.last_seen_ns);
         let last = e.last_seen_ns.max(reply_seen);
-        if now.saturating_sub(last) > cfg.idle_ns(k.proto) {
+        if now.saturating_sub(last) > cfg.timeout_ns(k.proto, e.flags) {
             out.ct_expired.push((*k, *e));
         } else {
             used_rev.insert(rk);
         }
     }
     for (k, r) in rev {
-        if !used_rev.contains(k) && now.saturating_sub(r.last_seen_ns) > cfg.idle_ns(k.proto) {
+        if !used_rev.contains(k) && now.saturating_sub(r.last_seen_ns) > cfg.orphan_ns(k.proto) {
             out.rev_expired.push((*k, *r));
         }
     }
@@ -241,7 +271,9 @@ pub fn spawn(bpf_root: PathBuf) {
         .name("ct-gc".into())
         .spawn(move || {
             tracing::info!(
+                tcp_syn_s = cfg.tcp_syn.as_secs(),
                 tcp_idle_s = cfg.tcp_idle.as_secs(),
+                tcp_close_s = cfg.tcp_close.as_secs(),
                 udp_idle_s = cfg.udp_idle.as_secs(),
                 interval_s = cfg.interval.as_secs(),
                 "conntrack sweep enabled"
@@ -289,7 +321,9 @@ mod tests {
 
     fn cfg() -> CtGcConfig {
         CtGcConfig {
+            tcp_syn: Duration::from_secs(60),
             tcp_idle: Duration::from_secs(7200),
+            tcp_close: Duration::from_secs(10),
             udp_idle: Duration::from_secs(120),
             interval: Duration::from_secs(60),
         }
@@ -394,6 +428,44 @@ mod tests {
         assert!(sel.ct_stale.is_empty());
         // The reverse entries of the expired flows go too; the kept flow's stays.
         assert_eq!(sel.rev_expired, vec![rev[0], rev[2]]);
+    }
+
+    #[test]
+    fn tcp_timeouts_follow_the_state() {
+        use proxy_common::conntrack::{
+            CT_FLAG_FIN_FWD, CT_FLAG_FIN_REV, CT_FLAG_RST, CT_FLAG_SEEN_NON_SYN, CT_FLAG_TCP_STATE,
+        };
+        let now = 100_000 * S;
+        let with = |sport: u16, flags: u16, idle: u64| {
+            let mut e = flow(1, POD_A, false, now - idle * S);
+            e.flags = flags;
+            (key(sport, 6), e)
+        };
+        let est = CT_FLAG_TCP_STATE | CT_FLAG_SEEN_NON_SYN;
+        let syn_old = with(5000, CT_FLAG_TCP_STATE, 61);
+        let syn_young = with(5001, CT_FLAG_TCP_STATE, 30);
+        let est_idle = with(5002, est, 3600);
+        let closed_fin = with(5003, est | CT_FLAG_FIN_FWD | CT_FLAG_FIN_REV, 11);
+        let half_closed = with(5004, est | CT_FLAG_FIN_FWD, 11);
+        let reset = with(5005, est | CT_FLAG_RST, 11);
+        let reset_young = with(5006, est | CT_FLAG_RST, 5);
+        let legacy = with(5007, 0, 3600);
+        let ct = vec![
+            syn_old,
+            syn_young,
+            est_idle,
+            closed_fin,
+            half_closed,
+            reset,
+            reset_young,
+            legacy,
+        ];
+        let rev: Vec<_> = ct
+            .iter()
+            .map(|(k, e)| rev_of(k, e, e.last_seen_ns))
+            .collect();
+        let sel = select(now, &cfg(), &ct, &rev, &backends());
+        assert_eq!(sel.ct_expired, vec![syn_old, closed_fin, reset]);
     }
 
     #[test]

@@ -10,16 +10,23 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap, Map, MapData, PerCpuHashMap},
+    maps::{
+        Array, HashMap, Map, MapData, PerCpuHashMap,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use proxy_common::{
+    affinity::{Lb4AffinityKey, Lb4AffinityValue},
     config::Lb4Config,
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
     maglev::{MaglevConfig, MaglevKey, MaglevRow},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
+    src_range::{Lb4SrcRangeKey, SRC_RANGE_INDEX_BITS},
     stats::SvcStats,
 };
+
+use super::writer::SrcRange;
 
 /// The operations the map writer needs.
 pub trait LbMaps {
@@ -27,6 +34,7 @@ pub trait LbMaps {
     fn backends(&self) -> anyhow::Result<Vec<(u32, Lb4Backend)>>;
     fn rev_nats(&self) -> anyhow::Result<Vec<(u16, Lb4RevNat)>>;
     fn nodeport_addresses(&self) -> anyhow::Result<Vec<u32>>;
+    fn src_ranges(&self) -> anyhow::Result<Vec<SrcRange>>;
 
     fn put_service(&mut self, key: Lb4Key, value: Lb4Service) -> anyhow::Result<()>;
     fn del_service(&mut self, key: Lb4Key) -> anyhow::Result<()>;
@@ -63,6 +71,26 @@ pub trait LbMaps {
             .iter()
             .try_for_each(|(k, v)| self.put_maglev_row(*k, v))
     }
+    fn put_src_range(&mut self, range: SrcRange) -> anyhow::Result<()>;
+    fn del_src_range(&mut self, range: SrcRange) -> anyhow::Result<()>;
+}
+
+/// The LPM key of a source range (see `proxy_common::src_range`).
+pub fn src_range_key((index, address_be, prefix_len): SrcRange) -> LpmKey<Lb4SrcRangeKey> {
+    LpmKey::new(
+        SRC_RANGE_INDEX_BITS + u32::from(prefix_len),
+        Lb4SrcRangeKey::new(index, address_be),
+    )
+}
+
+/// The source range an LPM key describes.
+pub fn src_range_of(key: &LpmKey<Lb4SrcRangeKey>) -> SrcRange {
+    let data = key.data();
+    let prefix = key
+        .prefix_len()
+        .saturating_sub(SRC_RANGE_INDEX_BITS)
+        .min(32);
+    (data.rev_nat_index, data.address, prefix as u8)
 }
 
 /// The pinned kernel maps.
@@ -76,6 +104,8 @@ pub struct PinnedMaps {
     /// The per-frontend counters: a frontend's entry goes with its reverse-NAT index, so a
     /// later frontend given the same index starts from zero.
     svc_stats: PerCpuHashMap<MapData, u16, SvcStats>,
+    src_ranges: LpmTrie<MapData, Lb4SrcRangeKey, u8>,
+    affinity: HashMap<MapData, Lb4AffinityKey, Lb4AffinityValue>,
     maglev: HashMap<MapData, MaglevKey, MaglevRow>,
     maglev_config: Array<MapData, MaglevConfig>,
     /// Descriptors for batched updates (aya 0.14 has no batch API).
@@ -196,7 +226,24 @@ impl PinnedMaps {
             sock_rev: take(ebpf, names::SOCK4_REV)?,
             config: take(ebpf, names::LB4_CONFIG)?,
             svc_stats: take(ebpf, names::SVC_STATS)?,
+            src_ranges: take(ebpf, names::LB4_SRC_RANGE)?,
+            affinity: take(ebpf, names::LB4_AFFINITY)?,
         })
+    }
+
+    /// Deletes the session-affinity entries of the reverse-NAT indexes `released` (affinity
+    /// turned off or the frontend gone). Returns how many went.
+    pub fn clear_affinity(&mut self, released: &[u16]) -> anyhow::Result<usize> {
+        let stale: Vec<Lb4AffinityKey> = self
+            .affinity
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| released.contains(&k.rev_nat_index))
+            .collect();
+        for k in &stale {
+            ignore_missing(self.affinity.remove(k), names::LB4_AFFINITY)?;
+        }
+        Ok(stale.len())
     }
 
     pub fn set_config(&mut self, config: Lb4Config) -> anyhow::Result<()> {
@@ -266,6 +313,25 @@ impl LbMaps for PinnedMaps {
                 .into_iter()
                 .map(|(k, _)| k)
                 .collect(),
+        )
+    }
+    fn src_ranges(&self) -> anyhow::Result<Vec<SrcRange>> {
+        let keys = self
+            .src_ranges
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("reading {}", names::LB4_SRC_RANGE))?;
+        Ok(keys.iter().map(src_range_of).collect())
+    }
+    fn put_src_range(&mut self, range: SrcRange) -> anyhow::Result<()> {
+        self.src_ranges
+            .insert(&src_range_key(range), 1, 0)
+            .with_context(|| format!("writing {}", names::LB4_SRC_RANGE))
+    }
+    fn del_src_range(&mut self, range: SrcRange) -> anyhow::Result<()> {
+        ignore_missing(
+            self.src_ranges.remove(&src_range_key(range)),
+            names::LB4_SRC_RANGE,
         )
     }
     fn put_service(&mut self, key: Lb4Key, value: Lb4Service) -> anyhow::Result<()> {
@@ -378,6 +444,8 @@ pub enum Op {
     DelNodeportAddress(u32),
     PutMaglevRow(MaglevKey),
     DelMaglevRow(MaglevKey),
+    PutSrcRange(SrcRange),
+    DelSrcRange(SrcRange),
 }
 
 /// In-memory maps that record every operation, with an optional capacity for the services map.
@@ -389,6 +457,7 @@ pub struct MemoryMaps {
     pub rev_nat: std::collections::BTreeMap<u16, Lb4RevNat>,
     pub nodeport: std::collections::BTreeSet<u32>,
     pub maglev: std::collections::BTreeMap<MaglevKey, MaglevRow>,
+    pub src_ranges: std::collections::BTreeSet<SrcRange>,
     pub ops: Vec<Op>,
     /// Fail the n-th write from now (for error-recovery tests).
     pub fail_at: Option<usize>,
@@ -422,6 +491,19 @@ impl LbMaps for MemoryMaps {
     }
     fn nodeport_addresses(&self) -> anyhow::Result<Vec<u32>> {
         Ok(self.nodeport.iter().copied().collect())
+    }
+    fn src_ranges(&self) -> anyhow::Result<Vec<SrcRange>> {
+        Ok(self.src_ranges.iter().copied().collect())
+    }
+    fn put_src_range(&mut self, range: SrcRange) -> anyhow::Result<()> {
+        self.step(Op::PutSrcRange(range))?;
+        self.src_ranges.insert(range);
+        Ok(())
+    }
+    fn del_src_range(&mut self, range: SrcRange) -> anyhow::Result<()> {
+        self.step(Op::DelSrcRange(range))?;
+        self.src_ranges.remove(&range);
+        Ok(())
     }
     fn put_service(&mut self, key: Lb4Key, value: Lb4Service) -> anyhow::Result<()> {
         self.step(Op::PutService(key, value))?;

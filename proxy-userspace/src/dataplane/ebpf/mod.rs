@@ -5,10 +5,13 @@ pub mod attach;
 pub mod bpf_sys;
 pub mod cleanup;
 pub mod ct_gc;
+pub mod layout;
 pub mod maglev;
 pub mod maps;
+pub mod maps6;
 pub mod sock_destroy;
 pub mod writer;
+pub mod writer6;
 
 use std::{
     collections::HashSet,
@@ -22,7 +25,7 @@ use proxy_common::config::{
     CFG_FLAG_READY, CFG_FLAG_XDP_FIB_FORWARD, Lb4Config, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
-use self::{maps::PinnedMaps, writer::MapWriter};
+use self::{maps::PinnedMaps, maps6::PinnedMaps6, writer::MapWriter, writer6::MapWriter6};
 use super::{ApplyStats, Dataplane};
 use crate::desired::{DesiredState, Protocol};
 
@@ -37,15 +40,23 @@ pub struct EbpfSettings {
     pub device_ingress_xdp: bool,
     /// Maglev table size for traffic entering the node; None = random selection.
     pub maglev_table_size: Option<u32>,
+    /// max_entries of CT4 and NAT4_REV when they are created.
+    pub ct_max: u32,
 }
 
 pub struct EbpfDataplane {
-    // Kept alive: dropping it would unload programs whose links are not pinned.
-    _ebpf: Ebpf,
+    // Kept alive: dropping it would unload programs whose links are not pinned; its programs
+    // are attached to devices that appear later.
+    ebpf: Ebpf,
     settings: EbpfSettings,
     writer: MapWriter<PinnedMaps>,
+    writer6: MapWriter6<PinnedMaps6>,
     ready: bool,
     pub attachments: Vec<attach::Attachment>,
+    /// Set when maps were rebuilt for a new layout while an earlier agent's programs serve
+    /// through the pinned links: they keep serving from the old maps until the first sync
+    /// has filled the new ones; then the new programs are swapped in and the old pins go.
+    pending_swap: Option<layout::PinPlan>,
 }
 
 impl EbpfDataplane {
@@ -54,29 +65,50 @@ impl EbpfDataplane {
     pub fn start(settings: EbpfSettings) -> anyhow::Result<Self> {
         crate::bpffs::ensure_root(&settings.bpf_root)
             .with_context(|| format!("preparing --bpf-root {}", settings.bpf_root.display()))?;
+        let layouts = layout::object_layouts(crate::EBPF_OBJECT)?;
+        let plan = layout::prepare(&settings.bpf_root, layouts)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&settings.bpf_root)
+            .map_max_entries(proxy_common::maps::CT4, settings.ct_max)
+            .map_max_entries(proxy_common::maps::NAT4_REV, settings.ct_max)
             .load(crate::EBPF_OBJECT)
             .context("loading the eBPF object (maps and programs)")?;
+        warn_pinned_ct_size(&ebpf, settings.ct_max);
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!("kernel-side logging not enabled: {e}");
         }
-        let attachments = attach::attach_all(&mut ebpf, &settings)?;
+        layout::migrate(&settings.bpf_root, &plan);
+        attach::load_all(&mut ebpf)?;
+        let swap_later = !plan.fresh.is_empty() && attach::links_pinned(&settings.bpf_root);
+        let (attachments, pending_swap) = if swap_later {
+            tracing::info!(
+                rebuilt = ?plan.fresh,
+                "maps rebuilt for a new layout: the programs attached now keep serving until the first sync fills them"
+            );
+            (Vec::new(), Some(plan))
+        } else {
+            let attachments = attach::attach_all(&mut ebpf, &settings)?;
+            layout::remove_retired(&plan);
+            (attachments, None)
+        };
         let capacity = PinnedMaps::capacity(&ebpf)?;
         let mut maps = PinnedMaps::take(&mut ebpf)?;
         maps.set_maglev_config(settings.maglev_table_size.unwrap_or(0))?;
-        let mut writer = MapWriter::with_capacity(maps, capacity);
+        let mut writer = MapWriter::with_capacity(maps, capacity).with_tcp_drain(tcp_drain());
         writer.set_maglev(settings.maglev_table_size);
+        let writer6 = MapWriter6::new(PinnedMaps6::take(&mut ebpf)?);
         for dev in &settings.devices {
             set_accept_local(dev);
         }
         ct_gc::spawn(settings.bpf_root.clone());
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             settings,
             writer,
+            writer6,
             ready: false,
             attachments,
+            pending_swap,
         })
     }
 
@@ -100,6 +132,74 @@ impl EbpfDataplane {
     }
 }
 
+impl EbpfDataplane {
+    /// Closes the connected IPv6 UDP sockets our hooks sent to a removed backend (the IPv6
+    /// twin of the IPv4 close in `apply`).
+    fn close_udp_sockets6(&self, removed: &[writer6::RemovedBackend6]) {
+        let gone: HashSet<(std::net::Ipv6Addr, u16)> = removed
+            .iter()
+            .filter(|b| b.protocol == Protocol::Udp)
+            .map(|b| (b.address, b.port))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let maps = self.writer6.maps();
+        let destroyed = sock_destroy::destroy_udp_sockets6(
+            &self.settings.cgroup_root,
+            &gone,
+            |cookie, addr, port| maps.socket_was_translated(cookie, addr, port),
+        );
+        match destroyed {
+            Ok(n) if n > 0 => {
+                tracing::info!(
+                    sockets = n,
+                    "closed connected IPv6 UDP sockets of removed backends"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("closing IPv6 UDP sockets of removed backends: {e:#}"),
+        }
+    }
+}
+
+/// The conntrack maps keep the size they were created with: say so when --ct-max differs.
+fn warn_pinned_ct_size(ebpf: &Ebpf, wanted: u32) {
+    for name in [proxy_common::maps::CT4, proxy_common::maps::NAT4_REV] {
+        let size = match ebpf.map(name) {
+            Some(aya::maps::Map::LruHashMap(d)) => d.info().map(|i| i.max_entries()).ok(),
+            _ => None,
+        };
+        if let Some(size) = size.filter(|s| *s != wanted) {
+            tracing::warn!(
+                map = name,
+                size,
+                wanted,
+                "the pinned map keeps its size; --ct-max applies when it is created (kproxy cleanup, then start again)"
+            );
+        }
+    }
+}
+
+/// How long removed TCP backends drain (`KPROXY_TCP_DRAIN_SECS`, default 5 s): connections
+/// in flight to a replaced pod finish instead of being reset by another backend. After it,
+/// their conntrack entries reselect and the sweep removes them.
+fn tcp_drain() -> std::time::Duration {
+    const DEFAULT: std::time::Duration = std::time::Duration::from_secs(5);
+    match std::env::var("KPROXY_TCP_DRAIN_SECS") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(s) => std::time::Duration::from_secs(s),
+            Err(_) => {
+                tracing::warn!(
+                    "KPROXY_TCP_DRAIN_SECS={v:?} is not a number of seconds; using {DEFAULT:?}"
+                );
+                DEFAULT
+            }
+        },
+        Err(_) => DEFAULT,
+    }
+}
+
 /// A packet SNATed to the node's own address may be passed to the kernel's stack (when
 /// XDP cannot forward it itself); without accept_local the stack drops it as a martian.
 fn set_accept_local(device: &str) {
@@ -116,10 +216,30 @@ impl Dataplane for EbpfDataplane {
 
     fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
         let outcome = self.writer.apply(desired, full)?;
+        let outcome6 = self.writer6.apply(desired, full)?;
+        if !outcome.affinity_released.is_empty() {
+            // Entries of frontends without affinity are ignored by the programs anyway; this
+            // only frees their room.
+            match self
+                .writer
+                .maps_mut()
+                .clear_affinity(&outcome.affinity_released)
+            {
+                Ok(n) => tracing::debug!(entries = n, "removed released session-affinity entries"),
+                Err(e) => tracing::warn!("removing released session-affinity entries: {e:#}"),
+            }
+        }
         if !self.ready {
             self.ready = true;
         }
         self.write_config()?;
+        if let Some(plan) = &self.pending_swap {
+            layout::migrate(&self.settings.bpf_root, plan);
+            self.attachments = attach::attach_all(&mut self.ebpf, &self.settings)?;
+            layout::remove_retired(plan);
+            self.pending_swap = None;
+            tracing::info!("the rebuilt maps are filled: the new programs serve");
+        }
         let gone: HashSet<(Ipv4Addr, u16)> = outcome
             .removed_backends
             .iter()
@@ -144,6 +264,43 @@ impl Dataplane for EbpfDataplane {
                 Err(e) => tracing::warn!("closing UDP sockets of removed backends: {e:#}"),
             }
         }
-        Ok(outcome.stats)
+        let mut stats = outcome.stats;
+        stats.writes += outcome6.stats.writes;
+        stats.deletes += outcome6.stats.deletes;
+        stats.rejected.extend(outcome6.stats.rejected);
+        self.close_udp_sockets6(&outcome6.removed_backends);
+        Ok(stats)
+    }
+
+    fn has_due_work(&self) -> bool {
+        self.writer.drain_due(std::time::Instant::now())
+    }
+
+    fn set_devices(&mut self, devices: &[(String, u32)]) -> anyhow::Result<()> {
+        if self.pending_swap.is_some() {
+            // Attached with the others once the maps are filled.
+            self.settings.devices = devices.iter().map(|(n, _)| n.clone()).collect();
+            return Ok(());
+        }
+        let dir = attach::links_dir(&self.settings.bpf_root);
+        let changes = attach::follow_devices(
+            &mut self.ebpf,
+            &dir,
+            devices,
+            self.settings.device_ingress_xdp,
+        )?;
+        for dev in &changes.attached {
+            set_accept_local(dev);
+        }
+        if changes != attach::DeviceChanges::default() {
+            tracing::info!(
+                attached = ?changes.attached,
+                detached = ?changes.detached,
+                renamed = ?changes.renamed,
+                "devices changed"
+            );
+        }
+        self.settings.devices = devices.iter().map(|(n, _)| n.clone()).collect();
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@ use std::{
     collections::{BTreeSet, HashSet},
     fs::File,
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
@@ -58,13 +58,38 @@ pub fn destroy_udp_sockets(
     targets: &HashSet<(Ipv4Addr, u16)>,
     was_translated: impl Fn(u64, Ipv4Addr, u16) -> bool + Sync,
 ) -> anyhow::Result<usize> {
+    in_each_netns(cgroup_root, |_| {
+        destroy_in_current_netns(targets, &was_translated)
+    })
+}
+
+/// `destroy_udp_sockets` for IPv6 UDP sockets (AF_INET6 dump; v4-mapped peers are IPv4
+/// sockets' business and not matched here).
+pub fn destroy_udp_sockets6(
+    cgroup_root: &Path,
+    targets: &HashSet<(Ipv6Addr, u16)>,
+    was_translated: impl Fn(u64, Ipv6Addr, u16) -> bool + Sync,
+) -> anyhow::Result<usize> {
+    in_each_netns(cgroup_root, |_| {
+        destroy_matching(libc::AF_INET6 as u8, &|s: &DumpedSocket| {
+            let dst = Ipv6Addr::from(s.dst6);
+            targets.contains(&(dst, s.dport)) && was_translated(s.cookie, dst, s.dport)
+        })
+    })
+}
+
+/// Runs `f` on a thread inside each network namespace of the cgroup tree; sums the counts.
+fn in_each_netns(
+    cgroup_root: &Path,
+    run: impl Fn(&PathBuf) -> io::Result<usize> + Sync,
+) -> anyhow::Result<usize> {
     let namespaces = namespaces_of_cgroup(cgroup_root);
     let mut total = 0;
     std::thread::scope(|scope| {
         let handles: Vec<_> = namespaces
             .iter()
             .map(|ns| {
-                let was_translated = &was_translated;
+                let run = &run;
                 scope.spawn(move || -> io::Result<usize> {
                     // setns affects only this thread.
                     let f = File::open(ns)?;
@@ -72,7 +97,7 @@ pub fn destroy_udp_sockets(
                     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                         return Err(io::Error::last_os_error());
                     }
-                    destroy_in_current_netns(targets, was_translated)
+                    run(ns)
                 })
             })
             .collect();
@@ -144,7 +169,7 @@ impl DiagSocket {
     }
 }
 
-fn request(msg_type: u16, flags: u16, sockid: &[u8; 48]) -> Vec<u8> {
+fn request_family(family: u8, msg_type: u16, flags: u16, sockid: &[u8; 48]) -> Vec<u8> {
     let len = NLMSG_HDR_LEN + REQ_LEN;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -152,7 +177,7 @@ fn request(msg_type: u16, flags: u16, sockid: &[u8; 48]) -> Vec<u8> {
     m.extend_from_slice(&flags.to_ne_bytes());
     m.extend_from_slice(&1u32.to_ne_bytes()); // seq
     m.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    m.push(libc::AF_INET as u8); // sdiag_family
+    m.push(family); // sdiag_family
     m.push(libc::IPPROTO_UDP as u8); // sdiag_protocol
     m.push(0); // idiag_ext
     m.push(0); // pad
@@ -165,13 +190,20 @@ fn request(msg_type: u16, flags: u16, sockid: &[u8; 48]) -> Vec<u8> {
 struct DumpedSocket {
     sockid: [u8; 48],
     dst: Ipv4Addr,
+    /// The whole 16-byte destination field (IPv6 sockets).
+    dst6: [u8; 16],
     dport: u16,
     cookie: u64,
 }
 
-fn dump_udp(sock: &DiagSocket) -> io::Result<Vec<DumpedSocket>> {
+fn dump_udp_family(sock: &DiagSocket, family: u8) -> io::Result<Vec<DumpedSocket>> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    sock.send(&request(SOCK_DIAG_BY_FAMILY, flags, &[0; 48]))?;
+    sock.send(&request_family(
+        family,
+        SOCK_DIAG_BY_FAMILY,
+        flags,
+        &[0; 48],
+    ))?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -192,11 +224,14 @@ fn dump_udp(sock: &DiagSocket) -> io::Result<Vec<DumpedSocket>> {
                 sockid.copy_from_slice(&body[4..52]);
                 let dport = u16::from_be_bytes([sockid[2], sockid[3]]);
                 let dst = Ipv4Addr::new(sockid[20], sockid[21], sockid[22], sockid[23]);
+                let mut dst6 = [0u8; 16];
+                dst6.copy_from_slice(&sockid[20..36]);
                 let lo = u32::from_ne_bytes(sockid[40..44].try_into().unwrap_or_default());
                 let hi = u32::from_ne_bytes(sockid[44..48].try_into().unwrap_or_default());
                 out.push(DumpedSocket {
                     sockid,
                     dst,
+                    dst6,
                     dport,
                     cookie: (u64::from(hi) << 32) | u64::from(lo),
                 });
@@ -210,15 +245,25 @@ fn destroy_in_current_netns(
     targets: &HashSet<(Ipv4Addr, u16)>,
     was_translated: &(impl Fn(u64, Ipv4Addr, u16) -> bool + Sync),
 ) -> io::Result<usize> {
+    destroy_matching(libc::AF_INET as u8, &|s: &DumpedSocket| {
+        targets.contains(&(s.dst, s.dport)) && was_translated(s.cookie, s.dst, s.dport)
+    })
+}
+
+/// Destroys the UDP sockets of `family` in this netns that `matches` accepts.
+fn destroy_matching(
+    family: u8,
+    matches: &(impl Fn(&DumpedSocket) -> bool + Sync),
+) -> io::Result<usize> {
     let sock = DiagSocket::open()?;
-    let victims: Vec<DumpedSocket> = dump_udp(&sock)?
+    let victims: Vec<DumpedSocket> = dump_udp_family(&sock, family)?
         .into_iter()
-        .filter(|s| targets.contains(&(s.dst, s.dport)) && was_translated(s.cookie, s.dst, s.dport))
+        .filter(|s| matches(s))
         .collect();
     let mut destroyed = 0;
     for v in victims {
         let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-        sock.send(&request(SOCK_DESTROY, flags, &v.sockid))?;
+        sock.send(&request_family(family, SOCK_DESTROY, flags, &v.sockid))?;
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf)?;
         // NLMSG_ERROR with error 0 is the ack.
@@ -226,7 +271,12 @@ fn destroy_in_current_netns(
             let err = i32::from_ne_bytes(buf[16..20].try_into().unwrap_or_default());
             if err == 0 {
                 destroyed += 1;
-                tracing::debug!(backend = %v.dst, port = v.dport, "destroyed a connected UDP socket");
+                let backend: std::net::IpAddr = if family == libc::AF_INET6 as u8 {
+                    Ipv6Addr::from(v.dst6).into()
+                } else {
+                    v.dst.into()
+                };
+                tracing::debug!(%backend, port = v.dport, "destroyed a connected UDP socket");
             } else {
                 tracing::debug!(
                     "SOCK_DESTROY failed: {}",

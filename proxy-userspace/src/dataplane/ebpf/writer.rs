@@ -3,21 +3,26 @@
 //! Order (Cilium's): backends -> backend slots -> reverse NAT -> Maglev table rows ->
 //! frontend master entries (with `count`) -> removed masters -> removed slots -> removed
 //! reverse NAT -> removed Maglev rows -> removed backends. Each step is one batched map
-//! update where the kernel allows it (`LbMaps::put_*_batch`). A frontend that shrinks gets its lower `count` before its surplus slots go, and
-//! a backend is deleted only after no slot names it, so a reader never follows a slot to
-//! nothing. The writer is idempotent; after an error it re-reads the maps (a full sync)
-//! instead of trusting its record.
+//! update where the kernel allows it (`LbMaps::put_*_batch`). Source ranges are added before
+//! the master entries that enable them and removed after. A frontend that shrinks gets its
+//! lower `count` before its surplus slots go, and a backend is deleted only after no slot
+//! names it, so a reader never follows a slot to nothing. The writer is idempotent; after an
+//! error it re-reads the maps (a full sync) instead of trusting its record. Removed TCP
+//! backends may drain: they leave every slot at once but stay in the backends map for a
+//! while, so connections in flight finish.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use proxy_common::{
     lb::{
-        BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP,
-        SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT,
+        BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_AFFINITY,
+        SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT, SVC_FLAG_SOURCE_RANGES,
+        SVC_FLAG_SOURCE_RANGES_DENY_NODE,
     },
     maglev::{MAGLEV_ROW_LEN, MaglevKey, MaglevRow},
     maps as names,
@@ -42,7 +47,14 @@ pub struct ApplyOutcome {
     pub stats: ApplyStats,
     /// Backend addresses gone from every frontend (their flows must move elsewhere).
     pub removed_backends: Vec<RemovedBackend>,
+    /// Reverse-NAT indexes whose session affinity ended (affinity turned off or the frontend
+    /// removed): their affinity entries are no longer used and can be deleted.
+    pub affinity_released: Vec<u16>,
 }
+
+/// One `loadBalancerSourceRanges` entry: (reverse-NAT index, be network address, prefix
+/// length).
+pub type SrcRange = (u16, u32, u8);
 
 /// Map capacities the writer respects (the kernel maps' `max_entries`).
 #[derive(Clone, Copy, Debug)]
@@ -79,6 +91,7 @@ struct Contents {
     rev_nat: BTreeMap<u16, Lb4RevNat>,
     maglev: BTreeMap<MaglevKey, Arc<MaglevRow>>,
     nodeport: BTreeSet<u32>,
+    src_ranges: BTreeSet<SrcRange>,
 }
 
 impl Contents {
@@ -93,6 +106,7 @@ impl Contents {
                 .map(|(k, v)| (k, Arc::new(v)))
                 .collect(),
             nodeport: maps.nodeport_addresses()?.into_iter().collect(),
+            src_ranges: maps.src_ranges()?.into_iter().collect(),
         })
     }
 }
@@ -106,6 +120,7 @@ struct Building {
     backends: Vec<(u32, Lb4Backend)>,
     rev_nat: Vec<(u16, Lb4RevNat)>,
     maglev: Vec<(MaglevKey, Arc<MaglevRow>)>,
+    src_ranges: Vec<SrcRange>,
 }
 
 impl Building {
@@ -116,6 +131,7 @@ impl Building {
             rev_nat: self.rev_nat.into_iter().collect(),
             maglev: self.maglev.into_iter().collect(),
             nodeport,
+            src_ranges: self.src_ranges.into_iter().collect(),
         }
     }
 }
@@ -128,6 +144,13 @@ pub struct MapWriter<M> {
     /// Maglev table size for external frontends; None = random selection only.
     maglev_table_size: Option<u32>,
     maglev_cache: HashMap<u16, MaglevCached>,
+    /// How long a removed TCP backend stays in the backends map (no longer in any slot, so
+    /// no new flow picks it) so that connections in flight to it finish instead of being
+    /// moved to another backend mid-stream (which answers them with a reset). Zero: removed
+    /// at once. UDP backends are always removed at once (their flows must move).
+    tcp_drain: Duration,
+    /// Removed TCP backends still in the map, by id, with when they were removed.
+    draining: BTreeMap<u32, Instant>,
 }
 
 fn be_addr(ip: Ipv4Addr) -> u32 {
@@ -138,13 +161,13 @@ fn addr_from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
 }
 
-fn protocol_from_number(n: u8) -> Option<Protocol> {
+pub(super) fn protocol_from_number(n: u8) -> Option<Protocol> {
     [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
         .into_iter()
         .find(|p| p.number() == n)
 }
 
-fn frontend_flags(kind: FrontendKind) -> u16 {
+pub(super) fn kind_flags(kind: FrontendKind) -> u16 {
     match kind {
         FrontendKind::ClusterIp => SVC_FLAG_CLUSTER_IP,
         FrontendKind::NodePort => SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL,
@@ -152,15 +175,34 @@ fn frontend_flags(kind: FrontendKind) -> u16 {
     }
 }
 
+/// The frontend's `SVC_FLAG_*`. `node_addresses`: this node's addresses; connections made on
+/// the node pass source ranges when one of them is inside (kube-proxy's rule).
+fn frontend_flags(f: &Frontend, node_addresses: &[Ipv4Addr]) -> u16 {
+    let mut flags = kind_flags(f.kind);
+    if f.affinity_timeout.is_some() {
+        flags |= SVC_FLAG_AFFINITY;
+    }
+    if let Some(ranges) = &f.source_ranges {
+        flags |= SVC_FLAG_SOURCE_RANGES;
+        let node_inside = ranges
+            .iter()
+            .any(|r| node_addresses.iter().any(|a| r.contains(*a)));
+        if !node_inside {
+            flags |= SVC_FLAG_SOURCE_RANGES_DENY_NODE;
+        }
+    }
+    flags
+}
+
 /// Hands out the lowest numbers not in use, never one the maps still hold.
-struct Allocator<T> {
+pub(super) struct Allocator<T> {
     used: BTreeSet<T>,
     cursor: T,
     max: T,
 }
 
 impl<T: Copy + Ord + From<u8> + std::ops::Add<Output = T>> Allocator<T> {
-    fn new(used: BTreeSet<T>, max: T) -> Self {
+    pub(super) fn new(used: BTreeSet<T>, max: T) -> Self {
         Self {
             used,
             cursor: T::from(1),
@@ -168,7 +210,7 @@ impl<T: Copy + Ord + From<u8> + std::ops::Add<Output = T>> Allocator<T> {
         }
     }
 
-    fn next(&mut self) -> Option<T> {
+    pub(super) fn next(&mut self) -> Option<T> {
         while self.used.contains(&self.cursor) {
             if self.cursor >= self.max {
                 return None;
@@ -193,7 +235,22 @@ impl<M: LbMaps> MapWriter<M> {
             capacity,
             maglev_table_size: None,
             maglev_cache: HashMap::new(),
+            tcp_drain: Duration::ZERO,
+            draining: BTreeMap::new(),
         }
+    }
+
+    /// Keeps removed TCP backends for `drain` (see the field); the default is zero.
+    pub fn with_tcp_drain(mut self, drain: Duration) -> Self {
+        self.tcp_drain = drain;
+        self
+    }
+
+    /// Whether a draining backend's time is up (an apply would remove it).
+    pub fn drain_due(&self, now: Instant) -> bool {
+        self.draining
+            .values()
+            .any(|since| now.duration_since(*since) >= self.tcp_drain)
     }
 
     /// Builds Maglev tables of `table_size` (a validated prime) for external frontends, or
@@ -291,10 +348,12 @@ impl<M: LbMaps> MapWriter<M> {
                 continue;
             };
             members.clear();
+            let flags = frontend_flags(f, &desired.nodeport_addresses);
             self.target_frontend(
                 f,
                 master_key,
                 index,
+                flags,
                 &id_of,
                 &mut ids,
                 &mut target,
@@ -321,12 +380,12 @@ impl<M: LbMaps> MapWriter<M> {
         f: &Frontend,
         master_key: Lb4Key,
         index: u16,
+        flags: u16,
         id_of: &HashMap<(u16, u32, u16, u8), u32>,
         ids: &mut Allocator<u32>,
         target: &mut Building,
         members: &mut Vec<(u32, [u8; 6])>,
     ) {
-        let flags = frontend_flags(f.kind);
         let proto = f.protocol.number();
         let mut slots = 0u16;
         for b in &f.backends {
@@ -369,10 +428,16 @@ impl<M: LbMaps> MapWriter<M> {
                 _pad: 0,
             },
         ));
+        for r in f.source_ranges.iter().flatten() {
+            target
+                .src_ranges
+                .push((index, be_addr(r.address), r.prefix_len));
+        }
         target.services.push((
             master_key,
             Lb4Service {
-                backend_id: 0,
+                // The master's unused backend id carries the affinity timeout (Cilium's trick).
+                backend_id: f.affinity_timeout.unwrap_or(0),
                 count: slots,
                 rev_nat_index: index,
                 flags,
@@ -455,6 +520,12 @@ impl<M: LbMaps> MapWriter<M> {
     ) -> anyhow::Result<()> {
         let maps = &mut self.maps;
         let stats = &mut outcome.stats;
+        let now = Instant::now();
+        // A draining backend that is wanted again is simply kept.
+        self.draining
+            .retain(|id, _| !target.backends.contains_key(id));
+        // Computed before the masters are rewritten.
+        outcome.affinity_released = affinity_released(&known.services, &target.services);
         // Every difference first, in one ordered pass per map (both sides are sorted by key).
         let (services, stale_services) = diff(&target.services, &known.services);
         let (backends, stale_backends) = diff(&target.backends, &known.backends);
@@ -471,6 +542,17 @@ impl<M: LbMaps> MapWriter<M> {
         stats.writes += record(&mut known.rev_nat, rev_nats);
         maps.put_maglev_rows(&rows)?;
         stats.writes += record(&mut known.maglev, rows);
+        // Source ranges before the masters whose flag enables them.
+        let new_ranges: Vec<SrcRange> = target
+            .src_ranges
+            .difference(&known.src_ranges)
+            .copied()
+            .collect();
+        for r in new_ranges {
+            maps.put_src_range(r)?;
+            known.src_ranges.insert(r);
+            stats.writes += 1;
+        }
         // The master entries (with `count`) last: a frontend becomes visible, or grows, only
         // once everything it points to is in place.
         maps.put_services(&masters)?;
@@ -494,6 +576,17 @@ impl<M: LbMaps> MapWriter<M> {
             known.maglev.remove(&k);
             stats.deletes += 1;
         }
+        // Source ranges after the masters no longer enable them.
+        let stale_ranges: Vec<SrcRange> = known
+            .src_ranges
+            .difference(&target.src_ranges)
+            .copied()
+            .collect();
+        for r in stale_ranges {
+            maps.del_src_range(r)?;
+            known.src_ranges.remove(&r);
+            stats.deletes += 1;
+        }
         // Built only when a backend goes (a scan of every backend).
         let still_used: BTreeSet<(u32, u16, u8)> = if stale_backends.is_empty() {
             BTreeSet::new()
@@ -506,9 +599,17 @@ impl<M: LbMaps> MapWriter<M> {
         };
         let mut removed = BTreeSet::new();
         for id in stale_backends {
-            let Some(b) = known.backends.remove(&id) else {
+            let Some(&b) = known.backends.get(&id) else {
                 continue;
             };
+            if b.proto == Protocol::Tcp.number() && !self.tcp_drain.is_zero() {
+                let since = *self.draining.entry(id).or_insert(now);
+                if now.duration_since(since) < self.tcp_drain {
+                    continue;
+                }
+            }
+            self.draining.remove(&id);
+            known.backends.remove(&id);
             if let Err(e) = maps.del_backend(id) {
                 known.backends.insert(id, b);
                 return Err(e);
@@ -597,6 +698,27 @@ fn record<K: Ord, V>(known: &mut BTreeMap<K, V>, written: Vec<(K, V)>) -> usize 
     n
 }
 
+/// Reverse-NAT indexes of masters that have affinity in `known` but not in `target` (gone, or
+/// affinity turned off), computed before the masters are rewritten.
+fn affinity_released(
+    known: &BTreeMap<Lb4Key, Lb4Service>,
+    target: &BTreeMap<Lb4Key, Lb4Service>,
+) -> Vec<u16> {
+    let has_affinity = |v: &Lb4Service| v.flags & SVC_FLAG_AFFINITY != 0;
+    let kept: BTreeSet<u16> = target
+        .iter()
+        .filter(|(k, v)| k.backend_slot == 0 && has_affinity(v))
+        .map(|(_, v)| v.rev_nat_index)
+        .collect();
+    let released: BTreeSet<u16> = known
+        .iter()
+        .filter(|(k, v)| k.backend_slot == 0 && has_affinity(v))
+        .map(|(_, v)| v.rev_nat_index)
+        .filter(|i| !kept.contains(i))
+        .collect();
+    released.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,6 +760,7 @@ mod tests {
         DesiredState {
             frontends,
             nodeport_addresses: vec!["198.18.0.1".parse().unwrap()],
+            ..DesiredState::default()
         }
     }
 
@@ -692,6 +815,93 @@ mod tests {
         assert_eq!(w.maps().backends.len(), 4);
         assert_eq!(out.stats.deletes, 0);
         assert!(out.removed_backends.is_empty());
+    }
+
+    fn cidr(a: &str, len: u8) -> crate::desired::Ipv4Cidr {
+        crate::desired::Ipv4Cidr::new(a.parse().unwrap(), len).unwrap()
+    }
+
+    #[test]
+    fn affinity_timeout_rides_in_the_master_and_is_released_when_turned_off() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        let mut desired = seed();
+        desired.frontends[0].affinity_timeout = Some(7);
+        let out = w.apply(&desired, false).unwrap();
+        let m = master_of(w.maps(), "0.0.0.0", 30001);
+        assert_eq!(
+            (m.flags & SVC_FLAG_AFFINITY, m.backend_id),
+            (SVC_FLAG_AFFINITY, 7)
+        );
+        assert_eq!(
+            master_of(w.maps(), "10.96.100.208", 8080).flags & SVC_FLAG_AFFINITY,
+            0
+        );
+        assert!(out.affinity_released.is_empty());
+        // Slots still carry backend ids, not the timeout.
+        let slot = w.maps().services[&Lb4Key {
+            backend_slot: 1,
+            ..Lb4Key::new(0, 30001u16.to_be(), 6, 0)
+        }];
+        assert!(w.maps().backends.contains_key(&slot.backend_id));
+        desired.frontends[0].affinity_timeout = None;
+        let out = w.apply(&desired, false).unwrap();
+        assert_eq!(out.affinity_released, vec![m.rev_nat_index]);
+        let m = master_of(w.maps(), "0.0.0.0", 30001);
+        assert_eq!((m.flags & SVC_FLAG_AFFINITY, m.backend_id), (0, 0));
+        // A deleted frontend with affinity releases its index too.
+        desired.frontends[0].affinity_timeout = Some(7);
+        w.apply(&desired, false).unwrap();
+        desired.frontends.remove(0);
+        let out = w.apply(&desired, false).unwrap();
+        assert_eq!(out.affinity_released, vec![m.rev_nat_index]);
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_flag_and_removed_after() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        w.apply(&seed(), false).unwrap();
+        let mut desired = seed();
+        // The node (198.18.0.1) is outside: connections made on the node are refused too.
+        desired.frontends[0].source_ranges = Some(vec![cidr("192.0.2.0", 24)]);
+        w.maps_mut().ops.clear();
+        w.apply(&desired, false).unwrap();
+        let m = master_of(w.maps(), "0.0.0.0", 30001);
+        assert_eq!(
+            m.flags & (SVC_FLAG_SOURCE_RANGES | SVC_FLAG_SOURCE_RANGES_DENY_NODE),
+            SVC_FLAG_SOURCE_RANGES | SVC_FLAG_SOURCE_RANGES_DENY_NODE
+        );
+        let want: SrcRange = (m.rev_nat_index, be_addr("192.0.2.0".parse().unwrap()), 24);
+        let ops = &w.maps().ops;
+        assert!(
+            position(ops, |o| *o == Op::PutSrcRange(want))
+                < position(
+                    ops,
+                    |o| matches!(o, Op::PutService(k, _) if k.backend_slot == 0)
+                )
+        );
+        // Node inside a range: in-node connections pass.
+        desired.frontends[0].source_ranges =
+            Some(vec![cidr("192.0.2.0", 24), cidr("198.18.0.0", 16)]);
+        w.apply(&desired, false).unwrap();
+        let m = master_of(w.maps(), "0.0.0.0", 30001);
+        assert_eq!(m.flags & SVC_FLAG_SOURCE_RANGES_DENY_NODE, 0);
+        assert_eq!(w.maps().src_ranges.len(), 2);
+        // Ranges gone: the flag is cleared before the entries are deleted.
+        desired.frontends[0].source_ranges = None;
+        w.maps_mut().ops.clear();
+        w.apply(&desired, false).unwrap();
+        let ops = &w.maps().ops;
+        assert!(
+            position(
+                ops,
+                |o| matches!(o, Op::PutService(k, _) if k.backend_slot == 0)
+            ) < position(ops, |o| matches!(o, Op::DelSrcRange(..)))
+        );
+        assert!(w.maps().src_ranges.is_empty());
+        assert_eq!(
+            master_of(w.maps(), "0.0.0.0", 30001).flags & SVC_FLAG_SOURCE_RANGES,
+            0
+        );
     }
 
     #[test]
@@ -758,6 +968,45 @@ mod tests {
         );
         let gone = be_addr("10.244.1.11".parse().unwrap());
         assert!(w.maps().backends.values().all(|b| b.address != gone));
+    }
+
+    #[test]
+    fn a_removed_tcp_backend_drains_before_it_goes() {
+        let mut w =
+            MapWriter::new(MemoryMaps::default()).with_tcp_drain(Duration::from_millis(200));
+        w.apply(&seed(), false).unwrap();
+        let churned = state(vec![frontend(
+            "10.96.100.208",
+            8080,
+            Protocol::Tcp,
+            &[("10.244.1.10", 80), ("10.244.1.12", 80)],
+        )]);
+        let gone = be_addr("10.244.1.11".parse().unwrap());
+        let slots_name = |w: &MapWriter<MemoryMaps>, addr: u32| {
+            w.maps().services.iter().any(|(k, v)| {
+                k.backend_slot != 0
+                    && w.maps()
+                        .backends
+                        .get(&v.backend_id)
+                        .is_some_and(|b| b.address == addr)
+            })
+        };
+        let out = w.apply(&churned, false).unwrap();
+        assert!(
+            out.removed_backends.is_empty(),
+            "{:?}",
+            out.removed_backends
+        );
+        // No slot names it (no new flow picks it), but flows in flight still find it.
+        assert!(!slots_name(&w, gone));
+        assert!(w.maps().backends.values().any(|b| b.address == gone));
+        assert!(!w.drain_due(Instant::now()));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(w.drain_due(Instant::now()));
+        let out = w.apply(&churned, false).unwrap();
+        assert_eq!(out.removed_backends.len(), 1);
+        assert!(w.maps().backends.values().all(|b| b.address != gone));
+        assert!(!w.drain_due(Instant::now()));
     }
 
     #[test]

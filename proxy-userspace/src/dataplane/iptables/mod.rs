@@ -6,10 +6,12 @@
 //! and after any error) also ensures the jumps from the built-in chains and deletes every
 //! `KPROXY-` chain found in the kernel that the rendering does not have.
 //!
-//! Whichever `iptables-restore` is installed (legacy or nf_tables backend) is used. IPv4
-//! only; `localhost:nodePort` is not served (no route_localnet).
+//! Whichever `iptables-restore` is installed (legacy or nf_tables backend) is used. IPv6
+//! frontends get the same chains through `ip6tables-restore` (`ip6.rs`).
+//! `localhost:nodePort` is not served (no route_localnet).
 
 pub mod hash;
+pub mod ip6;
 pub mod render;
 
 use std::process::{Command, Stdio};
@@ -36,6 +38,7 @@ pub struct IptablesDataplane {
     applied: Option<Rendering>,
     /// The state `applied` came from, for the stale UDP conntrack flush.
     previous: DesiredState,
+    ip6: ip6::Ip6Rules,
 }
 
 impl IptablesDataplane {
@@ -46,6 +49,7 @@ impl IptablesDataplane {
             settings,
             applied: None,
             previous: DesiredState::default(),
+            ip6: ip6::Ip6Rules::default(),
         })
     }
 
@@ -149,7 +153,7 @@ pub fn cleanup() -> anyhow::Result<usize> {
     };
     let (chains, jumps) = render::parse_save(&save);
     if chains.nat.is_empty() && chains.filter.is_empty() && jumps.is_empty() {
-        return Ok(0);
+        return Ok(cleanup6_logged());
     }
     let mut text = String::new();
     for (table, map) in [("filter", &chains.filter), ("nat", &chains.nat)] {
@@ -168,7 +172,15 @@ pub fn cleanup() -> anyhow::Result<usize> {
         text.push_str("COMMIT\n");
     }
     restore(&text).context("removing the KPROXY- chains")?;
-    Ok(chains.nat.len() + chains.filter.len())
+    Ok(chains.nat.len() + chains.filter.len() + cleanup6_logged())
+}
+
+/// The IPv6 chains' cleanup; a failure there is logged, not fatal to the IPv4 one.
+fn cleanup6_logged() -> usize {
+    ip6::cleanup6().unwrap_or_else(|e| {
+        tracing::warn!("removing the IPv6 KPROXY- chains: {e:#}");
+        0
+    })
 }
 
 impl Dataplane for IptablesDataplane {
@@ -177,6 +189,18 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
+        let (written6, deleted6) =
+            self.ip6
+                .apply(desired, self.settings.render.masquerade_bit, full)?;
+        let mut stats = self.apply4(desired, full)?;
+        stats.writes += written6;
+        stats.deletes += deleted6;
+        Ok(stats)
+    }
+}
+
+impl IptablesDataplane {
+    fn apply4(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
         let next = render::render(desired, &self.settings.render);
         let full = full || self.applied.is_none();
         if !full && self.applied.as_ref() == Some(&next) {
@@ -269,6 +293,7 @@ mod tests {
         let mut want_declared = vec![
             // filter
             "KPROXY-EXTERNAL-SERVICES".to_string(),
+            "KPROXY-FIREWALL".into(),
             "KPROXY-NODEPORTS".into(),
             "KPROXY-SERVICES".into(),
         ];

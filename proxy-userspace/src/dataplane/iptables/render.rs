@@ -12,6 +12,14 @@
 //! - `KPROXY-SEP-<hash>`: mark for masquerade if the source is the endpoint (hairpin) and, for
 //!   an endpoint on another node, if the source is outside the cluster CIDR (all sources
 //!   without one); then DNAT.
+//! - sessionAffinity ClientIP (as kube-proxy): before the statistic rules, `KPROXY-SVC-` has
+//!   per endpoint `-m recent --name KPROXY-SEP-<hash> --rcheck --seconds T --reap -j
+//!   KPROXY-SEP-<hash>`, and the endpoint's DNAT rule records the client with `-m recent
+//!   --name KPROXY-SEP-<hash> --set`.
+//! - loadBalancerSourceRanges (as kube-proxy's `KUBE-FW-`): the LoadBalancer IP's and the
+//!   nodePort's rules jump to `KPROXY-FW-<hash>`, which sends sources inside the ranges (and
+//!   the LoadBalancer IP itself when a node address is inside) to `KPROXY-SVC-`; the rest
+//!   fall through undNATed and the filter `KPROXY-FIREWALL` drops them.
 //! - `KPROXY-MARK-MASQ` sets the mark, `KPROXY-POSTROUTING` (jumped from POSTROUTING)
 //!   masquerades marked packets.
 //!
@@ -20,12 +28,14 @@
 //! - `KPROXY-EXTERNAL-SERVICES` (INPUT, FORWARD, OUTPUT): REJECT for external and
 //!   LoadBalancer IPs without endpoints; then, per nodePort address, a jump to the filter
 //!   `KPROXY-NODEPORTS`, which rejects nodePorts without endpoints.
+//! - `KPROXY-FIREWALL` (INPUT, FORWARD, OUTPUT): DROP for new connections still addressed to
+//!   a frontend with source ranges (its `KPROXY-FW-` chain did not let them through).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::hash::{endpoint_identity, frontend_identity, hash};
 use crate::{
-    dataplane::nftables::render::{RenderOptions, network},
+    dataplane::nftables::render::{RenderOptions, firewall_allowed, network},
     desired::{Backend, DesiredState, Frontend, FrontendKind, Protocol},
 };
 
@@ -34,6 +44,7 @@ pub const EXTERNAL_SERVICES: &str = "KPROXY-EXTERNAL-SERVICES";
 pub const NODEPORTS: &str = "KPROXY-NODEPORTS";
 pub const POSTROUTING: &str = "KPROXY-POSTROUTING";
 pub const MARK_MASQ: &str = "KPROXY-MARK-MASQ";
+pub const FIREWALL: &str = "KPROXY-FIREWALL";
 pub const PREFIX: &str = "KPROXY-";
 
 /// The chains of the two tables, each with its rules (`-A CHAIN ...` lines).
@@ -45,7 +56,13 @@ pub struct Rendering {
 
 /// The chains always rewritten (they refer to every frontend, or are tiny).
 pub fn is_top_level(chain: &str) -> bool {
-    !chain.starts_with("KPROXY-SVC-") && !chain.starts_with("KPROXY-SEP-")
+    !["KPROXY-SVC-", "KPROXY-SEP-", "KPROXY-FW-"]
+        .iter()
+        .any(|p| chain.starts_with(p))
+}
+
+pub fn firewall_chain(f: &Frontend) -> String {
+    format!("KPROXY-FW-{}", hash(&frontend_identity(f), 16))
 }
 
 pub fn service_chain(f: &Frontend) -> String {
@@ -93,7 +110,7 @@ pub fn render(desired: &DesiredState, opts: &RenderOptions) -> Rendering {
     for c in [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ] {
         nat.insert(c.into(), Vec::new());
     }
-    for c in [SERVICES, EXTERNAL_SERVICES, NODEPORTS] {
+    for c in [SERVICES, EXTERNAL_SERVICES, NODEPORTS, FIREWALL] {
         filter.insert(c.into(), Vec::new());
     }
     let add = |map: &mut BTreeMap<String, Vec<String>>, chain: &str, rule: String| {
@@ -125,6 +142,9 @@ pub fn render(desired: &DesiredState, opts: &RenderOptions) -> Rendering {
         .map(|c| format!("! -s {} ", network(c)));
     for f in &desired.frontends {
         let comment = format!("-m comment --comment \"{} {}\"", f.service, kind(f.kind));
+        if f.source_ranges.is_some() {
+            add(&mut filter, FIREWALL, firewall_drop(f));
+        }
         if f.backends.is_empty() {
             let (chain, dst) = match f.kind {
                 FrontendKind::ClusterIp => (SERVICES, format!("-d {}/32 ", f.address)),
@@ -145,19 +165,45 @@ pub fn render(desired: &DesiredState, opts: &RenderOptions) -> Rendering {
             continue;
         }
         let svc = service_chain(f);
+        // With source ranges the frontend's traffic passes its firewall chain first.
+        let entry = match &f.source_ranges {
+            Some(ranges) => {
+                let fw = firewall_chain(f);
+                nat.insert(fw.clone(), Vec::new());
+                let allowed = firewall_allowed(f, ranges, &desired.nodeport_addresses);
+                for a in allowed {
+                    add(&mut nat, &fw, format!("{comment} -s {a} -j {svc}"));
+                }
+                fw
+            }
+            None => svc.clone(),
+        };
         match f.kind {
             FrontendKind::NodePort => add(
                 &mut nat,
                 NODEPORTS,
-                format!("{comment} {} -j {svc}", port_match(f)),
+                format!("{comment} {} -j {entry}", port_match(f)),
             ),
             _ => add(
                 &mut nat,
                 SERVICES,
-                format!("{comment} -d {}/32 {} -j {svc}", f.address, port_match(f)),
+                format!("{comment} -d {}/32 {} -j {entry}", f.address, port_match(f)),
             ),
         }
         nat.insert(svc.clone(), Vec::new());
+        if let Some(timeout) = f.affinity_timeout {
+            for b in &f.backends {
+                let sep = endpoint_chain(f, b);
+                add(
+                    &mut nat,
+                    &svc,
+                    format!(
+                        "-m comment --comment \"{} -> {}:{}\" -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}",
+                        f.service, b.address, b.port
+                    ),
+                );
+            }
+        }
         let n = f.backends.len();
         for (i, b) in f.backends.iter().enumerate() {
             let sep = endpoint_chain(f, b);
@@ -188,11 +234,15 @@ pub fn render(desired: &DesiredState, opts: &RenderOptions) -> Rendering {
                 );
             }
             let p = proto(f.protocol);
+            let recent = match f.affinity_timeout {
+                Some(_) => format!("-m recent --name {sep} --set "),
+                None => String::new(),
+            };
             add(
                 &mut nat,
                 &sep,
                 format!(
-                    "{c} -p {p} -m {p} -j DNAT --to-destination {}:{}",
+                    "{c} {recent}-p {p} -m {p} -j DNAT --to-destination {}:{}",
                     b.address, b.port
                 ),
             );
@@ -216,6 +266,22 @@ pub fn render(desired: &DesiredState, opts: &RenderOptions) -> Rendering {
         );
     }
     Rendering { nat, filter }
+}
+
+/// The filter rule that drops what a frontend's `KPROXY-FW-` chain did not DNAT: packets
+/// still addressed to the frontend (a nodePort: to a local address).
+fn firewall_drop(f: &Frontend) -> String {
+    let dst = match f.kind {
+        FrontendKind::NodePort => "-m addrtype --dst-type LOCAL".to_string(),
+        _ => format!("-d {}/32", f.address),
+    };
+    format!(
+        "-m comment --comment \"{} {} traffic not accepted by {}\" {dst} {} -j DROP",
+        f.service,
+        kind(f.kind),
+        firewall_chain(f),
+        port_match(f)
+    )
 }
 
 /// What a restore changes.
@@ -322,6 +388,12 @@ pub fn base_jumps() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
         "--comment",
         "kproxy externally-visible service portals",
     ];
+    let fw = [
+        "-m",
+        "comment",
+        "--comment",
+        "kproxy load balancer source ranges",
+    ];
     let join = |a: &[&'static str], b: &[&'static str], target: &'static str| {
         let mut v = a.to_vec();
         v.extend_from_slice(b);
@@ -340,6 +412,9 @@ pub fn base_jumps() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
                 POSTROUTING,
             ),
         ),
+        ("filter", "INPUT", join(&new, &fw, FIREWALL)),
+        ("filter", "FORWARD", join(&new, &fw, FIREWALL)),
+        ("filter", "OUTPUT", join(&new, &fw, FIREWALL)),
         ("filter", "INPUT", join(&new, &ext, EXTERNAL_SERVICES)),
         ("filter", "FORWARD", join(&new, &ext, EXTERNAL_SERVICES)),
         ("filter", "OUTPUT", join(&new, &ext, EXTERNAL_SERVICES)),

@@ -4,11 +4,15 @@
 //! a full one replaces the whole table (on start, when asked, after any error), a partial one
 //! rewrites only the chains and map elements that changed; nothing changed, nothing is run.
 //!
-//! IPv4 only. `localhost:nodePort` is not served (it would need
+//! IPv6 frontends go to `table ip6 kproxy` of the same structure (`render6.rs`), replaced
+//! as a whole when they change and removed when there are none.
+//!
+//! `localhost:nodePort` is not served (it would need
 //! `net.ipv4.conf.all.route_localnet`, which kproxy does not set); `net.ipv4.ip_forward` is
 //! the node's business.
 
 pub mod render;
+pub mod render6;
 
 use std::{
     io::Write as _,
@@ -34,6 +38,8 @@ pub struct NftablesDataplane {
     applied: Option<render::Model>,
     /// The state that rendering came from, for the stale UDP conntrack flush.
     previous: DesiredState,
+    /// The `table ip6 kproxy` transaction last applied (None: not trusted, apply again).
+    applied6: Option<String>,
 }
 
 impl NftablesDataplane {
@@ -44,6 +50,7 @@ impl NftablesDataplane {
             settings,
             applied: None,
             previous: DesiredState::default(),
+            applied6: None,
         })
     }
 
@@ -101,6 +108,8 @@ pub fn cleanup() -> anyhow::Result<bool> {
     }
     run_with_stdin("nft", &["-f", "-"], &render::render_cleanup())
         .context("deleting table ip kproxy")?;
+    run_with_stdin("nft", &["-f", "-"], &render6::render_cleanup6())
+        .context("deleting table ip6 kproxy")?;
     Ok(true)
 }
 
@@ -121,6 +130,34 @@ impl Dataplane for NftablesDataplane {
     }
 
     fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
+        let v6_changes = self.apply6(desired, full)?;
+        let mut stats = self.apply4(desired, full)?;
+        stats.writes += v6_changes;
+        Ok(stats)
+    }
+}
+
+impl NftablesDataplane {
+    /// Makes `table ip6 kproxy` match `desired.frontends6` (one full transaction when it
+    /// changed; the table deleted when there is nothing IPv6 to serve). Returns the number
+    /// of commands run.
+    fn apply6(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<usize> {
+        let text = if desired.frontends6.is_empty() {
+            render6::render_cleanup6()
+        } else {
+            render6::render6(desired, self.settings.render.masquerade_bit)
+        };
+        if !full && self.applied6.as_deref() == Some(text.as_str()) {
+            return Ok(0);
+        }
+        self.applied6 = None;
+        run_with_stdin("nft", &["-f", "-"], &text).context("applying table ip6 kproxy")?;
+        let commands = text.lines().count();
+        self.applied6 = Some(text);
+        Ok(commands)
+    }
+
+    fn apply4(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
         let next = render::model(desired, &self.settings.render);
         let text = match (self.applied.take(), full) {
             (Some(prev), false) => match render::render_partial(&prev, &next) {
@@ -150,7 +187,8 @@ impl Dataplane for NftablesDataplane {
 
 /// A representative state for rendering tests: a ClusterIP with a local and a remote
 /// endpoint, its NodePort, a Service without endpoints (ClusterIP and NodePort), a UDP
-/// Service, an external IP, a LoadBalancer IP.
+/// Service (with ClientIP affinity), an external IP, a LoadBalancer IP (with source ranges,
+/// on its nodePort too).
 #[cfg(test)]
 pub(crate) fn sample_desired() -> DesiredState {
     use crate::desired::{Backend, Frontend, FrontendKind, Protocol, ServicePortName};
@@ -166,6 +204,11 @@ pub(crate) fn sample_desired() -> DesiredState {
         is_local,
     };
     let web = vec![be("10.244.1.5", 8080, true), be("10.244.2.7", 8080, false)];
+    // The first range holds a node address: the LoadBalancer IP itself is allowed too.
+    let ranges: Vec<crate::desired::Ipv4Cidr> = [("192.168.0.0", 16), ("203.0.113.0", 24)]
+        .into_iter()
+        .map(|(a, l)| crate::desired::Ipv4Cidr::new(a.parse().unwrap(), l).unwrap())
+        .collect();
     let mut frontends = vec![
         Frontend {
             service: spn("web", "http", Protocol::Tcp),
@@ -185,7 +228,7 @@ pub(crate) fn sample_desired() -> DesiredState {
             protocol: Protocol::Tcp,
             backends: web.clone(),
             affinity_timeout: None,
-            source_ranges: None,
+            source_ranges: Some(ranges.clone()),
         },
         Frontend {
             service: spn("web", "http", Protocol::Tcp),
@@ -205,7 +248,7 @@ pub(crate) fn sample_desired() -> DesiredState {
             protocol: Protocol::Tcp,
             backends: vec![be("10.244.1.5", 8080, true)],
             affinity_timeout: None,
-            source_ranges: None,
+            source_ranges: Some(ranges),
         },
         Frontend {
             service: spn("empty", "", Protocol::Tcp),
@@ -238,7 +281,7 @@ pub(crate) fn sample_desired() -> DesiredState {
                 be("10.244.2.9", 5353, false),
                 be("10.244.3.9", 5353, false),
             ],
-            affinity_timeout: None,
+            affinity_timeout: Some(10800),
             source_ranges: None,
         },
     ];
@@ -249,6 +292,7 @@ pub(crate) fn sample_desired() -> DesiredState {
             "192.168.1.1".parse().unwrap(),
             "192.168.1.2".parse().unwrap(),
         ],
+        ..DesiredState::default()
     }
 }
 

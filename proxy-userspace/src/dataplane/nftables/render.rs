@@ -10,6 +10,17 @@
 //! - `ep-<hash>-<name>` per endpoint of a frontend: the masquerade mark for hairpin (source
 //!   is the endpoint) and for traffic from outside the cluster CIDR to an endpoint on another
 //!   node, then `dnat to`.
+//! - sessionAffinity ClientIP (as kube-proxy): each endpoint of such a frontend has a set
+//!   `affinity-<hash>-<name>` (`flags dynamic,timeout; timeout <T>s`) of client addresses;
+//!   the service chain first sends a source found in an endpoint's set to that endpoint
+//!   (`ip saddr @set goto ep-...`), and the endpoint chain records its client
+//!   (`update @set { ip saddr }`). The timeout is part of the set's name, so a changed
+//!   timeout is a new set.
+//! - loadBalancerSourceRanges (as kube-proxy): `firewall-check`, at priority -110 before
+//!   DNAT in prerouting and output, looks the destination up in `firewall-ips` (LoadBalancer
+//!   IPs) and `firewall-nodeports` and goes to a per-frontend `firewall-<hash>-<name>` chain
+//!   that drops sources outside the ranges (plus the LoadBalancer IP itself when a node
+//!   address is inside, for VIPs that loop back on the node).
 //! - `nat-prerouting`/`nat-output` (dstnat) jump to `services`; `nat-postrouting` (srcnat)
 //!   masquerades marked packets.
 //! - `filter-input`/`filter-forward`/`filter-output` at priority -110 (dstnat - 10) reject (TCP reset,
@@ -18,7 +29,7 @@
 //!
 //! `localhost:nodePort` is not served (that would need route_localnet).
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use crate::{
     dataplane::iptables::hash::{endpoint_identity, frontend_identity, hash},
@@ -86,6 +97,48 @@ pub fn endpoint_chain(f: &Frontend, b: &Backend) -> String {
     )
 }
 
+/// The client-address set of endpoint `b` of a frontend with affinity `timeout` seconds.
+pub fn affinity_set(f: &Frontend, b: &Backend, timeout: u32) -> String {
+    format!(
+        "affinity-{}-{}__{}/{}",
+        hash(&format!("{}/{timeout}", endpoint_identity(f, b)), 8),
+        readable(f),
+        b.address,
+        b.port
+    )
+}
+
+pub fn firewall_chain(f: &Frontend) -> String {
+    format!(
+        "firewall-{}-{}",
+        hash(&frontend_identity(f), 8),
+        readable(f)
+    )
+}
+
+/// The drop rule of a frontend's firewall chain: sources outside `ranges` (plus, when a node
+/// address is inside one, the LoadBalancer IP itself, as kube-proxy does) are dropped.
+pub(crate) fn firewall_allowed(
+    f: &Frontend,
+    ranges: &[crate::desired::Ipv4Cidr],
+    node: &[Ipv4Addr],
+) -> Vec<String> {
+    let mut allowed: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
+    let node_inside = ranges.iter().any(|r| node.iter().any(|a| r.contains(*a)));
+    if node_inside && f.kind == FrontendKind::LoadBalancer {
+        allowed.push(f.address.to_string());
+    }
+    allowed
+}
+
+fn firewall_rule(allowed: &[String]) -> String {
+    if allowed.is_empty() {
+        "drop".to_string()
+    } else {
+        format!("ip saddr != {{ {} }} drop", allowed.join(", "))
+    }
+}
+
 pub(crate) fn network(c: &Ipv4Cidr) -> String {
     let mask = if c.prefix_len == 0 {
         0
@@ -116,6 +169,8 @@ fn skeleton(opts: &RenderOptions) -> String {
             "ipv4_addr . inet_proto . inet_service",
         ),
         ("no-endpoint-nodeports", "inet_proto . inet_service"),
+        ("firewall-ips", "ipv4_addr . inet_proto . inet_service"),
+        ("firewall-nodeports", "inet_proto . inet_service"),
     ] {
         line(format!("add map {t} {name} {{ type {key} : verdict ; }}"));
     }
@@ -149,6 +204,13 @@ fn skeleton(opts: &RenderOptions) -> String {
     line(format!(
         "add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services"
     ));
+    line(format!("add chain {t} firewall-check"));
+    line(format!(
+        "add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips"
+    ));
+    line(format!(
+        "add rule {t} firewall-check ip daddr @nodeport-ips fib daddr type local meta l4proto . th dport vmap @firewall-nodeports"
+    ));
     line(format!("add chain {t} nodeport-endpoints-check"));
     line(format!(
         "add rule {t} nodeport-endpoints-check ip daddr @nodeport-ips fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports"
@@ -171,6 +233,20 @@ fn skeleton(opts: &RenderOptions) -> String {
             "postrouting",
             "100",
             &["masquerading"][..],
+        ),
+        (
+            "filter-prerouting-pre-dnat",
+            "filter",
+            "prerouting",
+            "-110",
+            &["firewall-check"][..],
+        ),
+        (
+            "filter-output-pre-dnat",
+            "filter",
+            "output",
+            "-110",
+            &["firewall-check"][..],
         ),
         (
             "filter-input",
@@ -211,17 +287,94 @@ fn skeleton(opts: &RenderOptions) -> String {
 /// (map -> key -> verdict, "" for set elements).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Model {
+    /// Sets the chains use (name -> declaration): the affinity sets.
+    pub sets: BTreeMap<String, String>,
     pub chains: BTreeMap<String, Vec<String>>,
     pub elements: BTreeMap<&'static str, BTreeMap<String, String>>,
 }
 
-pub const MAPS: [&str; 5] = [
+pub const MAPS: [&str; 7] = [
     "nodeport-ips",
     "service-ips",
     "service-nodeports",
     "no-endpoint-services",
     "no-endpoint-nodeports",
+    "firewall-ips",
+    "firewall-nodeports",
 ];
+
+/// The chains (and sets) of one frontend with endpoints: the service chain and an endpoint
+/// chain per backend.
+fn model_frontend(m: &mut Model, f: &Frontend, outside: Option<&str>) {
+    let mut service_rules = Vec::new();
+    if let Some(timeout) = f.affinity_timeout {
+        for b in &f.backends {
+            let set = affinity_set(f, b, timeout);
+            m.sets.insert(
+                set.clone(),
+                format!("{{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}"),
+            );
+            service_rules.push(format!("ip saddr @{set} goto {}", endpoint_chain(f, b)));
+        }
+    }
+    let targets: Vec<String> = f
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("{i} : goto {}", endpoint_chain(f, b)))
+        .collect();
+    service_rules.push(format!(
+        "numgen random mod {} vmap {{ {} }}",
+        f.backends.len(),
+        targets.join(", ")
+    ));
+    m.chains.insert(service_chain(f), service_rules);
+    for b in &f.backends {
+        let mut rules = vec![format!("ip saddr {} jump mark-for-masquerade", b.address)];
+        if !b.is_local {
+            rules.push(format!("{}jump mark-for-masquerade", outside.unwrap_or("")));
+        }
+        if let Some(timeout) = f.affinity_timeout {
+            rules.push(format!(
+                "update @{} {{ ip saddr }}",
+                affinity_set(f, b, timeout)
+            ));
+        }
+        rules.push(format!(
+            "meta l4proto {} dnat to {}:{}",
+            proto(f.protocol),
+            b.address,
+            b.port
+        ));
+        m.chains.insert(endpoint_chain(f, b), rules);
+    }
+}
+
+/// The firewall chain and map element of a frontend with loadBalancerSourceRanges.
+fn model_firewall(m: &mut Model, f: &Frontend, node: &[Ipv4Addr]) {
+    let Some(ranges) = &f.source_ranges else {
+        return;
+    };
+    let chain = firewall_chain(f);
+    m.chains.insert(
+        chain.clone(),
+        vec![firewall_rule(&firewall_allowed(f, ranges, node))],
+    );
+    let (map, key) = match f.kind {
+        FrontendKind::NodePort => (
+            "firewall-nodeports",
+            format!("{} . {}", proto(f.protocol), f.port),
+        ),
+        _ => (
+            "firewall-ips",
+            format!("{} . {} . {}", f.address, proto(f.protocol), f.port),
+        ),
+    };
+    m.elements
+        .get_mut(map)
+        .expect("map")
+        .insert(key, format!("goto {chain}"));
+}
 
 pub fn model(desired: &DesiredState, opts: &RenderOptions) -> Model {
     let mut m = Model::default();
@@ -233,36 +386,10 @@ pub fn model(desired: &DesiredState, opts: &RenderOptions) -> Model {
         .as_ref()
         .map(|c| format!("ip saddr != {} ", network(c)));
     for f in desired.frontends.iter().filter(|f| !f.backends.is_empty()) {
-        let targets: Vec<String> = f
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| format!("{i} : goto {}", endpoint_chain(f, b)))
-            .collect();
-        m.chains.insert(
-            service_chain(f),
-            vec![format!(
-                "numgen random mod {} vmap {{ {} }}",
-                f.backends.len(),
-                targets.join(", ")
-            )],
-        );
-        for b in &f.backends {
-            let mut rules = vec![format!("ip saddr {} jump mark-for-masquerade", b.address)];
-            if !b.is_local {
-                rules.push(format!(
-                    "{}jump mark-for-masquerade",
-                    outside.as_deref().unwrap_or("")
-                ));
-            }
-            rules.push(format!(
-                "meta l4proto {} dnat to {}:{}",
-                proto(f.protocol),
-                b.address,
-                b.port
-            ));
-            m.chains.insert(endpoint_chain(f, b), rules);
-        }
+        model_frontend(&mut m, f, outside.as_deref());
+    }
+    for f in &desired.frontends {
+        model_firewall(&mut m, f, &desired.nodeport_addresses);
     }
     let el = &mut m.elements;
     for a in &desired.nodeport_addresses {
@@ -333,6 +460,9 @@ pub fn render_model(m: &Model, opts: &RenderOptions) -> String {
     let t = format!("ip {TABLE}");
     let mut s = format!("add table {t}\ndelete table {t}\nadd table {t}\n");
     s.push_str(&skeleton(opts));
+    for (name, decl) in &m.sets {
+        let _ = writeln!(s, "add set {t} {name} {decl}");
+    }
     // All chains before any rule: a vmap `goto` needs its target to exist.
     for name in m.chains.keys() {
         let _ = writeln!(s, "add chain {t} {name}");
@@ -356,6 +486,13 @@ pub fn render_model(m: &Model, opts: &RenderOptions) -> String {
 pub fn render_partial(prev: &Model, next: &Model) -> Option<String> {
     let t = format!("ip {TABLE}");
     let mut s = String::new();
+    for (name, decl) in next
+        .sets
+        .iter()
+        .filter(|(n, _)| !prev.sets.contains_key(*n))
+    {
+        let _ = writeln!(s, "add set {t} {name} {decl}");
+    }
     for name in next.chains.keys().filter(|n| !prev.chains.contains_key(*n)) {
         let _ = writeln!(s, "add chain {t} {name}");
     }
@@ -402,6 +539,10 @@ pub fn render_partial(prev: &Model, next: &Model) -> Option<String> {
     for name in &gone {
         let _ = writeln!(s, "delete chain {t} {name}");
     }
+    // Sets last: the rules that used them are rewritten or gone by now.
+    for name in prev.sets.keys().filter(|n| !next.sets.contains_key(*n)) {
+        let _ = writeln!(s, "delete set {t} {name}");
+    }
     (!s.is_empty()).then_some(s)
 }
 
@@ -416,10 +557,15 @@ pub fn render_probe() -> String {
     format!(
         "add table {t}\n\
          add map {t} m {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}\n\
+         add set {t} aff {{ type ipv4_addr ; flags dynamic,timeout ; timeout 10800s ; }}\n\
          add chain {t} ep\n\
+         add rule {t} ep update @aff {{ ip saddr }}\n\
          add rule {t} ep meta l4proto tcp dnat to 10.0.0.1:80\n\
          add chain {t} svc\n\
+         add rule {t} svc ip saddr @aff goto ep\n\
          add rule {t} svc numgen random mod 1 vmap {{ 0 : goto ep }}\n\
+         add chain {t} fw\n\
+         add rule {t} fw ip saddr != {{ 192.0.2.0/24, 198.51.100.1 }} drop\n\
          add chain {t} pre {{ type nat hook prerouting priority -100 ; policy accept ; }}\n\
          add rule {t} pre ip daddr . meta l4proto . th dport vmap @m\n\
          add rule {t} pre fib daddr type local meta l4proto . th dport vmap {{ tcp . 1 : goto svc }}\n\
