@@ -65,7 +65,15 @@ impl EbpfDataplane {
     pub fn start(settings: EbpfSettings) -> anyhow::Result<Self> {
         crate::bpffs::ensure_root(&settings.bpf_root)
             .with_context(|| format!("preparing --bpf-root {}", settings.bpf_root.display()))?;
-        let layouts = layout::object_layouts(crate::EBPF_OBJECT)?;
+        let mut layouts = layout::object_layouts(crate::EBPF_OBJECT)?;
+        // The conntrack maps are sized by --ct-max, not by the object: compare pins against
+        // that, so a restart with the same --ct-max adopts them and a changed one rebuilds
+        // them with the flows copied over.
+        for name in [proxy_common::maps::CT4, proxy_common::maps::NAT4_REV] {
+            if let Some(l) = layouts.get_mut(name) {
+                l.max_entries = settings.ct_max;
+            }
+        }
         let plan = layout::prepare(&settings.bpf_root, layouts)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&settings.bpf_root)
@@ -73,7 +81,6 @@ impl EbpfDataplane {
             .map_max_entries(proxy_common::maps::NAT4_REV, settings.ct_max)
             .load(crate::EBPF_OBJECT)
             .context("loading the eBPF object (maps and programs)")?;
-        warn_pinned_ct_size(&ebpf, settings.ct_max);
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!("kernel-side logging not enabled: {e}");
         }
@@ -159,24 +166,6 @@ impl EbpfDataplane {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("closing IPv6 UDP sockets of removed backends: {e:#}"),
-        }
-    }
-}
-
-/// The conntrack maps keep the size they were created with: say so when --ct-max differs.
-fn warn_pinned_ct_size(ebpf: &Ebpf, wanted: u32) {
-    for name in [proxy_common::maps::CT4, proxy_common::maps::NAT4_REV] {
-        let size = match ebpf.map(name) {
-            Some(aya::maps::Map::LruHashMap(d)) => d.info().map(|i| i.max_entries()).ok(),
-            _ => None,
-        };
-        if let Some(size) = size.filter(|s| *s != wanted) {
-            tracing::warn!(
-                map = name,
-                size,
-                wanted,
-                "the pinned map keeps its size; --ct-max applies when it is created (kproxy cleanup, then start again)"
-            );
         }
     }
 }
