@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     config::{CFG_FLAG_XDP_FIB_FORWARD, Lb4Config},
-    conntrack::{Ct4Entry, Nat4RevEntry},
+    conntrack::{CT_FLAG_TCP_STATE, Ct4Entry, Nat4RevEntry, TcpCtState, tcp_ct_state},
     lb::{BACKEND_FLAG_LOCAL, Lb4Backend, Lb4Key, Lb4Service, SVC_FLAG_EXTERNAL},
     stats::{
         STAT_BACKEND_RESELECTED, STAT_CT_CREATED, STAT_CT_INSERT_FAILED, STAT_CT_LOST_MIDFLOW,
@@ -265,6 +265,15 @@ fn lb4_flow_reuse(svc: &Lb4Service, ct: &Ct4Entry) -> Option<(u32, Lb4Backend, u
     Some((ct.backend_id, backend, ct.nat_sport))
 }
 
+/// Whether a TCP SYN (without ACK) meets an entry whose connection has closed.
+#[inline(always)]
+fn lb4_flow_reopened(ct: &Ct4Entry, proto: u8, tcp_flags: u8) -> bool {
+    proto == IPPROTO_TCP
+        && tcp_is_syn(tcp_flags)
+        && ct.flags & CT_FLAG_TCP_STATE != 0
+        && tcp_ct_state(ct.flags) == TcpCtState::Closed
+}
+
 /// The backend of a new flow: a frontend with session affinity follows its client's last
 /// pick (and balances new clients at random); otherwise Maglev (the same backend on every
 /// node), and random slots if its entry is missing or stale.
@@ -300,9 +309,15 @@ fn lb4_flow_get(
         // Mid-flow packet without state: evicted (map full) or expired.
         stat_inc(STAT_CT_LOST_MIDFLOW);
     }
+    // A SYN on a closed entry is a new connection that reused the client port: it picks a
+    // backend afresh, as Cilium does for a reopened flow, instead of following the old one
+    // (which may be a removed backend still draining its established connections).
+    let reopened = ct
+        .as_ref()
+        .is_some_and(|ct| lb4_flow_reopened(ct, pkt.proto, pkt.tcp_flags));
     let reuse = match &ct {
-        Some(ct) => lb4_flow_reuse(svc, ct),
-        None => None,
+        Some(ct) if !reopened => lb4_flow_reuse(svc, ct),
+        _ => None,
     };
     let (backend_id, backend, mut preferred) = match reuse {
         Some(found) => found,
@@ -310,7 +325,7 @@ fn lb4_flow_get(
             let Some((id, backend)) = lb4_select_new(key, svc, pkt, now) else {
                 return Err(STAT_PASS_NO_BACKEND);
             };
-            if ct.is_some() {
+            if ct.is_some() && !reopened {
                 stat_inc(STAT_BACKEND_RESELECTED);
             } else {
                 svc_stat_add(svc.rev_nat_index, 0, 0, 1);

@@ -11,6 +11,7 @@ use proxy_common::{
         CT_FLAG_FIN_FWD, CT_FLAG_FIN_REV, CT_FLAG_RST, CT_FLAG_SEEN_NON_SYN, CT_FLAG_TCP_STATE,
         TcpCtState, tcp_ct_state,
     },
+    lb::BACKEND_FLAG_LOCAL,
     stats::{STAT_CT_CREATED, STAT_CT_LOST_MIDFLOW},
 };
 
@@ -113,4 +114,35 @@ fn a_midflow_packet_without_state_is_counted() {
         fx.events()[STAT_CT_LOST_MIDFLOW as usize],
         after[STAT_CT_LOST_MIDFLOW as usize]
     );
+}
+
+/// A removed backend that still drains (out of every slot, still in the backends map) keeps
+/// its established connection, but a new connection that reuses the client port after the
+/// old one closed picks a live backend instead of following the closed entry.
+#[test]
+fn a_reused_port_after_close_does_not_follow_a_draining_backend() {
+    let mut fx = nodeport_fixture(IPPROTO_TCP, &[local_be()]);
+    let to = |fx: &Fixture, flags: u8, what: &str| {
+        parse(&run_pass(fx, PROG_XDP, &client(flags), what)).daddr
+    };
+    assert_eq!(to(&fx, SYN, "syn"), LOCAL_BE);
+    assert_eq!(to(&fx, ACK, "ack"), LOCAL_BE);
+    // The endpoint is replaced: the slots now hold only the new pod; the old backend drains.
+    const NEW_BE: [u8; 4] = [10, 244, 0, 6];
+    let new_be = Backend {
+        id: 3,
+        addr: NEW_BE,
+        port: BE_PORT,
+        flags: BACKEND_FLAG_LOCAL,
+    };
+    fx.add_service([0; 4], NODE_PORT, IPPROTO_TCP, NP_FLAGS, 7, &[new_be]);
+    assert_eq!(to(&fx, ACK, "established ack while draining"), LOCAL_BE);
+    assert_eq!(to(&fx, RST, "client reset"), LOCAL_BE);
+    assert_eq!(
+        to(&fx, SYN, "syn on the reused port"),
+        NEW_BE,
+        "a new connection must not go to the draining backend"
+    );
+    // Its retransmitted SYN stays with the pick.
+    assert_eq!(to(&fx, SYN, "retransmitted syn"), NEW_BE);
 }
