@@ -135,12 +135,10 @@ pub fn parse_manifest(file: &Path, text: &str) -> (Vec<Parsed>, Vec<Diagnostic>)
             line,
             item: None,
         };
-        // Padded so the parser's line numbers are the file's.
-        let padded = format!("{}{doc}", "\n".repeat(line.saturating_sub(1)));
-        match serde_yaml::from_str::<Value>(&padded) {
-            Ok(value) => handle_value(value, Some(&padded), &origin, &mut out, &mut diags),
+        match serde_yaml::from_str::<Value>(&doc) {
+            Ok(value) => handle_value(value, Some((&doc, line)), &origin, &mut out, &mut diags),
             Err(e) => diags.push(Diagnostic::rejected(
-                format!("{origin}: malformed YAML: {e}"),
+                format!("{origin}: malformed YAML: {}", yaml_error(&e, line)),
                 Unusable::Document,
             )),
         }
@@ -220,16 +218,42 @@ fn untyped_key(kind: ObjectKind, value: &Value) -> Unusable {
     })
 }
 
-fn typed<T: DeserializeOwned>(value: Value, text: Option<&str>) -> Result<T, String> {
+/// A parser error of a document starting on the file's line `first_line`, with the line
+/// number the file's. (Documents are parsed on their own: padding each with the lines before
+/// it made parsing a file quadratic in its length.)
+fn yaml_error(e: &serde_yaml::Error, first_line: usize) -> String {
+    let offset = first_line.saturating_sub(1);
+    let text = e.to_string();
+    // Every "line N" of the message (the problem's and its context's marks).
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("line ") {
+        let (head, tail) = rest.split_at(i + "line ".len());
+        out.push_str(head);
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        match tail[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&tail[..digits]),
+        }
+        rest = &tail[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A document's text and the file line it starts on.
+type DocText<'a> = (&'a str, usize);
+
+fn typed<T: DeserializeOwned>(value: Value, text: Option<DocText<'_>>) -> Result<T, String> {
     match text {
-        Some(t) => serde_yaml::from_str(t).map_err(|e| e.to_string()),
+        Some((t, line)) => serde_yaml::from_str(t).map_err(|e| yaml_error(&e, line)),
         None => serde_yaml::from_value(value).map_err(|e| e.to_string()),
     }
 }
 
 fn handle_value(
     value: Value,
-    text: Option<&str>,
+    text: Option<DocText<'_>>,
     origin: &Origin,
     out: &mut Vec<Parsed>,
     diags: &mut Vec<Diagnostic>,
@@ -729,6 +753,30 @@ mod tests {
 
     fn keys(objects: &[Parsed]) -> Vec<String> {
         objects.iter().map(|p| p.object.key().to_string()).collect()
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_parsing_stays_linear() {
+        // A typed error on the file's line 14 (document 3), and a syntax error in the flow
+        // mapping opened on line 18 (document 4).
+        let text = format!(
+            "{SVC}---\n{SVC}---\napiVersion: v1\nkind: Service\nmetadata: {{name: typed}}\nspec: {{clusterIP: 10.96.0.2, ports: [{{port: 80, protocol: [x]}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: x\n  spec: [\n"
+        );
+        let (_, diags) = parse_manifest(Path::new("f.yaml"), &text);
+        let w = warnings(&diags);
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(w[0].contains("at line 14 column 59"), "{}", w[0]);
+        assert!(
+            w[1].contains("at line 19 column 7") && w[1].contains("flow mapping at line 18"),
+            "{}",
+            w[1]
+        );
+        // 20,000 documents parse in well under the seconds the padded parser took.
+        let big: String = (0..20_000)
+            .map(|i| format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n"))
+            .collect();
+        let (parsed, _) = parse_manifest(Path::new("big.yaml"), &big);
+        assert_eq!(parsed.len(), 20_000);
     }
 
     #[test]
