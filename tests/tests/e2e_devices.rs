@@ -114,20 +114,7 @@ fn devices_added_renamed_and_removed_are_followed() {
     c.ok(r);
     wait_pins(&c, &["tc_egress@eth0", "xdp@eth0"], Duration::from_secs(2));
 
-    let asker = c.ask_start(
-        &c.client(),
-        &[
-            "tcp-ask",
-            "198.18.0.1:30001",
-            "--http",
-            "--count",
-            "300",
-            "--interval-ms",
-            "50",
-            "--timeout-ms",
-            "1000",
-        ],
-    );
+    let asker = c.nodeport_asker(300);
     assert!(
         asker
             .wait_line(Duration::from_secs(5), |l| l.seq >= 5)

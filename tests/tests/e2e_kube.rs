@@ -26,7 +26,7 @@ use kproxy_tests::{
     harness::{
         Cluster, fixtures, kproxy_bin,
         manifests::{EndpointSlice, Object, Protocol, Service, render, seed},
-        probe::{Asker, show},
+        probe::show,
         sys::epoch_ms,
     },
 };
@@ -112,23 +112,6 @@ fn wait_served_by(
     );
 }
 
-fn nodeport_asker(c: &Cluster, count: u32) -> Asker {
-    c.ask_start(
-        &c.client(),
-        &[
-            "tcp-ask",
-            &format!("{}:{}", c.node_ip(1), seed::MYSVC_NODEPORT),
-            "--http",
-            "--count",
-            &count.to_string(),
-            "--interval-ms",
-            "50",
-            "--timeout-ms",
-            "1000",
-        ],
-    )
-}
-
 #[test]
 fn api_source_end_to_end() {
     let mut c = fixtures::one_node(TESTPOD).expect("building the cluster");
@@ -209,7 +192,7 @@ fn api_source_end_to_end() {
     assert!(value("kubeproxy_network_programming_duration_seconds_count") >= 1.0);
 
     // 3. The API server away while traffic flows; a change made meanwhile.
-    let asker = nodeport_asker(&c, 200);
+    let asker = c.nodeport_asker(200);
     assert!(
         asker
             .wait_line(Duration::from_secs(5), |l| l.seq >= 10)
@@ -393,7 +376,7 @@ fn agent_restarted_while_the_api_is_down_serves_the_pinned_state() {
     );
 
     // Traffic throughout; the API server goes away, then the agent is killed and restarted.
-    let asker = nodeport_asker(&c, 300);
+    let asker = c.nodeport_asker(300);
     assert!(
         asker
             .wait_line(Duration::from_secs(5), |l| l.seq >= 10)

@@ -73,20 +73,7 @@ fn older_map_layouts_are_rebuilt_or_migrated_without_a_gap() {
     let be_pin = root.join("KP_LB4_BE_V1");
     let be_size = value_size(&c, &be_pin).expect("the backends map's value size");
 
-    let asker = c.ask_start(
-        &c.client(),
-        &[
-            "tcp-ask",
-            "198.18.0.1:30001",
-            "--http",
-            "--count",
-            "300",
-            "--interval-ms",
-            "50",
-            "--timeout-ms",
-            "1000",
-        ],
-    );
+    let asker = c.nodeport_asker(300);
     assert!(
         asker
             .wait_line(Duration::from_secs(5), |l| l.seq >= 5)

@@ -1142,6 +1142,26 @@ impl Cluster {
         let log = self.tmp.join(format!("ask-{}.out", sys::unique_id()));
         self.ok(probe::Asker::start(place, &self.testpod(), args, &log))
     }
+
+    /// `count` HTTP requests, one every 50 ms (each on a new connection, 1 s timeout), from
+    /// the client to the seed Service's nodePort on node1: traffic kept flowing while a test
+    /// disturbs the node.
+    pub fn nodeport_asker(&self, count: u32) -> probe::Asker {
+        let target = format!("{}:{}", self.node_ip(1), manifests::seed::MYSVC_NODEPORT);
+        let count = count.to_string();
+        let args = [
+            "tcp-ask",
+            &target,
+            "--http",
+            "--count",
+            &count,
+            "--interval-ms",
+            "50",
+            "--timeout-ms",
+            "1000",
+        ];
+        self.ask_start(&self.client(), &args)
+    }
 }
 
 impl Drop for Cluster {
