@@ -22,6 +22,8 @@ pub struct ScaleResult {
     pub change_wall_ms: f64,
     pub rss_mib: Option<f64>,
     pub bpf_map_mib: Option<f64>,
+    /// connect() to a cluster IP (median, p99 µs) with these Services programmed.
+    pub latency_us: Option<(f64, f64)>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -268,13 +270,13 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "\n### Control plane per mode\n");
     let _ = writeln!(
         s,
-        "| mode | Services x endpoints | first sync (ms) | agent start to healthy (ms) | one endpoint change: sync (ms) | change: file written to sync logged (ms) | agent RSS (MiB) | BPF map memlock (MiB) |\n|---|---|---|---|---|---|---|---|"
+        "| mode | Services x endpoints | first sync (ms) | agent start to healthy (ms) | one endpoint change: sync (ms) | change: file written to sync logged (ms) | agent RSS (MiB) | BPF map memlock (MiB) | connect() to a cluster IP at this size, median / p99 µs |\n|---|---|---|---|---|---|---|---|---|"
     );
     for m in &r.modes {
         for sc in &m.scale {
             let _ = writeln!(
                 s,
-                "| {} | {} x 10 | {:.1} | {:.0} | {:.1} | {:.0} | {} | {} |",
+                "| {} | {} x 10 | {:.1} | {:.0} | {:.1} | {:.0} | {} | {} | {} |",
                 m.mode,
                 sc.services,
                 sc.first_sync_ms,
@@ -282,7 +284,8 @@ pub fn markdown(r: &Report) -> String {
                 sc.change_sync_ms,
                 sc.change_wall_ms,
                 opt(sc.rss_mib, 1),
-                opt(sc.bpf_map_mib, 1)
+                opt(sc.bpf_map_mib, 1),
+                lat(sc.latency_us)
             );
         }
     }

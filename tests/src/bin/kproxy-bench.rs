@@ -315,7 +315,7 @@ fn run_mode(c: &mut Cluster, s: &Settings, mode: &str) -> Result<ModeResult> {
     // The control plane of ebpf-tc is ebpf's: measured once.
     let scales: &[usize] = if mode == "ebpf-tc" { &[] } else { &s.scales };
     for &n in scales {
-        match program_scale(c, mode, n) {
+        match program_scale(c, s, mode, n) {
             Ok(sr) => r.scale.push(sr),
             Err(e) => eprintln!("bench: {mode} at {n} services: {e:#}"),
         }
@@ -325,7 +325,7 @@ fn run_mode(c: &mut Cluster, s: &Settings, mode: &str) -> Result<ModeResult> {
 
 /// Starts the agent from scratch with `n` Services x 10 endpoints already in the manifests,
 /// then changes one endpoint.
-fn program_scale(c: &mut Cluster, mode: &str, n: usize) -> Result<ScaleResult> {
+fn program_scale(c: &mut Cluster, s: &Settings, mode: &str, n: usize) -> Result<ScaleResult> {
     eprintln!("bench: {mode}: programming {n} Services x 10 endpoints");
     c.write_manifest_text("fill.yaml", &filler_yaml(n, 10, false))?;
     let before = sync_lines(c);
@@ -343,6 +343,9 @@ fn program_scale(c: &mut Cluster, mode: &str, n: usize) -> Result<ScaleResult> {
     wait_sync_after(c, syncs, Duration::from_secs(300))?;
     let change_wall = t1.elapsed();
     let change = took_ms(&c.agent_log(1), syncs).context("no sync after the change")?;
+    let latency_us = connect_latency(c, s.latency_samples)
+        .map_err(|e| eprintln!("bench: {mode}: latency at {n} services: {e:#}"))
+        .ok();
     let _ = c.stop_agent(1);
     let _ = c.agent_cleanup(1);
     let _ = c.remove_manifest("fill.yaml");
@@ -355,6 +358,7 @@ fn program_scale(c: &mut Cluster, mode: &str, n: usize) -> Result<ScaleResult> {
         change_wall_ms: change_wall.as_secs_f64() * 1000.0,
         rss_mib,
         bpf_map_mib: map_mib,
+        latency_us,
     })
 }
 
