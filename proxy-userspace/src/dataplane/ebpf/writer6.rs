@@ -359,6 +359,8 @@ mod tests {
                     is_local: true,
                 })
                 .collect(),
+            affinity_timeout: None,
+            source_ranges: None,
         }
     }
 
