@@ -45,12 +45,49 @@ impl Lb4AffinityKey {
     }
 }
 
+/// The IPv6 twin of [`Lb4AffinityKey`] (map `KP_AFF6_V1`, values [`Lb6AffinityValue`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lb6AffinityKey {
+    /// AFFINITY_CLIENT_ADDR: the client's IPv6 source address (be words);
+    /// AFFINITY_CLIENT_NETNS: the netns cookie in the first two words (native order), the
+    /// rest 0.
+    pub client: [u32; 4],
+    /// The IPv6 frontend (its IPv6 reverse-NAT index).
+    pub rev_nat_index: u16,
+    /// AFFINITY_CLIENT_*.
+    pub client_kind: u8,
+    pub _pad: u8,
+}
+
+impl Lb6AffinityKey {
+    pub const fn new(client: [u32; 4], rev_nat_index: u16, client_kind: u8) -> Self {
+        Self {
+            client,
+            rev_nat_index,
+            client_kind,
+            _pad: 0,
+        }
+    }
+
+    /// The key of a socket in the network namespace `cookie`.
+    pub const fn netns(cookie: u64, rev_nat_index: u16) -> Self {
+        let client = [cookie as u32, (cookie >> 32) as u32, 0, 0];
+        Self::new(client, rev_nat_index, AFFINITY_CLIENT_NETNS)
+    }
+}
+
+/// Same layout as IPv4's; the backend id is an IPv6 one (`KP_LB6_BE_V1`).
+pub type Lb6AffinityValue = Lb4AffinityValue;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `repr(C)` data with explicit padding.
+    unsafe impl aya::Pod for super::Lb6AffinityKey {}
     unsafe impl aya::Pod for super::Lb4AffinityKey {}
     unsafe impl aya::Pod for super::Lb4AffinityValue {}
 }
 
 const _: () = assert!(core::mem::size_of::<Lb4AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Lb4AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Lb6AffinityKey>() == 20);

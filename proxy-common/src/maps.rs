@@ -43,6 +43,17 @@ pub const SOCK6_REV: &str = "KP_SOCK6_REV_V1";
 pub const LB4_AFFINITY: &str = "KP_AFF4_V1";
 /// loadBalancerSourceRanges (LPM trie): [`crate::src_range::Lb4SrcRangeKey`] -> `u8` (1).
 pub const LB4_SRC_RANGE: &str = "KP_SRCR4_V1";
+/// Connection tracking for translated IPv6 packet flows (LRU):
+/// [`crate::conntrack6::Ct6Key`] -> [`crate::conntrack6::Ct6Entry`].
+pub const CT6: &str = "KP_CT6_V1";
+/// Reverse translation of IPv6 reply packets (LRU):
+/// [`crate::conntrack6::Ct6Key`] -> [`crate::conntrack6::Nat6RevEntry`].
+pub const NAT6_REV: &str = "KP_NAT6_REV_V1";
+/// IPv6 session affinity (LRU): [`crate::affinity::Lb6AffinityKey`] ->
+/// [`crate::affinity::Lb6AffinityValue`].
+pub const LB6_AFFINITY: &str = "KP_AFF6_V1";
+/// IPv6 loadBalancerSourceRanges (LPM trie): [`crate::src_range::Lb6SrcRangeKey`] -> `u8`.
+pub const LB6_SRC_RANGE: &str = "KP_SRCR6_V1";
 
 /// 10,000 Services x 10 endpoints need 110,000 entries (a master and a slot per backend).
 pub const LB4_SERVICES_MAX: u32 = 131_072;
@@ -68,9 +79,13 @@ pub const LB6_NODEPORT_ADDRS_MAX: u32 = 256;
 pub const SOCK6_REV_MAX: u32 = 262_144;
 pub const LB4_AFFINITY_MAX: u32 = 65_536;
 pub const LB4_SRC_RANGE_MAX: u32 = 16_384;
+pub const CT6_MAX: u32 = 131_072;
+pub const NAT6_REV_MAX: u32 = 131_072;
+pub const LB6_AFFINITY_MAX: u32 = 65_536;
+pub const LB6_SRC_RANGE_MAX: u32 = 16_384;
 
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 23] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -90,6 +105,10 @@ pub const ALL: [&str; 19] = [
     SOCK6_REV,
     LB4_AFFINITY,
     LB4_SRC_RANGE,
+    CT6,
+    NAT6_REV,
+    LB6_AFFINITY,
+    LB6_SRC_RANGE,
 ];
 
 /// Maps that hold one settings entry: an array that is always "full".

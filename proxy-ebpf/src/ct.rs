@@ -169,7 +169,7 @@ pub fn nat4_rev_force(key: &Ct4Key, value: &Nat4RevEntry) -> bool {
 /// The SNAT port range of `cfg` (host order), falling back to the shared defaults when the
 /// agent left it empty or inverted.
 #[inline(always)]
-fn snat4_range(cfg: &Lb4Config) -> (u16, u16) {
+pub fn snat4_range(cfg: &Lb4Config) -> (u16, u16) {
     if cfg.snat_port_min == 0 || cfg.snat_port_min > cfg.snat_port_max {
         (SNAT_PORT_MIN, SNAT_PORT_MAX)
     } else {

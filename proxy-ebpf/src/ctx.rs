@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    csum::{csum_replace2, csum_replace4, csum_udp_fixup},
+    csum::{csum_diff4, csum_fold, csum_replace2, csum_replace4, csum_udp_fixup},
     parse::{IPPROTO_SCTP, IPPROTO_UDP},
 };
 
@@ -72,6 +72,17 @@ pub trait NetCtx {
         l4: L4Csum,
         old: u32,
         new: u32,
+    ) -> Result<(), PktErr>;
+
+    /// Replaces the 128-bit IPv6 address at `off` (`old` -> `new`, be words) and fixes the L4
+    /// checksum over the pseudo header (IPv6 has no header checksum): an incremental update
+    /// over the words that change.
+    fn store_addr6(
+        &self,
+        off: usize,
+        l4: L4Csum,
+        old: &[u32; 4],
+        new: &[u32; 4],
     ) -> Result<(), PktErr>;
 
     /// Writes `v` at `off` as is; the caller keeps every checksum right.
@@ -165,6 +176,31 @@ impl NetCtx for XdpContext {
         }
         xdp_store(self, l3_csum_off, csum_replace4(l3_check, old, new))?;
         xdp_store(self, off, new)
+    }
+
+    #[inline(always)]
+    fn store_addr6(
+        &self,
+        off: usize,
+        l4: L4Csum,
+        old: &[u32; 4],
+        new: &[u32; 4],
+    ) -> Result<(), PktErr> {
+        self.load::<[u32; 4]>(off)?;
+        if l4.proto != IPPROTO_SCTP {
+            let l4_check: u16 = self.load(l4.off)?;
+            // Four 32-bit changes add at most 16 * 0xffff to the sum: no u32 overflow.
+            let mut sum = u32::from(!l4_check);
+            for i in 0..4 {
+                sum = csum_diff4(sum, old[i], new[i]);
+            }
+            let mut l4_new = !csum_fold(sum);
+            if l4.proto == IPPROTO_UDP {
+                l4_new = csum_udp_fixup(l4_check, l4_new);
+            }
+            xdp_store(self, l4.off, l4_new)?;
+        }
+        xdp_store(self, off, *new)
     }
 
     #[inline(always)]
@@ -283,6 +319,34 @@ impl NetCtx for TcContext {
         self.l3_csum_replace(l3_csum_off, u64::from(old), u64::from(new), 4)
             .map_err(|_| PktErr)?;
         self.store(off, &new, 0).map_err(|_| PktErr)
+    }
+
+    #[inline(always)]
+    fn store_addr6(
+        &self,
+        off: usize,
+        l4: L4Csum,
+        old: &[u32; 4],
+        new: &[u32; 4],
+    ) -> Result<(), PktErr> {
+        let mut flags = u64::from(BPF_F_PSEUDO_HDR) | 4;
+        if l4.proto == IPPROTO_UDP {
+            flags |= u64::from(BPF_F_MARK_MANGLED_0);
+        }
+        // Word by word: the checksum (unless SCTP, whose CRC does not cover addresses), then
+        // the word itself.
+        for i in 0..4 {
+            let (o, n) = (old[i], new[i]);
+            if o == n {
+                continue;
+            }
+            if l4.proto != IPPROTO_SCTP {
+                self.l4_csum_replace(l4.off, u64::from(o), u64::from(n), flags)
+                    .map_err(|_| PktErr)?;
+            }
+            self.store(off + 4 * i, &n, 0).map_err(|_| PktErr)?;
+        }
+        Ok(())
     }
 
     #[inline(always)]

@@ -31,7 +31,7 @@ pub fn lb6_lookup_service(daddr: [u32; 4], dport: u16, proto: u8) -> Option<(Lb6
 
 /// The backend `id` if it exists and still belongs to the service port `rev_nat_index`.
 #[inline(always)]
-fn lb6_lookup_backend(id: u32, rev_nat_index: u16) -> Option<Lb6Backend> {
+pub fn lb6_lookup_backend(id: u32, rev_nat_index: u16) -> Option<Lb6Backend> {
     // SAFETY: the value is copied out at once.
     let backend = unsafe { LB6_BACKENDS.get(&id).copied() }?;
     if backend.rev_nat_index != rev_nat_index {
@@ -43,7 +43,7 @@ fn lb6_lookup_backend(id: u32, rev_nat_index: u16) -> Option<Lb6Backend> {
 /// Picks a random backend slot of the frontend `key`, probing the next slots when one is
 /// missing or stale (the agent may be rewriting the service). `None`: nothing to translate to.
 #[inline(always)]
-pub fn lb6_select_backend(key: &Lb6Key, svc: &Lb6Service) -> Option<Lb6Backend> {
+pub fn lb6_select_backend(key: &Lb6Key, svc: &Lb6Service) -> Option<(u32, Lb6Backend)> {
     if svc.count == 0 {
         return None;
     }
@@ -60,7 +60,7 @@ pub fn lb6_select_backend(key: &Lb6Key, svc: &Lb6Service) -> Option<Lb6Backend> 
             continue;
         };
         if let Some(backend) = lb6_lookup_backend(slot_svc.backend_id, svc.rev_nat_index) {
-            return Some(backend);
+            return Some((slot_svc.backend_id, backend));
         }
     }
     None

@@ -6,15 +6,19 @@
 #![allow(clippy::manual_unwrap_or, clippy::unnecessary_cast)]
 
 mod affinity;
+mod affinity6;
 mod csum;
 mod ct;
+mod ct6;
 mod ctx;
 mod icmp;
 mod lb;
 mod lb6;
 mod maps;
 mod nodeport;
+mod nodeport6;
 mod parse;
+mod parse6;
 mod sock;
 mod sock6;
 mod src_range;

@@ -9,16 +9,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    affinity::{Lb4AffinityKey, Lb4AffinityValue},
+    affinity::{Lb4AffinityKey, Lb4AffinityValue, Lb6AffinityKey, Lb6AffinityValue},
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
+    conntrack6::{Ct6Entry, Ct6Key, Nat6RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
     lb6::{Lb6Backend, Lb6Key, Lb6RevNat, Lb6Service},
     maglev::{MaglevConfig, MaglevKey, MaglevRow},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
     sock6::{Sock6RevKey, Sock6RevValue},
-    src_range::Lb4SrcRangeKey,
+    src_range::{Lb4SrcRangeKey, Lb6SrcRangeKey},
     stats::SvcStats,
 };
 
@@ -56,6 +57,10 @@ const _: () = assert!(name_is("KP_LB6_NPA_V1", names::LB6_NODEPORT_ADDRS));
 const _: () = assert!(name_is("KP_SOCK6_REV_V1", names::SOCK6_REV));
 const _: () = assert!(name_is("KP_AFF4_V1", names::LB4_AFFINITY));
 const _: () = assert!(name_is("KP_SRCR4_V1", names::LB4_SRC_RANGE));
+const _: () = assert!(name_is("KP_CT6_V1", names::CT6));
+const _: () = assert!(name_is("KP_NAT6_REV_V1", names::NAT6_REV));
+const _: () = assert!(name_is("KP_AFF6_V1", names::LB6_AFFINITY));
+const _: () = assert!(name_is("KP_SRCR6_V1", names::LB6_SRC_RANGE));
 
 #[map(name = "KP_LB4_SVC_V1")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
@@ -133,3 +138,19 @@ pub static LB4_AFFINITY: LruHashMap<Lb4AffinityKey, Lb4AffinityValue> =
 #[map(name = "KP_SRCR4_V1")]
 pub static LB4_SRC_RANGE: LpmTrie<Lb4SrcRangeKey, u8> =
     LpmTrie::pinned(names::LB4_SRC_RANGE_MAX, 0);
+
+#[map(name = "KP_CT6_V1")]
+pub static CT6: LruHashMap<Ct6Key, Ct6Entry> = LruHashMap::pinned(names::CT6_MAX, 0);
+
+#[map(name = "KP_NAT6_REV_V1")]
+pub static NAT6_REV: LruHashMap<Ct6Key, Nat6RevEntry> = LruHashMap::pinned(names::NAT6_REV_MAX, 0);
+
+/// IPv6 session affinity: (client, frontend) -> backend and last use.
+#[map(name = "KP_AFF6_V1")]
+pub static LB6_AFFINITY: LruHashMap<Lb6AffinityKey, Lb6AffinityValue> =
+    LruHashMap::pinned(names::LB6_AFFINITY_MAX, 0);
+
+/// IPv6 loadBalancerSourceRanges: (frontend, source prefix) -> 1.
+#[map(name = "KP_SRCR6_V1")]
+pub static LB6_SRC_RANGE: LpmTrie<Lb6SrcRangeKey, u8> =
+    LpmTrie::pinned(names::LB6_SRC_RANGE_MAX, 0);

@@ -33,21 +33,45 @@ use crate::{
         lb4_config, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend,
         lb4_select_backend_maglev,
     },
+    nodeport6::{nodeport6_egress, nodeport6_ingress},
     parse::{
         ETH_HLEN, IP_OFF_DADDR, IP_OFF_SADDR, IP_OFF_TTL, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP,
         Ip4, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, ip4_parse, l4_parse,
     },
+    parse6::eth_is_ip6,
     src_range::lb4_src_range_ok,
     stats::{stat_inc, svc_stat_add},
 };
 
 const AF_INET: u8 = 2;
 
-/// Ingress of an external device: reverse NAT of replies, else nodePort/externalIP
-/// translation; translated packets are forwarded per [`nodeport_forward`]. Every packet
-/// counts one event: how it was translated, or why it was passed.
+/// Ingress of an external device, by family. Each family is its own BPF function (not
+/// inlined): one inlined body for both would need more than the 512-byte BPF stack, while
+/// separate calls each get their own frame.
 #[inline(always)]
 pub fn nodeport_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
+    if eth_is_ip6(ctx) {
+        nodeport6_ingress(ctx)
+    } else {
+        nodeport4_ingress(ctx)
+    }
+}
+
+/// Egress of an external device, by family (see [`nodeport_ingress`]).
+#[inline(always)]
+pub fn nodeport_egress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
+    if eth_is_ip6(ctx) {
+        nodeport6_egress(ctx)
+    } else {
+        nodeport4_egress(ctx)
+    }
+}
+
+/// Ingress of an external device, IPv4: reverse NAT of replies, else nodePort/externalIP
+/// translation; translated packets are forwarded per [`nodeport_forward`]. Every packet
+/// counts one event: how it was translated, or why it was passed.
+#[inline(never)]
+fn nodeport4_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     let Some(cfg) = lb4_config() else {
         stat_inc(STAT_PASS_NOT_READY);
         return Ok(C::PASS);
@@ -91,10 +115,10 @@ enum Ingress {
     Drop,
 }
 
-/// Egress of an external device: reverse NAT of replies from local backends. Never drops.
-/// Only translations are counted here (the rest of the node's egress is none of ours).
-#[inline(always)]
-pub fn nodeport_egress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
+/// Egress of an external device, IPv4: reverse NAT of replies from local backends. Never
+/// drops. Only translations are counted here (the rest of the node's egress is none of ours).
+#[inline(never)]
+fn nodeport4_egress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     if lb4_config().is_none() {
         return Ok(C::PASS);
     }

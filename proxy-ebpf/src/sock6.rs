@@ -24,9 +24,10 @@ use proxy_common::{
 
 use crate::{
     affinity::lb4_affinity_select_by_netns,
+    affinity6::lb6_affinity_select_by_netns,
     ct::ct4_now,
     lb::{lb4_config, lb4_lookup_service},
-    lb6::{lb6_lookup_service, lb6_select_backend},
+    lb6::lb6_lookup_service,
     maps::{SOCK4_REV, SOCK6_REV},
     parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
     sock::SockErr,
@@ -117,12 +118,12 @@ pub fn sock6_xlate_fwd(
     }
     let daddr = sock6_read_addr(sa);
     let cookie = sock6_cookie(ctx);
+    // SAFETY: plain helper call on the program's own context (kernel >= 5.7).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let chosen = if is_v4_mapped(&daddr) {
-        // SAFETY: plain helper call on the program's own context (kernel >= 5.7).
-        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
         sock6_xlate_fwd_v4_mapped(cookie, netns, daddr[3], dport, proto, refused_stat)?
     } else {
-        sock6_xlate_fwd_v6(cookie, daddr, dport, proto, refused_stat)?
+        sock6_xlate_fwd_v6(cookie, netns, daddr, dport, proto, refused_stat)?
     };
     match chosen {
         Ok(c) => {
@@ -134,10 +135,13 @@ pub fn sock6_xlate_fwd(
     }
 }
 
-/// The IPv6 frontend case: `Ok(backend)`, or `Err(verdict)` to return untranslated.
+/// The IPv6 frontend case: `Ok(backend)`, or `Err(verdict)` to return untranslated. Applies
+/// source ranges for connections made on the node and session affinity by network namespace,
+/// as the IPv4 hooks do.
 #[inline(always)]
 fn sock6_xlate_fwd_v6(
     cookie: u64,
+    netns: u64,
     daddr: [u32; 4],
     dport: u16,
     proto: u8,
@@ -146,10 +150,14 @@ fn sock6_xlate_fwd_v6(
     let Some((key, svc)) = lb6_lookup_service(daddr, dport, proto) else {
         return Ok(Err(SYS_PROCEED));
     };
+    if !lb4_src_range_node_ok(&svc) {
+        stat_inc(STAT_SOCK_SOURCE_RANGE_DENIED);
+        return Ok(Err(SYS_REJECT));
+    }
     if svc.count == 0 {
         return sock6_refuse(refused_stat).map(Err);
     }
-    let Some(backend) = lb6_select_backend(&key, &svc) else {
+    let Some((_, backend)) = lb6_affinity_select_by_netns(&key, &svc, netns, ct4_now()) else {
         stat_inc(STAT_SOCK_NO_BACKEND);
         return Ok(Err(SYS_PROCEED));
     };

@@ -4,10 +4,11 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
     lb::{Lb4Service, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_SOURCE_RANGES_DENY_NODE},
-    src_range::{Lb4SrcRangeKey, SRC_RANGE_INDEX_BITS},
+    lb6::Lb6Service,
+    src_range::{Lb4SrcRangeKey, Lb6SrcRangeKey, SRC_RANGE_INDEX_BITS},
 };
 
-use crate::maps::LB4_SRC_RANGE;
+use crate::maps::{LB4_SRC_RANGE, LB6_SRC_RANGE};
 
 /// Whether a packet from `saddr` (be) may use the frontend `svc`: always without source
 /// ranges, else only from a source inside one of them.
@@ -28,4 +29,17 @@ pub fn lb4_src_range_ok(svc: &Lb4Service, saddr: u32) -> bool {
 #[inline(always)]
 pub fn lb4_src_range_node_ok(svc: &Lb4Service) -> bool {
     svc.flags & SVC_FLAG_SOURCE_RANGES_DENY_NODE == 0
+}
+
+/// [`lb4_src_range_ok`] for an IPv6 frontend and a source `saddr` (be words).
+#[inline(always)]
+pub fn lb6_src_range_ok(svc: &Lb6Service, saddr: &[u32; 4]) -> bool {
+    if svc.flags & SVC_FLAG_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        SRC_RANGE_INDEX_BITS + 128,
+        Lb6SrcRangeKey::new(svc.rev_nat_index, *saddr),
+    );
+    LB6_SRC_RANGE.get(&key).is_some()
 }

@@ -6,13 +6,39 @@ use std::net::Ipv6Addr;
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{
+        HashMap, MapData,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use proxy_common::{
+    affinity::{Lb6AffinityKey, Lb6AffinityValue},
     lb6::{Lb6Backend, Lb6Key, Lb6RevNat, Lb6Service},
     maps as names,
     sock6::{Sock6RevKey, Sock6RevValue},
+    src_range::{Lb6SrcRangeKey, SRC_RANGE_INDEX_BITS},
 };
+
+/// An IPv6 source range of a frontend: (reverse-NAT index, prefix as be words, prefix length).
+pub type SrcRange6 = (u16, [u32; 4], u8);
+
+/// The LPM key of an IPv6 source range (see `proxy_common::src_range`).
+pub fn src_range6_key((index, address, prefix_len): SrcRange6) -> LpmKey<Lb6SrcRangeKey> {
+    LpmKey::new(
+        SRC_RANGE_INDEX_BITS + u32::from(prefix_len),
+        Lb6SrcRangeKey::new(index, address),
+    )
+}
+
+/// The IPv6 source range an LPM key describes.
+pub fn src_range6_of(key: &LpmKey<Lb6SrcRangeKey>) -> SrcRange6 {
+    let data = key.data();
+    let prefix = key
+        .prefix_len()
+        .saturating_sub(SRC_RANGE_INDEX_BITS)
+        .min(128);
+    (data.rev_nat_index, data.address, prefix as u8)
+}
 
 /// An IPv6 address as the maps hold it: four words whose bytes are in network order.
 pub fn be_words(ip: Ipv6Addr) -> [u32; 4] {
@@ -37,6 +63,7 @@ pub trait Lb6Maps {
     fn backends(&self) -> anyhow::Result<Vec<(u32, Lb6Backend)>>;
     fn rev_nats(&self) -> anyhow::Result<Vec<(u16, Lb6RevNat)>>;
     fn nodeport_addresses(&self) -> anyhow::Result<Vec<[u32; 4]>>;
+    fn src_ranges(&self) -> anyhow::Result<Vec<SrcRange6>>;
 
     fn put_service(&mut self, key: Lb6Key, value: Lb6Service) -> anyhow::Result<()>;
     fn del_service(&mut self, key: Lb6Key) -> anyhow::Result<()>;
@@ -46,6 +73,8 @@ pub trait Lb6Maps {
     fn del_rev_nat(&mut self, index: u16) -> anyhow::Result<()>;
     fn put_nodeport_address(&mut self, address: [u32; 4]) -> anyhow::Result<()>;
     fn del_nodeport_address(&mut self, address: [u32; 4]) -> anyhow::Result<()>;
+    fn put_src_range(&mut self, range: SrcRange6) -> anyhow::Result<()>;
+    fn del_src_range(&mut self, range: SrcRange6) -> anyhow::Result<()>;
 }
 
 /// The pinned IPv6 kernel maps.
@@ -55,6 +84,8 @@ pub struct PinnedMaps6 {
     rev_nat: HashMap<MapData, u16, Lb6RevNat>,
     nodeport_addrs: HashMap<MapData, [u32; 4], u32>,
     sock_rev: HashMap<MapData, Sock6RevKey, Sock6RevValue>,
+    src_ranges: LpmTrie<MapData, Lb6SrcRangeKey, u8>,
+    affinity: HashMap<MapData, Lb6AffinityKey, Lb6AffinityValue>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -75,7 +106,23 @@ impl PinnedMaps6 {
             rev_nat: take(ebpf, names::LB6_REVERSE_NAT)?,
             nodeport_addrs: take(ebpf, names::LB6_NODEPORT_ADDRS)?,
             sock_rev: take(ebpf, names::SOCK6_REV)?,
+            src_ranges: take(ebpf, names::LB6_SRC_RANGE)?,
+            affinity: take(ebpf, names::LB6_AFFINITY)?,
         })
+    }
+
+    /// Removes the IPv6 session-affinity entries of the `released` reverse-NAT indexes.
+    pub fn clear_affinity(&mut self, released: &[u16]) -> anyhow::Result<usize> {
+        let stale: Vec<Lb6AffinityKey> = self
+            .affinity
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| released.contains(&k.rev_nat_index))
+            .collect();
+        for k in &stale {
+            ignore_missing(self.affinity.remove(k), names::LB6_AFFINITY)?;
+        }
+        Ok(stale.len())
     }
 
     /// Whether the socket with this cookie was sent to `[address]:port` by the socket hooks.
@@ -129,6 +176,23 @@ impl Lb6Maps for PinnedMaps6 {
                 .collect(),
         )
     }
+    fn src_ranges(&self) -> anyhow::Result<Vec<SrcRange6>> {
+        Ok(collect(self.src_ranges.iter(), names::LB6_SRC_RANGE)?
+            .into_iter()
+            .map(|(k, _)| src_range6_of(&k))
+            .collect())
+    }
+    fn put_src_range(&mut self, range: SrcRange6) -> anyhow::Result<()> {
+        self.src_ranges
+            .insert(&src_range6_key(range), 1, 0)
+            .with_context(|| format!("writing {}", names::LB6_SRC_RANGE))
+    }
+    fn del_src_range(&mut self, range: SrcRange6) -> anyhow::Result<()> {
+        ignore_missing(
+            self.src_ranges.remove(&src_range6_key(range)),
+            names::LB6_SRC_RANGE,
+        )
+    }
     fn put_service(&mut self, key: Lb6Key, value: Lb6Service) -> anyhow::Result<()> {
         self.services
             .insert(key, value, 0)
@@ -178,6 +242,8 @@ pub enum Op6 {
     DelRevNat(u16),
     PutNodeportAddress([u32; 4]),
     DelNodeportAddress([u32; 4]),
+    PutSrcRange(SrcRange6),
+    DelSrcRange(SrcRange6),
 }
 
 /// In-memory IPv6 maps that record every operation.
@@ -188,6 +254,7 @@ pub struct MemoryMaps6 {
     pub backends: std::collections::BTreeMap<u32, Lb6Backend>,
     pub rev_nat: std::collections::BTreeMap<u16, Lb6RevNat>,
     pub nodeport: std::collections::BTreeSet<[u32; 4]>,
+    pub src_ranges: std::collections::BTreeSet<SrcRange6>,
     pub ops: Vec<Op6>,
 }
 
@@ -204,6 +271,19 @@ impl Lb6Maps for MemoryMaps6 {
     }
     fn nodeport_addresses(&self) -> anyhow::Result<Vec<[u32; 4]>> {
         Ok(self.nodeport.iter().copied().collect())
+    }
+    fn src_ranges(&self) -> anyhow::Result<Vec<SrcRange6>> {
+        Ok(self.src_ranges.iter().copied().collect())
+    }
+    fn put_src_range(&mut self, range: SrcRange6) -> anyhow::Result<()> {
+        self.ops.push(Op6::PutSrcRange(range));
+        self.src_ranges.insert(range);
+        Ok(())
+    }
+    fn del_src_range(&mut self, range: SrcRange6) -> anyhow::Result<()> {
+        self.ops.push(Op6::DelSrcRange(range));
+        self.src_ranges.remove(&range);
+        Ok(())
     }
     fn put_service(&mut self, key: Lb6Key, value: Lb6Service) -> anyhow::Result<()> {
         self.ops.push(Op6::PutService(key, value));

@@ -218,6 +218,16 @@ impl Dataplane for EbpfDataplane {
                 Err(e) => tracing::warn!("removing released session-affinity entries: {e:#}"),
             }
         }
+        if !outcome6.affinity_released.is_empty() {
+            match self
+                .writer6
+                .maps_mut()
+                .clear_affinity(&outcome6.affinity_released)
+            {
+                Ok(n) => tracing::debug!(entries = n, "removed released IPv6 affinity entries"),
+                Err(e) => tracing::warn!("removing released IPv6 affinity entries: {e:#}"),
+            }
+        }
         if !self.ready {
             self.ready = true;
         }

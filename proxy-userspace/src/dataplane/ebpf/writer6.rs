@@ -10,13 +10,16 @@ use std::{
 };
 
 use proxy_common::{
-    lb::BACKEND_FLAG_LOCAL,
+    lb::{
+        BACKEND_FLAG_LOCAL, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES,
+        SVC_FLAG_SOURCE_RANGES_DENY_NODE,
+    },
     lb6::{Lb6Backend, Lb6Key, Lb6RevNat, Lb6Service},
     maps as names,
 };
 
 use super::{
-    maps6::{Lb6Maps, addr_from_words, be_words},
+    maps6::{Lb6Maps, SrcRange6, addr_from_words, be_words},
     writer::{Allocator, kind_flags, protocol_from_number},
 };
 use crate::{
@@ -36,6 +39,8 @@ pub struct RemovedBackend6 {
 pub struct ApplyOutcome6 {
     pub stats: ApplyStats,
     pub removed_backends: Vec<RemovedBackend6>,
+    /// IPv6 reverse-NAT indexes whose session affinity ended (as IPv4's).
+    pub affinity_released: Vec<u16>,
 }
 
 /// What the IPv6 maps hold, as far as the writer knows.
@@ -45,6 +50,7 @@ struct Contents6 {
     backends: BTreeMap<u32, Lb6Backend>,
     rev_nat: BTreeMap<u16, Lb6RevNat>,
     nodeport: BTreeSet<[u32; 4]>,
+    src_ranges: BTreeSet<SrcRange6>,
 }
 
 impl Contents6 {
@@ -54,6 +60,7 @@ impl Contents6 {
             backends: maps.backends()?.into_iter().collect(),
             rev_nat: maps.rev_nats()?.into_iter().collect(),
             nodeport: maps.nodeport_addresses()?.into_iter().collect(),
+            src_ranges: maps.src_ranges()?.into_iter().collect(),
         })
     }
 }
@@ -80,6 +87,10 @@ impl<M: Lb6Maps> MapWriter6<M> {
 
     pub fn maps(&self) -> &M {
         &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
     }
 
     /// Makes the IPv6 maps hold exactly `desired.frontends6` (minus frontends that do not
@@ -155,7 +166,8 @@ impl<M: Lb6Maps> MapWriter6<M> {
                 ));
                 continue;
             };
-            target_frontend(f, master_key, index, &id_of, &mut ids, &mut target);
+            let flags = frontend6_flags(f, &desired.nodeport_addresses6);
+            target_frontend(f, master_key, index, flags, &id_of, &mut ids, &mut target);
         }
         target.nodeport = desired
             .nodeport_addresses6
@@ -166,15 +178,34 @@ impl<M: Lb6Maps> MapWriter6<M> {
     }
 }
 
+/// The frontend's `SVC_FLAG_*` (as IPv4's `frontend_flags`): connections made on the node
+/// pass source ranges when one of the node's IPv6 nodePort addresses is inside.
+fn frontend6_flags(f: &Frontend6, node_addresses: &[Ipv6Addr]) -> u16 {
+    let mut flags = kind_flags(f.kind);
+    if f.affinity_timeout.is_some() {
+        flags |= SVC_FLAG_AFFINITY;
+    }
+    if let Some(ranges) = &f.source_ranges {
+        flags |= SVC_FLAG_SOURCE_RANGES;
+        let node_inside = ranges
+            .iter()
+            .any(|r| node_addresses.iter().any(|a| r.contains(*a)));
+        if !node_inside {
+            flags |= SVC_FLAG_SOURCE_RANGES_DENY_NODE;
+        }
+    }
+    flags
+}
+
 fn target_frontend(
     f: &Frontend6,
     master_key: Lb6Key,
     index: u16,
+    flags: u16,
     id_of: &HashMap<BackendIdentity, u32>,
     ids: &mut Allocator<u32>,
     target: &mut Contents6,
 ) {
-    let flags = kind_flags(f.kind);
     let proto = f.protocol.number();
     let mut slots = 0u16;
     for b in &f.backends {
@@ -216,10 +247,16 @@ fn target_frontend(
             _pad: 0,
         },
     );
+    for r in f.source_ranges.iter().flatten() {
+        target
+            .src_ranges
+            .insert((index, be_words(r.address), r.prefix_len));
+    }
     target.services.insert(
         master_key,
         Lb6Service {
-            backend_id: 0,
+            // The master's unused backend id carries the affinity timeout (as IPv4's).
+            backend_id: f.affinity_timeout.unwrap_or(0),
             count: slots,
             rev_nat_index: index,
             flags,
@@ -242,7 +279,21 @@ fn write(
             stats.writes += 1;
         }
     }
+    let affinity_released = affinity6_released(&known.services, &target.services);
     for slots_first in [true, false] {
+        if !slots_first {
+            // Source ranges before the masters whose flag enables them.
+            let new_ranges: Vec<SrcRange6> = target
+                .src_ranges
+                .difference(&known.src_ranges)
+                .copied()
+                .collect();
+            for r in new_ranges {
+                maps.put_src_range(r)?;
+                known.src_ranges.insert(r);
+                stats.writes += 1;
+            }
+        }
         for (k, v) in &target.services {
             if (k.backend_slot != 0) == slots_first && known.services.get(k) != Some(v) {
                 maps.put_service(*k, *v)?;
@@ -272,6 +323,16 @@ fn write(
             known.services.remove(&k);
             stats.deletes += 1;
         }
+    }
+    let stale: Vec<SrcRange6> = known
+        .src_ranges
+        .difference(&target.src_ranges)
+        .copied()
+        .collect();
+    for r in stale {
+        maps.del_src_range(r)?;
+        known.src_ranges.remove(&r);
+        stats.deletes += 1;
     }
     let stale: Vec<u16> = known
         .rev_nat
@@ -311,6 +372,7 @@ fn write(
         }
     }
     outcome.removed_backends = removed.into_iter().collect();
+    outcome.affinity_released = affinity_released;
     for a in &target.nodeport {
         if !known.nodeport.contains(a) {
             maps.put_nodeport_address(*a)?;
@@ -329,6 +391,25 @@ fn write(
         stats.deletes += 1;
     }
     Ok(())
+}
+
+/// IPv6 reverse-NAT indexes of masters with affinity in `known` but not in `target` (gone,
+/// or affinity turned off), computed before the masters are rewritten.
+fn affinity6_released(
+    known: &BTreeMap<Lb6Key, Lb6Service>,
+    target: &BTreeMap<Lb6Key, Lb6Service>,
+) -> Vec<u16> {
+    let with_affinity = |m: &BTreeMap<Lb6Key, Lb6Service>| -> BTreeSet<u16> {
+        m.iter()
+            .filter(|(k, v)| k.backend_slot == 0 && v.flags & SVC_FLAG_AFFINITY != 0)
+            .map(|(_, v)| v.rev_nat_index)
+            .collect()
+    };
+    let kept = with_affinity(target);
+    with_affinity(known)
+        .into_iter()
+        .filter(|i| !kept.contains(i))
+        .collect()
 }
 
 #[cfg(test)]
