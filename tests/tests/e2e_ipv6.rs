@@ -568,33 +568,50 @@ fn connected_udp6_client_moves_off_removed_backend() {
 
 const EXTERNAL_IP6: &str = "fd00:203::21";
 
-/// A dual-stack Service with an IPv6 external IP and a nodePort, over `v6` endpoints,
-/// with `externalTrafficPolicy: <policy>`.
-fn external_service6(name: &str, cip4: &str, cip6: &str, node_port: u16, policy: &str) -> Object {
+/// A dual-stack NodePort Service `name` (selector `app: <name>`) with
+/// `externalTrafficPolicy: <policy>` and `extra` spec lines (e.g. external IPs).
+fn dual_stack_nodeport(
+    name: &str,
+    cip: (&str, &str),
+    node_port: u16,
+    policy: &str,
+    extra: &str,
+) -> Object {
+    let (cip4, cip6) = cip;
     Object::Raw(format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {cip4}\n  clusterIPs: [{cip4}, '{cip6}']\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  externalTrafficPolicy: {policy}\n  selector: {{app: {name}}}\n  externalIPs: ['{EXTERNAL_IP6}']\n  ports:\n  - {{name: http, protocol: TCP, port: {PORT}, targetPort: 80, nodePort: {node_port}}}\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {cip4}\n  clusterIPs: [{cip4}, '{cip6}']\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  externalTrafficPolicy: {policy}\n  selector: {{app: {name}}}\n{extra}  ports:\n  - {{name: http, protocol: TCP, port: {PORT}, targetPort: 80, nodePort: {node_port}}}\n"
     ))
 }
 
-/// The eBPF mode's IPv6 XDP/tc path from outside the node, two nodes: an IPv6 external IP
-/// and nodePort of a Service whose only endpoint runs on the other node are served through
-/// node 1 with SNAT to node 1's IPv6 address (the pod sees it, and its reply finds its way
-/// back through node 1); with `externalTrafficPolicy: Local` node 1's nodePort reaches only
-/// its own pod, which sees the client's own IPv6 address.
+/// The eBPF mode's IPv6 XDP/tc path from outside the node, two nodes: the IPv6 nodePort of
+/// a Service whose only endpoint runs on the other node is served through node 1 with SNAT
+/// to node 1's IPv6 address (the pod sees it, and its reply comes back through node 1); with
+/// `externalTrafficPolicy: Local` node 1's nodePort and an IPv6 external IP routed to node 1
+/// reach only node 1's pod, which sees the client's own IPv6 address.
 #[test]
 fn ipv6_external_ip_and_nodeport_from_outside_ebpf() {
     let mut c = dual_stack_cluster(2, &[("pod-a", 1), ("pod-b", 2)]);
     let objs: Vec<Object> = vec![
-        external_service6("remote", "10.96.100.30", "fd00:10:96::30", 30081, "Cluster"),
+        dual_stack_nodeport(
+            "remote",
+            ("10.96.100.30", "fd00:10:96::30"),
+            30081,
+            "Cluster",
+            "",
+        ),
         EndpointSlice::for_service("remote")
             .named("remote-v6")
             .ipv6()
             .port("http", Protocol::Tcp, 80)
             .endpoints([c.endpoint6("pod-b")])
             .into(),
-        Object::Raw(format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.100.31\n  clusterIPs: [10.96.100.31, 'fd00:10:96::31']\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  externalTrafficPolicy: Local\n  selector: {{app: local}}\n  ports:\n  - {{name: http, protocol: TCP, port: {PORT}, targetPort: 80, nodePort: 30082}}\n"
-        )),
+        dual_stack_nodeport(
+            "local",
+            ("10.96.100.31", "fd00:10:96::31"),
+            30082,
+            "Local",
+            &format!("  externalIPs: ['{EXTERNAL_IP6}']\n"),
+        ),
         EndpointSlice::for_service("local")
             .named("local-v6")
             .ipv6()
@@ -607,29 +624,35 @@ fn ipv6_external_ip_and_nodeport_from_outside_ebpf() {
     let client = c.client();
     let node1 = kproxy_tests::harness::cluster::node_ip6(1).to_string();
     let ns = client.netns.as_ref().expect("the client has a netns");
-    ns.ip(&["route", "add", &format!("{EXTERNAL_IP6}/128"), "via", &node1])
-        .expect("client route to the external IP");
+    ns.ip(&[
+        "route",
+        "add",
+        &format!("{EXTERNAL_IP6}/128"),
+        "via",
+        &node1,
+    ])
+    .expect("client route to the external IP");
 
     // Remote endpoint, policy Cluster: SNAT to node 1, which the pod sees.
+    let url = format!("http://[{node1}]:30081/");
+    wait_served(&client, &url);
+    assert_eq!(
+        answered_by(&client, &url, 10, &node1),
+        set(&["pod-b"]),
+        "client -> {url}: the remote pod, SNATed to node 1"
+    );
+
+    // Policy Local: only node 1's pod, which sees the client.
+    let client6 = kproxy_tests::harness::cluster::CLIENT_IP6.to_string();
     for url in [
+        format!("http://[{node1}]:30082/"),
         format!("http://[{EXTERNAL_IP6}]:{PORT}/"),
-        format!("http://[{node1}]:30081/"),
     ] {
         wait_served(&client, &url);
         assert_eq!(
-            answered_by(&client, &url, 10, &node1),
-            set(&["pod-b"]),
-            "client -> {url}: the remote pod, SNATed to node 1"
+            answered_by(&client, &url, 20, &client6),
+            set(&["pod-a"]),
+            "client -> {url}: externalTrafficPolicy Local"
         );
     }
-
-    // Policy Local: only node 1's pod, which sees the client.
-    let url = format!("http://[{node1}]:30082/");
-    wait_served(&client, &url);
-    let client6 = kproxy_tests::harness::cluster::CLIENT_IP6.to_string();
-    assert_eq!(
-        answered_by(&client, &url, 20, &client6),
-        set(&["pod-a"]),
-        "client -> {url}: externalTrafficPolicy Local"
-    );
 }
