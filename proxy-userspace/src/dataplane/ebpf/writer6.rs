@@ -532,4 +532,71 @@ mod tests {
                 && m.nodeport.is_empty()
         );
     }
+
+    fn master(w: &MapWriter6<MemoryMaps6>) -> Lb6Service {
+        w.maps()
+            .services
+            .iter()
+            .find(|(k, _)| k.backend_slot == 0)
+            .map(|(_, v)| *v)
+            .unwrap()
+    }
+
+    #[test]
+    fn affinity_timeout_rides_in_the_master_and_is_released_when_turned_off() {
+        let mut w = MapWriter6::new(MemoryMaps6::default());
+        let mut f = fe("fd00:10:96::a", 80, &[("fd00:10:244:1::5", 8080)]);
+        f.affinity_timeout = Some(9);
+        w.apply(&state(vec![f.clone()]), false).unwrap();
+        let m = master(&w);
+        assert_eq!(
+            (m.flags & SVC_FLAG_AFFINITY, m.backend_id),
+            (SVC_FLAG_AFFINITY, 9)
+        );
+        f.affinity_timeout = None;
+        let out = w.apply(&state(vec![f]), false).unwrap();
+        assert_eq!(out.affinity_released, vec![m.rev_nat_index]);
+        assert_eq!(
+            (master(&w).flags & SVC_FLAG_AFFINITY, master(&w).backend_id),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_master_and_deny_the_node_outside_them() {
+        let mut w = MapWriter6::new(MemoryMaps6::default());
+        let mut f = fe("::", 30080, &[("fd00:10:244:1::5", 8080)]);
+        f.kind = FrontendKind::NodePort;
+        let cidr = |a: &str, n| crate::desired::Ipv6Cidr::new(a.parse().unwrap(), n).unwrap();
+        f.source_ranges = Some(vec![cidr("2001:db8:1::", 48)]);
+        w.apply(&state(vec![f.clone()]), false).unwrap();
+        let m = master(&w);
+        let both = SVC_FLAG_SOURCE_RANGES | SVC_FLAG_SOURCE_RANGES_DENY_NODE;
+        assert_eq!(m.flags & both, both, "the node (fd00:198:18::1) is outside");
+        let range = (
+            m.rev_nat_index,
+            be_words("2001:db8:1::".parse().unwrap()),
+            48,
+        );
+        assert_eq!(
+            w.maps().src_ranges.iter().copied().collect::<Vec<_>>(),
+            vec![range]
+        );
+        let pos = |want: &dyn Fn(&Op6) -> bool| w.maps().ops.iter().position(want).unwrap();
+        assert!(
+            pos(&|op| matches!(op, Op6::PutSrcRange(_)))
+                < pos(&|op| matches!(op, Op6::PutService(k, _) if k.backend_slot == 0)),
+            "the range must exist before the master that enables it"
+        );
+        // A range holding the node's address lets connections made on the node through.
+        f.source_ranges = Some(vec![cidr("2001:db8:1::", 48), cidr("fd00:198:18::", 64)]);
+        w.apply(&state(vec![f.clone()]), false).unwrap();
+        assert_eq!(master(&w).flags & both, SVC_FLAG_SOURCE_RANGES);
+        assert_eq!(w.maps().src_ranges.len(), 2);
+        // Ranges removed: the flag and the entries go.
+        f.source_ranges = None;
+        w.apply(&state(vec![f]), false).unwrap();
+        assert_eq!(master(&w).flags & both, 0);
+        assert!(w.maps().src_ranges.is_empty());
+    }
 }
