@@ -96,7 +96,7 @@ impl CtGcConfig {
     }
 
     /// The idle timeout of an entry of `proto` with CT flags `flags`.
-    fn timeout_ns(&self, proto: u8, flags: u16) -> u64 {
+    pub(super) fn timeout_ns(&self, proto: u8, flags: u16) -> u64 {
         let d = if proto != PROTO_TCP {
             self.udp_idle
         } else {
@@ -110,7 +110,7 @@ impl CtGcConfig {
     }
 
     /// The timeout of a reverse entry no kept flow uses: the longest its protocol has.
-    fn orphan_ns(&self, proto: u8) -> u64 {
+    pub(super) fn orphan_ns(&self, proto: u8) -> u64 {
         let d = if proto == PROTO_TCP {
             self.tcp_idle
         } else {
@@ -281,7 +281,16 @@ pub fn spawn(bpf_root: PathBuf) {
             let mut failing = false;
             loop {
                 std::thread::sleep(cfg.interval);
-                match sweep(&bpf_root, &cfg) {
+                match sweep(&bpf_root, &cfg).and_then(|v4| {
+                    let v6 = super::ct_gc6::sweep6(&bpf_root, &cfg)?;
+                    Ok(SweepStats {
+                        ct_entries: v4.ct_entries + v6.ct_entries,
+                        rev_entries: v4.rev_entries + v6.rev_entries,
+                        ct_expired: v4.ct_expired + v6.ct_expired,
+                        ct_stale: v4.ct_stale + v6.ct_stale,
+                        rev_expired: v4.rev_expired + v6.rev_expired,
+                    })
+                }) {
                     Ok(s) => {
                         failing = false;
                         if s.ct_expired + s.ct_stale + s.rev_expired > 0 {

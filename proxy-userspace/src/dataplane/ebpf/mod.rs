@@ -5,6 +5,7 @@ pub mod attach;
 pub mod bpf_sys;
 pub mod cleanup;
 pub mod ct_gc;
+pub mod ct_gc6;
 pub mod layout;
 pub mod maglev;
 pub mod maps;
