@@ -70,11 +70,22 @@ pub struct MapWriter6<M> {
 
 impl<M: Lb6Maps> MapWriter6<M> {
     pub fn new(maps: M) -> Self {
+        Self::with_capacity(
+            maps,
+            (
+                names::LB6_SERVICES_MAX as usize,
+                names::LB6_BACKENDS_MAX as usize,
+            ),
+        )
+    }
+
+    /// A writer for maps of (services, backends) entries.
+    pub fn with_capacity(maps: M, (services, backends): (usize, usize)) -> Self {
         Self {
             maps,
             known: None,
-            capacity_services: names::LB6_SERVICES_MAX as usize,
-            capacity_backends: names::LB6_BACKENDS_MAX as usize,
+            capacity_services: services,
+            capacity_backends: backends,
         }
     }
 
@@ -124,7 +135,8 @@ impl<M: Lb6Maps> MapWriter6<M> {
         let mut ids = Allocator::new(used_ids, u32::MAX);
 
         let mut target = Contents6::default();
-        for f in &desired.frontends6 {
+        let programmed = |f: &Frontend6| index_of.contains_key(&master_key(f));
+        for f in super::writer::programmed_first(&desired.frontends6, programmed) {
             let full = if target.services.len() + 1 + f.backends.len() > self.capacity_services {
                 Some((names::LB6_SERVICES, self.capacity_services))
             } else if target.backends.len() + f.backends.len() > self.capacity_backends {
@@ -142,8 +154,7 @@ impl<M: Lb6Maps> MapWriter6<M> {
                 ));
                 continue;
             }
-            let master_key =
-                Lb6Key::new(be_words(f.address), f.port.to_be(), f.protocol.number(), 0);
+            let master_key = master_key(f);
             let Some(index) = index_of
                 .get(&master_key)
                 .copied()
@@ -164,6 +175,11 @@ impl<M: Lb6Maps> MapWriter6<M> {
             .collect();
         target
     }
+}
+
+/// The frontend's master entry key (slot 0).
+fn master_key(f: &Frontend6) -> Lb6Key {
+    Lb6Key::new(be_words(f.address), f.port.to_be(), f.protocol.number(), 0)
 }
 
 fn target_frontend(
