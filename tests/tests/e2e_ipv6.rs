@@ -656,3 +656,49 @@ fn ipv6_external_ip_and_nodeport_from_outside_ebpf() {
         );
     }
 }
+
+/// IPv6 session affinity in the eBPF mode: a pod's connections to an IPv6 cluster IP
+/// (socket level, keyed by its network namespace) and the outside client's to an IPv6
+/// nodePort (XDP, keyed by its address) each stick to one pod, where without affinity both
+/// pods answer.
+#[test]
+fn ipv6_session_affinity_ebpf() {
+    let mut c = dual_stack_cluster(1, &[("pod-a", 1), ("pod-b", 1)]);
+    let objs: Vec<Object> = vec![
+        dual_stack_nodeport(
+            "sticky",
+            ("10.96.100.40", "fd00:10:96::40"),
+            30083,
+            "Cluster",
+            "  sessionAffinity: ClientIP\n",
+        ),
+        EndpointSlice::for_service("sticky")
+            .named("sticky-v6")
+            .ipv6()
+            .port("http", Protocol::Tcp, 80)
+            .endpoints([c.endpoint6("pod-a"), c.endpoint6("pod-b")])
+            .into(),
+    ];
+    c.write_manifests("services.yaml", &objs).unwrap();
+    c.start_agent_ready(1).expect("starting the agent");
+    let node1 = kproxy_tests::harness::cluster::node_ip6(1).to_string();
+    let client6 = kproxy_tests::harness::cluster::CLIENT_IP6.to_string();
+    let pod6 = c.pod_ip6("pod-z").to_string();
+    for (place, url, source) in [
+        (
+            c.pod("pod-z"),
+            format!("http://[fd00:10:96::40]:{PORT}/"),
+            pod6,
+        ),
+        (c.client(), format!("http://[{node1}]:30083/"), client6),
+    ] {
+        wait_served(&place, &url);
+        let pods = answered_by(&place, &url, 20, &source);
+        assert_eq!(
+            pods.len(),
+            1,
+            "{} -> {url}: affinity broken: {pods:?}",
+            place.label
+        );
+    }
+}
