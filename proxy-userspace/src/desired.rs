@@ -374,8 +374,10 @@ pub fn build(
     }
 }
 
-/// Whether every dataplane enforces `Frontend6::source_ranges` (see `build6`).
-const IPV6_SOURCE_RANGES_ENFORCED: bool = false;
+/// Whether every dataplane enforces `Frontend6::source_ranges` (see `build6`): the rule
+/// modes (`table ip6 kproxy` firewall chains, ip6tables `KPROXY-FW-`) and the userspace
+/// relay do; the eBPF mode's IPv6 device path does on the v6-xdp branch.
+const IPV6_SOURCE_RANGES_ENFORCED: bool = true;
 
 /// `build`'s IPv6 twin: the IPv6 frontends of services that have the IPv6 family (an IPv6
 /// cluster IP), over their IPv6 endpoints, with the same semantics (traffic policies,
