@@ -351,3 +351,8 @@ fn ipv6_affinity_and_source_ranges_nftables() {
 fn ipv6_affinity_and_source_ranges_iptables() {
     scenario("iptables");
 }
+
+#[test]
+fn ipv6_affinity_and_source_ranges_userspace() {
+    scenario("userspace");
+}
