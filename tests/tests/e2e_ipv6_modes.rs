@@ -9,6 +9,8 @@
 //!   rule modes drop; the relay closes), the cluster IP stays open; in-node connections to
 //!   the LoadBalancer IP follow kube-proxy's rule (allowed only when a node address is in
 //!   range); widening the ranges lets the second client in.
+//!
+//! And `kproxy list services` / `kproxy trace` on an IPv6 Service of the eBPF mode.
 
 use std::{
     collections::BTreeSet,
@@ -355,4 +357,97 @@ fn ipv6_affinity_and_source_ranges_iptables() {
 #[test]
 fn ipv6_affinity_and_source_ranges_userspace() {
     scenario("userspace");
+}
+
+/// `kproxy ARGS... --bpf-root <node1's> -o json` on node1, parsed.
+fn kproxy_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
+    let bin = c.ok(kproxy_tests::harness::cluster::kproxy_bin());
+    let root = c.node_bpf_root(1);
+    let mut argv = vec![bin.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    argv.extend(["--bpf-root", root.to_str().unwrap(), "-o", "json"]);
+    let out = c.ok(c.node(1).output_timeout(&argv, Duration::from_secs(30)));
+    let text = String::from_utf8_lossy(&out.stdout);
+    c.check(out.status.success(), || {
+        format!(
+            "{argv:?}: {}\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(&text).unwrap_or_else(|e| c.fail(format!("bad JSON ({e}):\n{text}")))
+}
+
+/// The eBPF mode's IPv6 frontends in `kproxy list services` (family IPv6, the pods' IPv6
+/// addresses as backends) and `kproxy trace` of the IPv6 cluster IP and nodePort (the
+/// socket hook's random pick among them).
+#[test]
+fn kproxy_list_and_trace_show_ipv6_services() {
+    let mut b = Cluster::builder()
+        .nodes(1)
+        .testpod(TESTPOD)
+        .dual_stack()
+        .pod(PodSpec::new("pod-z", 1).http_ports(&[]));
+    for p in PODS {
+        b = b.pod(PodSpec::new(p, 1));
+    }
+    let mut c = b.build().expect("building the dual-stack cluster");
+    write_service(&c, PLAIN, "", false);
+    c.start_agent_ready(1).expect("starting the agent");
+    let cip = format!("http://[{}]/", PLAIN.2);
+    wait_allowed(&c, &c.pod("pod-z"), None, &cip, "pod -> cluster IP");
+    let mut pods6: Vec<String> = PODS
+        .iter()
+        .map(|p| format!("[{}]:80", c.pod_ip6(p)))
+        .collect();
+    pods6.sort();
+
+    let services = kproxy_json(&c, &["list", "services"]);
+    let find = |label: &str| {
+        services
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["frontend"] == label)
+            .cloned()
+            .unwrap_or_else(|| c.fail(format!("no frontend {label} in {services:#}")))
+    };
+    for label in [
+        format!("[{}]:80/TCP", PLAIN.2),
+        format!("[::]:{}/TCP (nodePort)", PLAIN.3),
+    ] {
+        let e = find(&label);
+        assert_eq!(e["family"], "IPv6", "{e:#}");
+        let mut backends: Vec<String> = e["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| format!("[{}]:{}", b["address"].as_str().unwrap(), b["port"]))
+            .collect();
+        backends.sort();
+        assert_eq!(backends, pods6, "{label}: {e:#}");
+    }
+    // The IPv4 frontends are still there, as IPv4.
+    let v4 = find(&format!("{}:80/TCP", PLAIN.1));
+    assert_eq!(v4["family"], "IPv4", "{v4:#}");
+
+    let client = CLIENT_IP6.to_string();
+    for (dst, matched) in [
+        (format!("[{}]:80/tcp", PLAIN.2), "exact"),
+        (format!("[{}]:{}/tcp", node_ip6(1), PLAIN.3), "nodePort"),
+    ] {
+        let t = kproxy_json(&c, &["trace", &client, &dst]);
+        assert_eq!(t["verdict"], "random", "{dst}: {t:#}");
+        assert_eq!(t["match"], matched, "{dst}: {t:#}");
+        let mut picks: Vec<String> = t["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| format!("[{}]:{}", b["address"].as_str().unwrap(), b["port"]))
+            .collect();
+        picks.sort();
+        assert_eq!(picks, pods6, "{dst}: {t:#}");
+    }
+    let none = kproxy_json(&c, &["trace", &client, &format!("[{}]:81/tcp", PLAIN.2)]);
+    assert_eq!(none["verdict"], "not-a-service", "{none:#}");
 }
