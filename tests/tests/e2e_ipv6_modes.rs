@@ -10,6 +10,9 @@
 //!   the LoadBalancer IP follow kube-proxy's rule (allowed only when a node address is in
 //!   range); widening the ranges lets the second client in.
 //!
+//! - `dns6` (NodePort, UDP): datagrams over the IPv6 cluster IP and nodePort are answered by
+//!   the pods, from the address they were sent to.
+//!
 //! And `kproxy list services` / `kproxy trace` on an IPv6 Service of the eBPF mode.
 
 use std::{
@@ -43,6 +46,8 @@ const EXTRA_CLIENTS: [&str; 8] = [
 const STICKY: (&str, &str, &str, u16) = ("sticky6", "10.96.110.1", "fd00:10:96::1:1", 30210);
 const PLAIN: (&str, &str, &str, u16) = ("plain6", "10.96.110.2", "fd00:10:96::1:2", 30211);
 const GUARDED: (&str, &str, &str, u16) = ("guarded6", "10.96.110.3", "fd00:10:96::1:3", 30212);
+const DNS: (&str, &str, &str, u16) = ("dns6", "10.96.110.4", "fd00:10:96::1:4", 30213);
+const DNS_TARGET_PORT: u16 = 5353;
 
 /// A dual-stack NodePort Service `name` (80 -> 80/TCP) over the three pods' IPv6 addresses,
 /// with `extra` spec lines, as LoadBalancer with `LB_IP6` when `lb`.
@@ -74,6 +79,22 @@ fn write_service(
         .expect("writing the manifests");
 }
 
+/// `dns6`: a dual-stack NodePort Service 53 -> 5353/UDP over the pods' IPv6 addresses.
+fn write_dns(c: &Cluster) {
+    let (name, cip4, cip6, node_port) = DNS;
+    let svc = Service::node_port(name, cip4)
+        .dual_stack(cip6)
+        .selector(name)
+        .port("dns", Protocol::Udp, 53, DNS_TARGET_PORT, Some(node_port));
+    let slice = EndpointSlice::for_service(name)
+        .named(&format!("{name}-v6"))
+        .ipv6()
+        .port("dns", Protocol::Udp, DNS_TARGET_PORT)
+        .endpoints(PODS.iter().map(|p| c.endpoint6(p)));
+    c.write_manifests(&format!("{name}.yaml"), &[svc.into(), slice.into()])
+        .expect("writing the manifests");
+}
+
 fn write_guarded(c: &Cluster, ranges: &str) {
     write_service(
         c,
@@ -102,6 +123,11 @@ fn cluster(mode: &str) -> Cluster {
     );
     write_service(&c, PLAIN, "", false);
     write_guarded(&c, "'fd00:198:18::100/128'");
+    for p in PODS {
+        c.start_udp_serve6(p, DNS_TARGET_PORT)
+            .expect("udp-serve on IPv6");
+    }
+    write_dns(&c);
     let client = c.client();
     let cns = client.netns.as_ref().expect("client netns");
     for a in EXTRA_CLIENTS {
@@ -338,10 +364,50 @@ fn source_ranges(c: &Cluster) {
     println!("{mode}: IPv6 source ranges enforced and changed as expected");
 }
 
+/// UDP over IPv6: the cluster IP from a pod, the nodePort from the client; every datagram
+/// answered by a pod of the Service, from the address it was sent to.
+fn udp(c: &Cluster) {
+    let mode = c.proxy_mode().to_string();
+    for (place, target) in [
+        (c.pod("pod-z"), format!("[{}]:53", DNS.2)),
+        (c.client(), format!("[{}]:{}", node_ip6(1), DNS.3)),
+    ] {
+        let lines = c.ask(
+            &place,
+            &["udp-ask", &target, "--count", "9", "--timeout-ms", "1500"],
+            Duration::from_secs(60),
+        );
+        let timeline = kproxy_tests::harness::probe::show(&lines);
+        c.check(lines.len() == 9, || {
+            format!("{mode}: {target}:\n{timeline}")
+        });
+        let mut pods = BTreeSet::new();
+        for l in &lines {
+            match &l.outcome {
+                kproxy_tests::harness::Outcome::Ok { peer, .. } if *peer == target => {}
+                _ => c.fail(format!(
+                    "{mode}: {} -> {target} (UDP): {l}\n{timeline}",
+                    place.label
+                )),
+            }
+            let pod = l.pod().unwrap_or_default().to_string();
+            c.check(PODS.contains(&pod.as_str()), || {
+                format!("{mode}: {target} answered by {pod:?}:\n{timeline}")
+            });
+            pods.insert(pod);
+        }
+        println!(
+            "{mode}: {} -> {target} (UDP) answered by {pods:?}",
+            place.label
+        );
+    }
+}
+
 fn scenario(mode: &str) {
     let c = cluster(mode);
     affinity(&c);
     source_ranges(&c);
+    udp(&c);
 }
 
 #[test]
