@@ -8,7 +8,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    inspect::trace::{Destination, Source},
+    inspect::trace::{AnyDestination, AnySource},
     netdev::Ipv4Cidr,
 };
 
@@ -110,14 +110,15 @@ pub struct TraceArgs {
     #[command(flatten)]
     pub common: InspectArgs,
 
-    /// The client: ADDR[:PORT]. With a port, an existing conntrack entry of that exact flow
-    /// is found.
+    /// The client: ADDR[:PORT] (IPv6: ADDR or [ADDR]:PORT). With a port, an existing
+    /// conntrack entry of that exact IPv4 flow is found.
     #[arg(value_name = "SRC")]
-    pub src: Source,
+    pub src: AnySource,
 
-    /// The destination: ADDR:PORT[/tcp|udp|sctp] (tcp if omitted).
+    /// The destination: ADDR:PORT[/tcp|udp|sctp] (tcp if omitted); IPv6 as [ADDR]:PORT,
+    /// traced through the IPv6 socket-level frontends.
     #[arg(value_name = "DST:PORT/PROTO")]
-    pub dst: Destination,
+    pub dst: AnyDestination,
 }
 
 #[derive(Debug, clap::Args)]

@@ -374,9 +374,6 @@ pub fn build(
     }
 }
 
-/// Whether every dataplane enforces `Frontend6::source_ranges` (see `build6`).
-const IPV6_SOURCE_RANGES_ENFORCED: bool = false;
-
 /// `build`'s IPv6 twin: the IPv6 frontends of services that have the IPv6 family (an IPv6
 /// cluster IP), over their IPv6 endpoints, with the same semantics (traffic policies,
 /// terminating fallback, topology hints, first-wins conflicts). Fills `frontends6` and
@@ -398,18 +395,6 @@ pub fn build6(
         let affinity_timeout = affinity_timeout(info);
         let restricted = source_ranges6(info);
         let mut add = |kind, address, port, backends: &Vec<Backend6>| {
-            // Until every backend enforces IPv6 source ranges, the frontends they guard are
-            // left out rather than served unfiltered.
-            if !IPV6_SOURCE_RANGES_ENFORCED
-                && info.service_type == ServiceType::LoadBalancer
-                && !info.load_balancer_source_ranges.is_empty()
-                && matches!(kind, FrontendKind::LoadBalancer | FrontendKind::NodePort)
-            {
-                debug!(
-                    "{spn}: IPv6 {kind:?} frontend left out: loadBalancerSourceRanges are not enforced for IPv6 yet"
-                );
-                return;
-            }
             let source_ranges = match kind {
                 FrontendKind::LoadBalancer | FrontendKind::NodePort => restricted.clone(),
                 FrontendKind::ClusterIp | FrontendKind::ExternalIp => None,

@@ -101,8 +101,19 @@ pub fn interface_addresses() -> std::io::Result<Vec<InterfaceAddress>> {
 }
 
 /// The global IPv6 addresses of this network namespace (sorted; no loopback, link-local or
-/// v4-mapped addresses: none of them can take a nodePort from another host).
+/// v4-mapped addresses: none of them can take a nodePort from another host; none of the
+/// userspace mode's relay interface, which are service addresses).
 pub fn interface_addresses6() -> std::io::Result<Vec<Ipv6Addr>> {
+    global_addresses6(|interface| interface != RELAY_INTERFACE)
+}
+
+/// The global IPv6 addresses of the userspace mode's relay interface (sorted).
+pub fn relay_interface_addresses6() -> std::io::Result<Vec<Ipv6Addr>> {
+    global_addresses6(|interface| interface == RELAY_INTERFACE)
+}
+
+/// The global IPv6 addresses of the interfaces whose name passes `keep` (sorted).
+fn global_addresses6(keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<Ipv6Addr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -114,11 +125,16 @@ pub fn interface_addresses6() -> std::io::Result<Vec<Ipv6Addr>> {
         // SAFETY: `cur` is a node of the list getifaddrs returned.
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
             continue;
         }
         // SAFETY: ifa_addr points to a sockaddr whose family we check first.
         if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET6 {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string of the list getifaddrs returned.
+        let interface = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if !keep(&interface.to_string_lossy()) {
             continue;
         }
         // SAFETY: AF_INET6 addresses are sockaddr_in6.

@@ -7,6 +7,7 @@ pub mod backends;
 pub mod conntrack;
 pub mod maps;
 pub mod services;
+pub mod services6;
 pub mod status;
 pub mod table;
 pub mod trace;
@@ -51,7 +52,12 @@ pub fn list(cmd: &ListCommand) -> anyhow::Result<()> {
     match cmd {
         ListCommand::Services(a) => {
             let snap = maps::LbSnapshot::read(&a.bpf_root)?;
-            emit(a.output, &services::list(&snap), |v| services::render(v))
+            let mut entries = services::list(&snap);
+            // Pins of an agent without IPv6 maps: no IPv6 rows.
+            if let Ok(snap6) = services6::Lb6Snapshot::read(&a.bpf_root) {
+                entries.extend(services6::list6(&snap6));
+            }
+            emit(a.output, &entries, |v| services::render(v))
         }
         ListCommand::Backends(a) => {
             let snap = maps::LbSnapshot::read(&a.bpf_root)?;
@@ -79,13 +85,31 @@ pub fn status(a: &StatusArgs) -> anyhow::Result<()> {
 
 pub fn trace(a: &TraceArgs) -> anyhow::Result<()> {
     let root = &a.common.bpf_root;
+    let (src, dst) = match (a.src, a.dst) {
+        (
+            src,
+            trace::AnyDestination::V6 {
+                address,
+                port,
+                proto,
+            },
+        ) => {
+            let snap6 = services6::Lb6Snapshot::read(root)?;
+            let t = services6::trace6(&snap6, src.address(), address, port, proto);
+            return emit(a.common.output, &t, trace::render);
+        }
+        (trace::AnySource::V4(src), trace::AnyDestination::V4(dst)) => (src, dst),
+        (trace::AnySource::V6(src), trace::AnyDestination::V4(dst)) => {
+            anyhow::bail!("source {src} is IPv6 but destination {dst} is IPv4: give one family")
+        }
+    };
     let snap = maps::LbSnapshot::read(root)?;
     let ct = maps::read_hash::<Ct4Key, Ct4Entry>(root, names::CT4)?;
     let now = maps::monotonic_ns();
-    let mut t = trace::trace(&snap, &ct, a.src, a.dst, now);
+    let mut t = trace::trace(&snap, &ct, src, dst, now);
     // Pins of an agent older than these maps: the policies are simply not shown.
     let affinity = maps::read_hash(root, names::LB4_AFFINITY).unwrap_or_default();
     let ranges = maps::read_src_ranges(root).unwrap_or_default();
-    trace_policy::apply(&mut t, &snap, a.src, &affinity, &ranges, now);
+    trace_policy::apply(&mut t, &snap, src, &affinity, &ranges, now);
     emit(a.common.output, &t, trace::render)
 }

@@ -1,6 +1,7 @@
-//! `kproxy list services`: one row per frontend with its backend slots.
+//! `kproxy list services`: one row per frontend with its backend slots (IPv4, then IPv6
+//! from the `KP_LB6_*` maps, see `services6.rs`).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use proxy_common::lb::{
     BACKEND_FLAG_LOCAL, Lb4Key, Lb4Service, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
@@ -18,7 +19,9 @@ use super::{
 pub struct ServiceEntry {
     /// `address:port/PROTO`, with ` (nodePort)` for the nodePort wildcard.
     pub frontend: String,
-    pub address: Ipv4Addr,
+    /// `IPv4` or `IPv6`.
+    pub family: &'static str,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
     /// From the frontend flags: `ClusterIP`, `NodePort`, `External`, `ClientIPAffinity`,
@@ -37,7 +40,7 @@ pub struct ServiceEntry {
 pub struct SlotEntry {
     pub slot: u16,
     pub id: u32,
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     pub port: Option<u16>,
     /// `local` (on this node), `remote`, or empty when the backend is missing.
     pub locality: &'static str,
@@ -88,7 +91,7 @@ pub fn slots(snap: &LbSnapshot, key: &Lb4Key, master: &Lb4Service) -> Vec<SlotEn
                 Some(b) => SlotEntry {
                     slot,
                     id: s.backend_id,
-                    address: Some(addr(b.address)),
+                    address: Some(IpAddr::V4(addr(b.address))),
                     port: Some(port(b.port)),
                     locality: if b.flags & BACKEND_FLAG_LOCAL != 0 {
                         "local"
@@ -119,7 +122,8 @@ pub fn list(snap: &LbSnapshot) -> Vec<ServiceEntry> {
         .iter()
         .map(|(k, v)| ServiceEntry {
             frontend: frontend_label(k),
-            address: addr(k.address),
+            family: "IPv4",
+            address: IpAddr::V4(addr(k.address)),
             port: port(k.dport),
             protocol: proto_name(k.proto),
             types: type_flags(v.flags),
@@ -135,18 +139,44 @@ pub fn list(snap: &LbSnapshot) -> Vec<ServiceEntry> {
         .collect()
 }
 
-/// `10.244.1.10:80 (local, id 3)`, or what is wrong with the slot.
+/// `10.244.1.10:80 (local, id 3)` (`[fd00::a]:80 ...` for IPv6), or what is wrong with the
+/// slot.
 pub fn slot_label(s: &SlotEntry) -> String {
     match (s.address, s.port) {
         (Some(a), Some(p)) if s.state == "active" => {
-            format!("{a}:{p} ({}, id {})", s.locality, s.id)
+            format!(
+                "{} ({}, id {})",
+                std::net::SocketAddr::new(a, p),
+                s.locality,
+                s.id
+            )
         }
-        (Some(a), Some(p)) => format!("{a}:{p} ({}, id {}, {})", s.locality, s.id, s.state),
+        (Some(a), Some(p)) => format!(
+            "{} ({}, id {}, {})",
+            std::net::SocketAddr::new(a, p),
+            s.locality,
+            s.id,
+            s.state
+        ),
         _ => format!("slot {}: backend id {} {}", s.slot, s.id, s.state),
     }
 }
 
+/// The IPv4 frontends as a table, then the IPv6 ones (if any) as a second one.
 pub fn render(entries: &[ServiceEntry]) -> String {
+    let (v4, v6): (Vec<ServiceEntry>, Vec<ServiceEntry>) =
+        entries.iter().cloned().partition(|e| e.family == "IPv4");
+    if v6.is_empty() {
+        return render_family(&v4);
+    }
+    let six = format!("IPv6 frontends:\n{}", render_family(&v6));
+    if v4.is_empty() {
+        return six;
+    }
+    format!("IPv4 frontends:\n{}\n{six}", render_family(&v4))
+}
+
+fn render_family(entries: &[ServiceEntry]) -> String {
     let mut t = Table::new(&[
         "FRONTEND", "TYPE", "REV-NAT", "CONNS", "PACKETS", "BYTES", "BACKENDS",
     ]);
@@ -178,6 +208,8 @@ pub fn render(entries: &[ServiceEntry]) -> String {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::net::Ipv4Addr;
+
     use proxy_common::lb::{Lb4Backend, Lb4RevNat};
 
     use super::*;

@@ -3,7 +3,7 @@
 
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     str::FromStr,
 };
 
@@ -70,6 +70,21 @@ impl FromStr for Destination {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (sa, proto) = split_proto(s)?;
+        let a: SocketAddrV4 = sa.parse().map_err(|_| {
+            format!("{s:?} is not a destination: expected ADDR:PORT/PROTO, e.g. 10.96.0.10:53/udp")
+        })?;
+        Ok(Self {
+            address: *a.ip(),
+            port: a.port(),
+            proto,
+        })
+    }
+}
+
+/// `ADDR:PORT[/PROTO]` split into the address part and IPPROTO_* (tcp if omitted).
+fn split_proto(s: &str) -> Result<(&str, u8), String> {
+    {
         let (sa, proto) = match s.rsplit_once('/') {
             Some((sa, p)) => {
                 let proto = match p.to_ascii_lowercase().as_str() {
@@ -86,10 +101,70 @@ impl FromStr for Destination {
             }
             None => (s, 6),
         };
-        let a: SocketAddrV4 = sa.parse().map_err(|_| {
-            format!("{s:?} is not a destination: expected ADDR:PORT/PROTO, e.g. 10.96.0.10:53/udp")
+        Ok((sa, proto))
+    }
+}
+
+/// `SRC` of either family: `ADDR[:PORT]`, `IPV6ADDR` or `[IPV6ADDR]:PORT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnySource {
+    V4(Source),
+    V6(Ipv6Addr),
+}
+
+impl FromStr for AnySource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(a) = s.parse::<Source>() {
+            return Ok(Self::V4(a));
+        }
+        if let Ok(a) = s.parse::<SocketAddrV6>() {
+            return Ok(Self::V6(*a.ip()));
+        }
+        s.parse::<Ipv6Addr>().map(Self::V6).map_err(|_| {
+            format!(
+                "{s:?} is not a source: expected ADDR[:PORT], e.g. 198.18.0.100:40000 or [fd00::1]:40000"
+            )
+        })
+    }
+}
+
+impl AnySource {
+    pub fn address(&self) -> IpAddr {
+        match self {
+            Self::V4(s) => IpAddr::V4(s.address),
+            Self::V6(a) => IpAddr::V6(*a),
+        }
+    }
+}
+
+/// `DST` of either family: `ADDR:PORT[/PROTO]` or `[IPV6ADDR]:PORT[/PROTO]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnyDestination {
+    V4(Destination),
+    V6 {
+        address: Ipv6Addr,
+        port: u16,
+        /// IPPROTO_*.
+        proto: u8,
+    },
+}
+
+impl FromStr for AnyDestination {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(d) = s.parse::<Destination>() {
+            return Ok(Self::V4(d));
+        }
+        let (sa, proto) = split_proto(s)?;
+        let a: SocketAddrV6 = sa.parse().map_err(|_| {
+            format!(
+                "{s:?} is not a destination: expected ADDR:PORT/PROTO, e.g. 10.96.0.10:53/udp or [fd00:10:96::a]:53/udp"
+            )
         })?;
-        Ok(Self {
+        Ok(Self::V6 {
             address: *a.ip(),
             port: a.port(),
             proto,
@@ -113,7 +188,7 @@ impl fmt::Display for Destination {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Candidate {
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     /// `local` or `remote` (a remote backend is reached with SNAT to the node).
     pub locality: &'static str,
@@ -147,10 +222,10 @@ pub struct Trace {
     pub reasons: Vec<String>,
 }
 
-fn candidate(id: u32, a: Ipv4Addr, p: u16, local: bool, probability: f64) -> Candidate {
+fn candidate(id: u32, a: impl Into<IpAddr>, p: u16, local: bool, probability: f64) -> Candidate {
     Candidate {
         id,
-        address: a,
+        address: a.into(),
         port: p,
         locality: if local { "local" } else { "remote" },
         probability,
@@ -337,7 +412,7 @@ pub fn trace(
         .map(|s| {
             candidate(
                 s.id,
-                s.address.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                s.address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
                 s.port.unwrap_or(0),
                 s.locality == "local",
                 p,
@@ -379,9 +454,8 @@ pub fn render(t: &Trace) -> String {
         "conntrack" | "affinity" => match &t.backend {
             Some(b) => {
                 format!(
-                    "backend {}:{} (id {}, {}){}",
-                    b.address,
-                    b.port,
+                    "backend {} (id {}, {}){}",
+                    std::net::SocketAddr::new(b.address, b.port),
                     b.id,
                     b.locality,
                     t.snat.map(|s| format!(", SNAT {s}")).unwrap_or_default()
@@ -397,8 +471,11 @@ pub fn render(t: &Trace) -> String {
             let mut s = format!("one of {} backends, at random:", t.candidates.len());
             for c in &t.candidates {
                 s.push_str(&format!(
-                    "\n             {}:{} ({}, id {})  p={:.2}",
-                    c.address, c.port, c.locality, c.id, c.probability
+                    "\n             {} ({}, id {})  p={:.2}",
+                    std::net::SocketAddr::new(c.address, c.port),
+                    c.locality,
+                    c.id,
+                    c.probability
                 ));
             }
             s
@@ -503,7 +580,10 @@ mod tests {
         let t = trace(&snap, &[(key, e)], src, dst, 2_000_000_000);
         assert_eq!(t.verdict, "conntrack");
         let b = t.backend.clone().unwrap();
-        assert_eq!((b.address, b.id), (Ipv4Addr::new(10, 244, 1, 11), 4));
+        assert_eq!(
+            (b.address, b.id),
+            (IpAddr::V4(Ipv4Addr::new(10, 244, 1, 11)), 4)
+        );
         assert!(render(&t).contains("verdict:   backend 10.244.1.11:80 (id 4, local)"));
         // Another source port: a new flow.
         let other = trace(

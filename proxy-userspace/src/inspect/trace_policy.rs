@@ -139,7 +139,7 @@ fn session_affinity(
     t.verdict = "affinity";
     t.backend = Some(Candidate {
         id,
-        address: addr(b.address),
+        address: std::net::IpAddr::V4(addr(b.address)),
         port: port(b.port),
         locality: if b.flags & BACKEND_FLAG_LOCAL != 0 {
             "local"

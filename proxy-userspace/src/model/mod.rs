@@ -525,15 +525,31 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_frontends_guarded_by_source_ranges_are_left_out() {
+    fn ipv6_frontends_guarded_by_source_ranges_carry_their_ipv6_ranges() {
         let svc = service(
-            "metadata: {name: v6}\nspec:\n  type: LoadBalancer\n  clusterIP: 'fd00:10:96::20'\n  loadBalancerSourceRanges: ['2001:db8:1::/48']\n  ports: [{name: http, port: 80, nodePort: 30081}]\nstatus: {loadBalancer: {ingress: [{ip: '2001:db8::2'}]}}\n",
+            "metadata: {name: v6}\nspec:\n  type: LoadBalancer\n  clusterIP: 'fd00:10:96::20'\n  loadBalancerSourceRanges: ['2001:db8:1::/48', 10.0.0.0/8]\n  ports: [{name: http, port: 80, nodePort: 30081}]\nstatus: {loadBalancer: {ingress: [{ip: '2001:db8::2'}]}}\n",
         );
         let mut model = Model::new();
         model.replace_all(vec![service_obj(svc)]);
         let d = model.desired(&NodeContext::default());
-        let kinds: Vec<FrontendKind> = d.frontends6.iter().map(|f| f.kind).collect();
-        assert_eq!(kinds, vec![FrontendKind::ClusterIp]);
+        let ranges =
+            vec![crate::desired::Ipv6Cidr::new("2001:db8:1::".parse().unwrap(), 48).unwrap()];
+        let got: Vec<(FrontendKind, Option<Vec<crate::desired::Ipv6Cidr>>)> = d
+            .frontends6
+            .iter()
+            .map(|f| (f.kind, f.source_ranges.clone()))
+            .collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        for (kind, want) in [
+            (FrontendKind::ClusterIp, None),
+            (FrontendKind::NodePort, Some(ranges.clone())),
+            (FrontendKind::LoadBalancer, Some(ranges.clone())),
+        ] {
+            assert!(
+                got.contains(&(kind, want.clone())),
+                "{kind:?} {want:?} in {got:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The IPv6 half of the iptables dataplane: the same `KPROXY-` chain layout (see
-//! `render.rs`) for `frontends6`, through `ip6tables-restore -w --noflush`. Every change is
+//! `render.rs`: `-m recent` for sessionAffinity ClientIP, `KPROXY-FW-` chains and the filter
+//! `KPROXY-FIREWALL` drops for loadBalancerSourceRanges) for `frontends6`, through `ip6tables-restore -w --noflush`. Every change is
 //! a full sync of the IPv6 chains (jumps ensured, stale `KPROXY-` chains found with
 //! `ip6tables-save` deleted) in one restore; nothing changed, nothing is run. The IPv4
 //! chains are not touched by it.
@@ -10,10 +11,12 @@ use anyhow::Context as _;
 
 use super::{
     hash::hash,
-    render::{self, EXTERNAL_SERVICES, MARK_MASQ, NODEPORTS, POSTROUTING, Rendering, SERVICES},
+    render::{
+        self, EXTERNAL_SERVICES, FIREWALL, MARK_MASQ, NODEPORTS, POSTROUTING, Rendering, SERVICES,
+    },
 };
 use crate::{
-    dataplane::nftables::run_with_stdin,
+    dataplane::nftables::{render6::firewall_allowed6, run_with_stdin},
     desired::{Backend6, DesiredState, Frontend6, FrontendKind, Protocol},
 };
 
@@ -25,6 +28,10 @@ fn frontend_identity6(f: &Frontend6) -> String {
 
 pub fn service_chain6(f: &Frontend6) -> String {
     format!("KPROXY-SVC-{}", hash(&frontend_identity6(f), 16))
+}
+
+pub fn firewall_chain6(f: &Frontend6) -> String {
+    format!("KPROXY-FW-{}", hash(&frontend_identity6(f), 16))
 }
 
 pub fn endpoint_chain6(f: &Frontend6, b: &Backend6) -> String {
@@ -52,6 +59,22 @@ fn reject6(f: &Frontend6) -> &'static str {
     }
 }
 
+/// The filter rule that drops what a frontend's `KPROXY-FW-` chain did not DNAT: new
+/// connections still addressed to the frontend (a nodePort: to a local address).
+fn firewall_drop6(f: &Frontend6) -> String {
+    let dst = match f.kind {
+        FrontendKind::NodePort => "-m addrtype --dst-type LOCAL".to_string(),
+        _ => format!("-d {}/128", f.address),
+    };
+    format!(
+        "-m comment --comment \"{} {:?} traffic not accepted by {}\" {dst} {} -j DROP",
+        f.service,
+        f.kind,
+        firewall_chain6(f),
+        port_match(f)
+    )
+}
+
 /// The IPv6 chains for `desired.frontends6`, laid out as `render::render` lays out IPv4.
 /// Endpoints on other nodes are masqueraded (no IPv6 cluster CIDR is known).
 pub fn render6(desired: &DesiredState, masquerade_bit: u8) -> Rendering {
@@ -60,7 +83,7 @@ pub fn render6(desired: &DesiredState, masquerade_bit: u8) -> Rendering {
     for c in [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ] {
         r.nat.insert(c.into(), Vec::new());
     }
-    for c in [SERVICES, EXTERNAL_SERVICES, NODEPORTS] {
+    for c in [SERVICES, EXTERNAL_SERVICES, NODEPORTS, FIREWALL] {
         r.filter.insert(c.into(), Vec::new());
     }
     let add =
@@ -91,6 +114,9 @@ pub fn render6(desired: &DesiredState, masquerade_bit: u8) -> Rendering {
     );
     for f in &desired.frontends6 {
         let comment = format!("-m comment --comment \"{} {:?}\"", f.service, f.kind);
+        if f.source_ranges.is_some() {
+            add(&mut r.filter, FIREWALL, firewall_drop6(f));
+        }
         if f.backends.is_empty() {
             let (chain, dst) = match f.kind {
                 FrontendKind::ClusterIp => (SERVICES, format!("-d {}/128 ", f.address)),
@@ -111,19 +137,48 @@ pub fn render6(desired: &DesiredState, masquerade_bit: u8) -> Rendering {
             continue;
         }
         let svc = service_chain6(f);
+        // With source ranges the frontend's traffic passes its firewall chain first.
+        let entry = match &f.source_ranges {
+            Some(ranges) => {
+                let fw = firewall_chain6(f);
+                r.nat.insert(fw.clone(), Vec::new());
+                for a in firewall_allowed6(f, ranges, &desired.nodeport_addresses6) {
+                    add(&mut r.nat, &fw, format!("{comment} -s {a} -j {svc}"));
+                }
+                fw
+            }
+            None => svc.clone(),
+        };
         match f.kind {
             FrontendKind::NodePort => add(
                 &mut r.nat,
                 NODEPORTS,
-                format!("{comment} {} -j {svc}", port_match(f)),
+                format!("{comment} {} -j {entry}", port_match(f)),
             ),
             _ => add(
                 &mut r.nat,
                 SERVICES,
-                format!("{comment} -d {}/128 {} -j {svc}", f.address, port_match(f)),
+                format!(
+                    "{comment} -d {}/128 {} -j {entry}",
+                    f.address,
+                    port_match(f)
+                ),
             ),
         }
         r.nat.insert(svc.clone(), Vec::new());
+        if let Some(timeout) = f.affinity_timeout {
+            for b in &f.backends {
+                let sep = endpoint_chain6(f, b);
+                add(
+                    &mut r.nat,
+                    &svc,
+                    format!(
+                        "-m comment --comment \"{} -> [{}]:{}\" -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}",
+                        f.service, b.address, b.port
+                    ),
+                );
+            }
+        }
         let n = f.backends.len();
         for (i, b) in f.backends.iter().enumerate() {
             let sep = endpoint_chain6(f, b);
@@ -150,18 +205,22 @@ pub fn render6(desired: &DesiredState, masquerade_bit: u8) -> Rendering {
                 add(&mut r.nat, &sep, format!("{c} -j {MARK_MASQ}"));
             }
             let p = proto(f.protocol);
+            let recent = match f.affinity_timeout {
+                Some(_) => format!("-m recent --name {sep} --set "),
+                None => String::new(),
+            };
             add(
                 &mut r.nat,
                 &sep,
                 format!(
-                    "{c} -p {p} -m {p} -j DNAT --to-destination [{}]:{}",
+                    "{c} {recent}-p {p} -m {p} -j DNAT --to-destination [{}]:{}",
                     b.address, b.port
                 ),
             );
         }
     }
-    // Every chain the built-in chains jump to exists (empty when IPv6 has nothing for it,
-    // e.g. the IPv4 source-range firewall), so a full sync never deletes a jumped-to chain.
+    // Every chain the built-in chains jump to exists (empty when IPv6 has nothing for it),
+    // so a full sync never deletes a jumped-to chain.
     for (table, _, spec) in render::base_jumps() {
         let target = spec.last().copied().unwrap_or_default();
         let map = if table == "nat" {
@@ -296,7 +355,7 @@ pub fn cleanup6() -> anyhow::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::ServicePortName;
+    use crate::desired::{Ipv6Cidr, ServicePortName};
 
     #[test]
     fn ip6_rendering_golden() {
@@ -321,6 +380,11 @@ mod tests {
             affinity_timeout: None,
             source_ranges: None,
         };
+        // A client range, and the node's own (so the LoadBalancer IP itself is allowed).
+        let ranges: Vec<Ipv6Cidr> = ["2001:db8:1::", "fd00:198:18::"]
+            .iter()
+            .map(|a| Ipv6Cidr::new(a.parse().unwrap(), 64).unwrap())
+            .collect();
         let d = DesiredState {
             frontends6: vec![
                 fe(
@@ -336,6 +400,33 @@ mod tests {
                     vec![be("fd00:10:244:1::a", true), be("fd00:10:244:2::b", false)],
                 ),
                 fe(FrontendKind::ClusterIp, "fd00:10:96::b", 80, vec![]),
+                Frontend6 {
+                    affinity_timeout: Some(10800),
+                    ..fe(
+                        FrontendKind::ClusterIp,
+                        "fd00:10:96::c",
+                        80,
+                        vec![be("fd00:10:244:1::a", true), be("fd00:10:244:2::b", false)],
+                    )
+                },
+                Frontend6 {
+                    source_ranges: Some(ranges.clone()),
+                    ..fe(
+                        FrontendKind::LoadBalancer,
+                        "fd00:198:51::1",
+                        80,
+                        vec![be("fd00:10:244:1::a", true)],
+                    )
+                },
+                Frontend6 {
+                    source_ranges: Some(ranges.clone()),
+                    ..fe(
+                        FrontendKind::NodePort,
+                        "::",
+                        30090,
+                        vec![be("fd00:10:244:1::a", true)],
+                    )
+                },
             ],
             nodeport_addresses6: vec!["fd00:198:18::1".parse().unwrap()],
             ..DesiredState::default()
@@ -349,6 +440,36 @@ mod tests {
         assert!(input.text.contains(
             "-d fd00:10:96::b/128 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset"
         ));
-        crate::dataplane::nftables::check_golden("ip6tables_sample.restore", &input.text);
+        let t = &input.text;
+        // Affinity: two --rcheck lookups before the statistic rules, --set on each DNAT.
+        assert_eq!(
+            t.matches("--rcheck --seconds 10800 --reap -j KPROXY-SEP-")
+                .count(),
+            2
+        );
+        assert_eq!(t.matches("-m recent --name KPROXY-SEP-").count(), 4);
+        // Source ranges: the LoadBalancer IP and the nodePort go through a KPROXY-FW- chain
+        // that admits the ranges (and the VIP itself, a node address being in range).
+        let fw_rules: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("-A KPROXY-FW-"))
+            .collect();
+        assert_eq!(fw_rules.len(), 5, "{fw_rules:?}");
+        assert_eq!(
+            fw_rules
+                .iter()
+                .filter(|l| l.contains("-s fd00:198:51::1 "))
+                .count(),
+            1
+        );
+        assert!(t.contains("-d fd00:198:51::1/128 -p tcp -m tcp --dport 80 -j KPROXY-FW-"));
+        assert!(t.contains("-p tcp -m tcp --dport 30090 -j KPROXY-FW-"));
+        assert_eq!(
+            t.lines()
+                .filter(|l| l.starts_with("-A KPROXY-FIREWALL ") && l.ends_with("-j DROP"))
+                .count(),
+            2
+        );
+        crate::dataplane::nftables::check_golden("ip6tables_sample.restore", t);
     }
 }

@@ -38,8 +38,17 @@ pub struct NftablesDataplane {
     applied: Option<render::Model>,
     /// The state that rendering came from, for the stale UDP conntrack flush.
     previous: DesiredState,
-    /// The `table ip6 kproxy` transaction last applied (None: not trusted, apply again).
-    applied6: Option<String>,
+    /// What `table ip6 kproxy` holds, as last applied successfully (None: not trusted,
+    /// the next apply replaces or removes the whole table).
+    applied6: Option<Table6>,
+}
+
+/// `table ip6 kproxy` as last applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Table6 {
+    /// Removed: nothing IPv6 to serve.
+    Absent,
+    Present(render::Model),
 }
 
 impl NftablesDataplane {
@@ -138,23 +147,38 @@ impl Dataplane for NftablesDataplane {
 }
 
 impl NftablesDataplane {
-    /// Makes `table ip6 kproxy` match `desired.frontends6` (one full transaction when it
-    /// changed; the table deleted when there is nothing IPv6 to serve). Returns the number
+    /// Makes `table ip6 kproxy` match `desired.frontends6`, as `apply4` does for the IPv4
+    /// table (a partial transaction when it is trusted, so the affinity sets keep their
+    /// clients; the table deleted when there is nothing IPv6 to serve). Returns the number
     /// of commands run.
     fn apply6(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<usize> {
-        let text = if desired.frontends6.is_empty() {
-            render6::render_cleanup6()
+        let bit = self.settings.render.masquerade_bit;
+        let (next, text) = if desired.frontends6.is_empty() {
+            if !full && self.applied6 == Some(Table6::Absent) {
+                return Ok(0);
+            }
+            (Table6::Absent, render6::render_cleanup6())
         } else {
-            render6::render6(desired, self.settings.render.masquerade_bit)
+            let model = render6::model6(desired);
+            let text = match (self.applied6.take(), full) {
+                (Some(Table6::Present(prev)), false) => {
+                    match render6::render_partial6(&prev, &model) {
+                        Some(text) => text,
+                        None => {
+                            self.applied6 = Some(Table6::Present(prev));
+                            return Ok(0);
+                        }
+                    }
+                }
+                _ => render6::render_model6(&model, bit),
+            };
+            (Table6::Present(model), text)
         };
-        if !full && self.applied6.as_deref() == Some(text.as_str()) {
-            return Ok(0);
-        }
+        // On error `applied6` stays None: the next apply replaces the whole table.
         self.applied6 = None;
         run_with_stdin("nft", &["-f", "-"], &text).context("applying table ip6 kproxy")?;
-        let commands = text.lines().count();
-        self.applied6 = Some(text);
-        Ok(commands)
+        self.applied6 = Some(next);
+        Ok(text.lines().count())
     }
 
     fn apply4(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {

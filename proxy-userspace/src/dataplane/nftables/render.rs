@@ -431,11 +431,11 @@ fn element(key: &str, value: &str) -> String {
     }
 }
 
-fn push_elements(s: &mut String, verb: &str, map: &str, elems: &[String]) {
+fn push_elements(s: &mut String, t: &str, verb: &str, map: &str, elems: &[String]) {
     if elems.is_empty() {
         return;
     }
-    let _ = writeln!(s, "{verb} element ip {TABLE} {map} {{");
+    let _ = writeln!(s, "{verb} element {t} {map} {{");
     for (i, e) in elems.iter().enumerate() {
         let sep = if i + 1 < elems.len() { "," } else { "" };
         let _ = writeln!(s, "\t{e}{sep}");
@@ -443,9 +443,9 @@ fn push_elements(s: &mut String, verb: &str, map: &str, elems: &[String]) {
     s.push_str("}\n");
 }
 
-fn push_rules(s: &mut String, chain: &str, rules: &[String]) {
+fn push_rules(s: &mut String, t: &str, chain: &str, rules: &[String]) {
     for r in rules {
-        let _ = writeln!(s, "add rule ip {TABLE} {chain} {r}");
+        let _ = writeln!(s, "add rule {t} {chain} {r}");
     }
 }
 
@@ -460,6 +460,12 @@ pub fn render_model(m: &Model, opts: &RenderOptions) -> String {
     let t = format!("ip {TABLE}");
     let mut s = format!("add table {t}\ndelete table {t}\nadd table {t}\n");
     s.push_str(&skeleton(opts));
+    push_model(&mut s, &t, m);
+    s
+}
+
+/// Everything of `m` into table `t` (family and name), whose skeleton is already there.
+pub(crate) fn push_model(s: &mut String, t: &str, m: &Model) {
     for (name, decl) in &m.sets {
         let _ = writeln!(s, "add set {t} {name} {decl}");
     }
@@ -468,14 +474,13 @@ pub fn render_model(m: &Model, opts: &RenderOptions) -> String {
         let _ = writeln!(s, "add chain {t} {name}");
     }
     for (name, rules) in &m.chains {
-        push_rules(&mut s, name, rules);
+        push_rules(s, t, name, rules);
     }
     // Elements last: they refer to the chains.
     for (map, elems) in &m.elements {
         let elems: Vec<String> = elems.iter().map(|(k, v)| element(k, v)).collect();
-        push_elements(&mut s, "add", map, &elems);
+        push_elements(s, t, "add", map, &elems);
     }
-    s
 }
 
 /// The transaction that moves the table from `prev` to `next` (both models of what is in
@@ -484,7 +489,11 @@ pub fn render_model(m: &Model, opts: &RenderOptions) -> String {
 /// elements that are gone or changed are deleted, new or changed ones added. `None` when
 /// nothing changed. Applied with `nft -f -`, it is atomic too.
 pub fn render_partial(prev: &Model, next: &Model) -> Option<String> {
-    let t = format!("ip {TABLE}");
+    render_partial_in(&format!("ip {TABLE}"), prev, next)
+}
+
+/// [`render_partial`] for table `t` (family and name), e.g. `ip6 kproxy`.
+pub(crate) fn render_partial_in(t: &str, prev: &Model, next: &Model) -> Option<String> {
     let mut s = String::new();
     for (name, decl) in next
         .sets
@@ -505,16 +514,16 @@ pub fn render_partial(prev: &Model, next: &Model) -> Option<String> {
             .filter(|(k, v)| n.get(*k) != Some(*v))
             .map(|(k, _)| k.clone())
             .collect();
-        push_elements(&mut s, "delete", map, &gone);
+        push_elements(&mut s, t, "delete", map, &gone);
     }
     for (name, rules) in &next.chains {
         match prev.chains.get(name) {
             Some(old) if old == rules => {}
             Some(_) => {
                 let _ = writeln!(s, "flush chain {t} {name}");
-                push_rules(&mut s, name, rules);
+                push_rules(&mut s, t, name, rules);
             }
-            None => push_rules(&mut s, name, rules),
+            None => push_rules(&mut s, t, name, rules),
         }
     }
     for map in MAPS {
@@ -525,7 +534,7 @@ pub fn render_partial(prev: &Model, next: &Model) -> Option<String> {
             .filter(|(k, v)| p.get(*k) != Some(*v))
             .map(|(k, v)| element(k, v))
             .collect();
-        push_elements(&mut s, "add", map, &new);
+        push_elements(&mut s, t, "add", map, &new);
     }
     let gone: Vec<&String> = prev
         .chains

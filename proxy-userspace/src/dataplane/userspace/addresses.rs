@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -20,18 +20,18 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// only while holding the lock, so they never undo each other.
 #[derive(Default)]
 pub struct ServiceAddresses {
-    wanted: Mutex<BTreeSet<Ipv4Addr>>,
+    wanted: Mutex<BTreeSet<IpAddr>>,
 }
 
 impl ServiceAddresses {
     /// Adds what `want` has and the interface lacks (first step of an apply: listeners
     /// need their address). Returns how many were added.
-    pub fn add_missing(&self, want: &BTreeSet<Ipv4Addr>) -> anyhow::Result<usize> {
+    pub fn add_missing(&self, want: &BTreeSet<IpAddr>) -> anyhow::Result<usize> {
         let mut wanted = self
             .wanted
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?;
-        let have: BTreeSet<Ipv4Addr> = iface::addresses()?.into_iter().collect();
+        let have: BTreeSet<IpAddr> = iface::addresses()?.into_iter().collect();
         let mut added = 0;
         for ip in want.difference(&have) {
             iface::add(*ip)?;
@@ -44,12 +44,12 @@ impl ServiceAddresses {
 
     /// Removes what the interface has beyond `want` (last step of an apply, once the
     /// listeners on those addresses are closed). Returns how many were removed.
-    pub fn remove_unwanted(&self, want: &BTreeSet<Ipv4Addr>) -> anyhow::Result<usize> {
+    pub fn remove_unwanted(&self, want: &BTreeSet<IpAddr>) -> anyhow::Result<usize> {
         let mut wanted = self
             .wanted
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?;
-        let have: BTreeSet<Ipv4Addr> = iface::addresses()?.into_iter().collect();
+        let have: BTreeSet<IpAddr> = iface::addresses()?.into_iter().collect();
         let mut removed = 0;
         for ip in have.difference(want) {
             iface::remove(*ip)?;
@@ -65,8 +65,8 @@ impl ServiceAddresses {
             .wanted
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?;
-        let have: BTreeSet<Ipv4Addr> = iface::addresses()?.into_iter().collect();
-        let lost: Vec<Ipv4Addr> = wanted.difference(&have).copied().collect();
+        let have: BTreeSet<IpAddr> = iface::addresses()?.into_iter().collect();
+        let lost: Vec<IpAddr> = wanted.difference(&have).copied().collect();
         if lost.is_empty() {
             return Ok(0);
         }

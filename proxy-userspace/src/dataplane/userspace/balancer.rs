@@ -6,7 +6,7 @@
 use std::{
     collections::{HashMap, hash_map::RandomState},
     hash::{BuildHasher as _, Hasher as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -16,19 +16,37 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::desired::Ipv4Cidr;
+use crate::desired::{Ipv4Cidr, Ipv6Cidr};
+
+/// One `loadBalancerSourceRanges` entry, of the frontend's family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceRange {
+    V4(Ipv4Cidr),
+    V6(Ipv6Cidr),
+}
+
+impl SourceRange {
+    /// Whether `ip` is inside (never across families).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (SourceRange::V4(c), IpAddr::V4(a)) => c.contains(a),
+            (SourceRange::V6(c), IpAddr::V6(a)) => c.contains(a),
+            _ => false,
+        }
+    }
+}
 
 /// One backend of a frontend. Connections and sessions relayed to it watch [`Self::retired`]
 /// and close when apply removes the backend.
 pub struct BackendHandle {
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     retired: watch::Sender<bool>,
 }
 
 impl BackendHandle {
-    pub fn new(address: SocketAddrV4) -> Arc<Self> {
+    pub fn new(address: impl Into<SocketAddr>) -> Arc<Self> {
         Arc::new(Self {
-            address,
+            address: address.into(),
             retired: watch::Sender::new(false),
         })
     }
@@ -53,7 +71,7 @@ pub struct Pool {
     /// ClientIP affinity: how long a client's pick is kept after its last new connection.
     pub affinity_timeout: Option<Duration>,
     /// `None`: every source is served; `Some`: only sources inside one of these.
-    pub source_ranges: Option<Vec<Ipv4Cidr>>,
+    pub source_ranges: Option<Vec<SourceRange>>,
     /// One of the node's addresses is inside `source_ranges`: connections the node makes to
     /// its own frontend address (whose source is that address) are allowed, as kube-proxy
     /// allows in-node connections then.
@@ -69,7 +87,7 @@ pub struct Balancer {
     pub label: String,
     pool: RwLock<Arc<Pool>>,
     /// Client IP -> (backend, last time it was picked for that client).
-    affinity: Mutex<HashMap<Ipv4Addr, (SocketAddrV4, Instant)>>,
+    affinity: Mutex<HashMap<IpAddr, (SocketAddr, Instant)>>,
 }
 
 impl Balancer {
@@ -85,7 +103,7 @@ impl Balancer {
     /// of them when affinity is switched off.
     pub fn swap(&self, pool: Pool) {
         let affinity_on = pool.affinity_timeout.is_some();
-        let kept: Vec<SocketAddrV4> = pool.backends.iter().map(|b| b.address).collect();
+        let kept: Vec<SocketAddr> = pool.backends.iter().map(|b| b.address).collect();
         if let Ok(mut p) = self.pool.write() {
             *p = Arc::new(pool);
         }
@@ -100,7 +118,7 @@ impl Balancer {
 
     /// Whether `client` may use this frontend (`loadBalancerSourceRanges`) at `local`, the
     /// address it reached.
-    pub fn admits(&self, client: Ipv4Addr, local: Ipv4Addr) -> bool {
+    pub fn admits(&self, client: IpAddr, local: IpAddr) -> bool {
         let pool = self.pool();
         match &pool.source_ranges {
             None => true,
@@ -113,7 +131,7 @@ impl Balancer {
 
     /// The backend for a new flow from `client`, not one of `avoid` (backends that already
     /// failed to connect for this flow). `None` when no backend is left.
-    pub fn pick(&self, client: Ipv4Addr, avoid: &[SocketAddrV4]) -> Option<Arc<BackendHandle>> {
+    pub fn pick(&self, client: IpAddr, avoid: &[SocketAddr]) -> Option<Arc<BackendHandle>> {
         let pool = self.pool();
         let usable: Vec<&Arc<BackendHandle>> = pool
             .backends
@@ -156,9 +174,14 @@ fn random_below(n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
-    fn addr(last: u8) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080)
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080))
     }
 
     fn pool(backends: &[u8], affinity: Option<u64>) -> Pool {
@@ -176,7 +199,7 @@ mod tests {
     #[test]
     fn random_pick_uses_every_backend_and_skips_avoided_ones() {
         let b = Balancer::new("t".into(), pool(&[1, 2, 3], None));
-        let client = Ipv4Addr::new(192, 0, 2, 1);
+        let client = v4(192, 0, 2, 1);
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..200 {
             seen.insert(b.pick(client, &[addr(2)]).expect("a backend").address);
@@ -190,13 +213,13 @@ mod tests {
     #[test]
     fn affinity_sticks_per_client_until_the_backend_goes() {
         let b = Balancer::new("t".into(), pool(&[1, 2, 3, 4], Some(60)));
-        let first = b.pick(Ipv4Addr::new(192, 0, 2, 1), &[]).expect("a backend");
+        let first = b.pick(v4(192, 0, 2, 1), &[]).expect("a backend");
         for _ in 0..50 {
-            let again = b.pick(Ipv4Addr::new(192, 0, 2, 1), &[]).expect("a backend");
+            let again = b.pick(v4(192, 0, 2, 1), &[]).expect("a backend");
             assert_eq!(again.address, first.address);
         }
         let others: std::collections::BTreeSet<_> = (2..60)
-            .map(|c| b.pick(Ipv4Addr::new(192, 0, 2, c), &[]).expect("b").address)
+            .map(|c| b.pick(v4(192, 0, 2, c), &[]).expect("b").address)
             .collect();
         assert!(others.len() > 1, "other clients spread: {others:?}");
         // The picked backend leaves: the client moves and sticks to its new pick.
@@ -205,10 +228,10 @@ mod tests {
             .filter(|l| addr(*l) != first.address)
             .collect();
         b.swap(pool(&rest, Some(60)));
-        let moved = b.pick(Ipv4Addr::new(192, 0, 2, 1), &[]).expect("a backend");
+        let moved = b.pick(v4(192, 0, 2, 1), &[]).expect("a backend");
         assert_ne!(moved.address, first.address);
         for _ in 0..20 {
-            let again = b.pick(Ipv4Addr::new(192, 0, 2, 1), &[]).expect("a backend");
+            let again = b.pick(v4(192, 0, 2, 1), &[]).expect("a backend");
             assert_eq!(again.address, moved.address);
         }
     }
@@ -216,13 +239,13 @@ mod tests {
     #[test]
     fn source_ranges_admit_only_their_sources() {
         let mut p = pool(&[1], None);
-        p.source_ranges = Some(vec![
+        p.source_ranges = Some(vec![SourceRange::V4(
             Ipv4Cidr::new(Ipv4Addr::new(198, 18, 0, 0), 24).expect("cidr"),
-        ]);
-        let vip = Ipv4Addr::new(203, 0, 113, 1);
+        )]);
+        let vip = v4(203, 0, 113, 1);
         let b = Balancer::new("t".into(), p);
-        assert!(b.admits(Ipv4Addr::new(198, 18, 0, 9), vip));
-        assert!(!b.admits(Ipv4Addr::new(198, 19, 0, 9), vip));
+        assert!(b.admits(v4(198, 18, 0, 9), vip));
+        assert!(!b.admits(v4(198, 19, 0, 9), vip));
         // The node reaching its own VIP: only when a node address is in range.
         assert!(!b.admits(vip, vip));
         let mut p = pool(&[1], None);
@@ -230,9 +253,9 @@ mod tests {
         p.node_in_ranges = true;
         b.swap(p);
         assert!(b.admits(vip, vip));
-        assert!(!b.admits(Ipv4Addr::new(198, 18, 0, 9), vip));
+        assert!(!b.admits(v4(198, 18, 0, 9), vip));
         b.swap(pool(&[1], None));
-        assert!(b.admits(Ipv4Addr::new(198, 19, 0, 9), vip));
+        assert!(b.admits(v4(198, 19, 0, 9), vip));
     }
 
     #[tokio::test]
@@ -253,5 +276,26 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), h.wait_retired())
             .await
             .expect("at once");
+    }
+
+    #[test]
+    fn ipv6_source_ranges_and_affinity() {
+        let six = |s: &str| IpAddr::V6(s.parse::<Ipv6Addr>().unwrap());
+        let mut p = pool(&[1, 2, 3], Some(60));
+        p.source_ranges = Some(vec![
+            SourceRange::V6(Ipv6Cidr::new("fd00:198:18::".parse().unwrap(), 120).unwrap()),
+            SourceRange::V4(Ipv4Cidr::new(Ipv4Addr::new(198, 18, 0, 0), 24).unwrap()),
+        ]);
+        let vip = six("fd00:198:51::30");
+        let b = Balancer::new("t".into(), p);
+        assert!(b.admits(six("fd00:198:18::7"), vip));
+        assert!(!b.admits(six("fd00:198:18::1:7"), vip));
+        // A range of the other family never matches (no v4-mapped shortcut).
+        assert!(!b.admits(six("::ffff:198.18.0.9"), vip));
+        let first = b.pick(six("fd00:198:18::7"), &[]).expect("a backend");
+        for _ in 0..20 {
+            let again = b.pick(six("fd00:198:18::7"), &[]).expect("a backend");
+            assert_eq!(again.address, first.address);
+        }
     }
 }

@@ -10,7 +10,7 @@
 
 use std::{
     io,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
@@ -29,6 +29,7 @@ const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
+const IFA_F_NODAD: u8 = 0x02;
 
 const fn align4(n: usize) -> usize {
     (n + 3) & !3
@@ -147,14 +148,21 @@ impl Rtnl {
         self.request(libc::RTM_DELLINK, 0, &ifinfomsg(index))
     }
 
-    fn address(&mut self, msg_type: u16, flags: u16, index: u32, ip: Ipv4Addr) -> io::Result<()> {
+    fn address(&mut self, msg_type: u16, flags: u16, index: u32, ip: IpAddr) -> io::Result<()> {
+        let (family, prefix_len, octets) = match ip {
+            IpAddr::V4(a) => (libc::AF_INET, 32, a.octets().to_vec()),
+            IpAddr::V6(a) => (libc::AF_INET6, 128, a.octets().to_vec()),
+        };
         let mut body = vec![0u8; IFADDRMSG_LEN];
-        body[0] = libc::AF_INET as u8;
-        body[1] = 32; // prefix length: the address alone, no subnet route
+        body[0] = family as u8;
+        body[1] = prefix_len; // the address alone, no subnet route
+        // IPv6: no duplicate address detection, which would leave the address tentative
+        // (unusable) on the link that stays down.
+        body[2] = if ip.is_ipv6() { IFA_F_NODAD } else { 0 };
         body[3] = libc::RT_SCOPE_UNIVERSE;
         body[4..8].copy_from_slice(&index.to_ne_bytes());
-        put_attr(&mut body, IFA_LOCAL, &ip.octets());
-        put_attr(&mut body, IFA_ADDRESS, &ip.octets());
+        put_attr(&mut body, IFA_LOCAL, &octets);
+        put_attr(&mut body, IFA_ADDRESS, &octets);
         self.request(msg_type, flags, &body)
     }
 }
@@ -182,18 +190,26 @@ pub fn ensure() -> anyhow::Result<u32> {
     }
 }
 
-/// The IPv4 addresses the interface holds now (none when it does not exist).
-pub fn addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
-    Ok(netdev::interface_addresses()
+/// The addresses (IPv4 and global IPv6) the interface holds now (none when it does not
+/// exist).
+pub fn addresses() -> anyhow::Result<Vec<IpAddr>> {
+    let mut all: Vec<IpAddr> = netdev::interface_addresses()
         .context("listing addresses")?
         .into_iter()
         .filter(|a| a.interface == RELAY_INTERFACE)
-        .map(|a| a.address)
-        .collect())
+        .map(|a| IpAddr::V4(a.address))
+        .collect();
+    all.extend(
+        netdev::relay_interface_addresses6()
+            .context("listing IPv6 addresses")?
+            .into_iter()
+            .map(IpAddr::V6),
+    );
+    Ok(all)
 }
 
 /// Adds `ip` (a no-op when present), creating the interface if it is missing.
-pub fn add(ip: Ipv4Addr) -> anyhow::Result<()> {
+pub fn add(ip: IpAddr) -> anyhow::Result<()> {
     let index = ensure()?;
     let mut rtnl = Rtnl::open().context("opening a NETLINK_ROUTE socket")?;
     let flags = (libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
@@ -202,7 +218,7 @@ pub fn add(ip: Ipv4Addr) -> anyhow::Result<()> {
 }
 
 /// Removes `ip` (a no-op when absent or when the interface does not exist).
-pub fn remove(ip: Ipv4Addr) -> anyhow::Result<()> {
+pub fn remove(ip: IpAddr) -> anyhow::Result<()> {
     let Some(index) = netdev::ifindex(RELAY_INTERFACE) else {
         return Ok(());
     };

@@ -1,10 +1,12 @@
 //! `--proxy-mode userspace`: the agent relays connections itself, as the original
 //! kube-proxy userspace mode did, for hosts with neither BPF nor a usable netfilter.
 //!
-//! - Cluster, external and LoadBalancer IPs are put on the agent's own interface
-//!   ([`iface::RELAY_INTERFACE`]) so they are local addresses; the relay listens on them.
-//! - NodePorts are plain listening sockets on every nodePort address of the node and on
-//!   127.0.0.1 (so `localhost:<nodePort>` works, which the kernel modes cannot serve).
+//! - Cluster, external and LoadBalancer IPs (IPv4 and IPv6) are put on the agent's own
+//!   interface ([`iface::RELAY_INTERFACE`]) so they are local addresses; the relay listens
+//!   on them.
+//! - NodePorts are plain listening sockets on every nodePort address of the node of the
+//!   frontend's family (IPv6 frontends on the node's IPv6 addresses) and on 127.0.0.1 (so
+//!   `localhost:<nodePort>` works, which the kernel modes cannot serve).
 //! - A frontend without endpoints has no listener: the kernel refuses at once (TCP reset,
 //!   ICMP port unreachable).
 //! - Apply is incremental: each frontend's backend set is swapped as a whole
@@ -23,7 +25,7 @@ mod udp;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd as _, RawFd},
     sync::Arc,
     time::{Duration, Instant},
@@ -34,14 +36,78 @@ use tokio::{runtime::Handle, task::AbortHandle};
 
 use self::{
     addresses::{ServiceAddresses, Watchdog},
-    balancer::{BackendHandle, Balancer, Pool},
+    balancer::{BackendHandle, Balancer, Pool, SourceRange},
 };
 use super::{ApplyStats, Dataplane};
-use crate::desired::{DesiredState, Frontend, FrontendKind, Protocol};
+use crate::desired::{DesiredState, Frontend, Frontend6, FrontendKind, Protocol, ServicePortName};
 
 pub use self::iface::cleanup;
 
-type FrontendKey = (Ipv4Addr, u16, Protocol);
+type FrontendKey = (IpAddr, u16, Protocol);
+
+/// A frontend of either family, as the relay serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RelayFrontend {
+    service: ServicePortName,
+    kind: FrontendKind,
+    /// Unspecified (of the family) for a nodePort.
+    address: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    backends: Vec<SocketAddr>,
+    affinity_timeout: Option<u32>,
+    source_ranges: Option<Vec<SourceRange>>,
+}
+
+impl RelayFrontend {
+    fn key(&self) -> FrontendKey {
+        (self.address, self.port, self.protocol)
+    }
+}
+
+impl From<&Frontend> for RelayFrontend {
+    fn from(f: &Frontend) -> Self {
+        Self {
+            service: f.service.clone(),
+            kind: f.kind,
+            address: IpAddr::V4(f.address),
+            port: f.port,
+            protocol: f.protocol,
+            backends: f
+                .backends
+                .iter()
+                .map(|b| SocketAddr::new(IpAddr::V4(b.address), b.port))
+                .collect(),
+            affinity_timeout: f.affinity_timeout,
+            source_ranges: f
+                .source_ranges
+                .as_ref()
+                .map(|r| r.iter().copied().map(SourceRange::V4).collect()),
+        }
+    }
+}
+
+impl From<&Frontend6> for RelayFrontend {
+    fn from(f: &Frontend6) -> Self {
+        Self {
+            service: f.service.clone(),
+            kind: f.kind,
+            address: IpAddr::V6(f.address),
+            port: f.port,
+            protocol: f.protocol,
+            backends: f
+                .backends
+                .iter()
+                .map(|b| SocketAddr::new(IpAddr::V6(b.address), b.port))
+                .collect(),
+            affinity_timeout: f.affinity_timeout,
+            source_ranges: f
+                .source_ranges
+                .as_ref()
+                .map(|r| r.iter().copied().map(SourceRange::V6).collect()),
+        }
+    }
+}
 
 /// A warning logged at most every [`RateLimitedLog::EVERY`], with the count of the ones
 /// left out (for per-connection failures, which can come in floods).
@@ -87,10 +153,10 @@ impl Drop for Listener {
 
 /// The relay of one frontend.
 struct Relay {
-    frontend: Option<Frontend>,
+    frontend: Option<RelayFrontend>,
     balancer: Arc<Balancer>,
-    backends: BTreeMap<SocketAddrV4, Arc<BackendHandle>>,
-    listeners: BTreeMap<SocketAddrV4, Listener>,
+    backends: BTreeMap<SocketAddr, Arc<BackendHandle>>,
+    listeners: BTreeMap<SocketAddr, Listener>,
     /// A node address is inside the frontend's source ranges (as last applied).
     node_in_ranges: bool,
 }
@@ -104,15 +170,22 @@ impl Drop for Relay {
     }
 }
 
-fn label(f: &Frontend) -> String {
-    match f.kind {
-        FrontendKind::NodePort => format!("{} nodePort {}", f.service, f.port),
-        kind => format!("{} {kind:?} {}:{}", f.service, f.address, f.port),
+fn label(f: &RelayFrontend) -> String {
+    match (f.kind, f.address) {
+        (FrontendKind::NodePort, IpAddr::V4(_)) => format!("{} nodePort {}", f.service, f.port),
+        (FrontendKind::NodePort, IpAddr::V6(_)) => {
+            format!("{} IPv6 nodePort {}", f.service, f.port)
+        }
+        (kind, address) => format!(
+            "{} {kind:?} {}",
+            f.service,
+            SocketAddr::new(address, f.port)
+        ),
     }
 }
 
 impl Relay {
-    fn new(f: &Frontend) -> Self {
+    fn new(f: &RelayFrontend) -> Self {
         Self {
             frontend: None,
             balancer: Arc::new(Balancer::new(label(f), Pool::default())),
@@ -124,7 +197,7 @@ impl Relay {
 
     /// Swaps in the frontend's backend set if it changed; backends that left are retired.
     /// Returns whether anything changed.
-    fn update_pool(&mut self, f: &Frontend, node_addresses: &[Ipv4Addr]) -> bool {
+    fn update_pool(&mut self, f: &RelayFrontend, node_addresses: &[IpAddr]) -> bool {
         let node_in_ranges = f.source_ranges.as_ref().is_some_and(|r| {
             node_addresses
                 .iter()
@@ -135,8 +208,7 @@ impl Relay {
         }
         self.node_in_ranges = node_in_ranges;
         let mut backends = BTreeMap::new();
-        for b in &f.backends {
-            let addr = SocketAddrV4::new(b.address, b.port);
+        for addr in f.backends.iter().copied() {
             let handle = self
                 .backends
                 .remove(&addr)
@@ -162,19 +234,20 @@ impl Relay {
     /// pushed to `failures`; the next apply tries again. Returns the number of changes.
     fn update_listeners(
         &mut self,
-        f: &Frontend,
-        nodeport_addresses: &BTreeSet<Ipv4Addr>,
+        f: &RelayFrontend,
+        nodeport_addresses: &BTreeSet<IpAddr>,
         failures: &mut Vec<String>,
     ) -> usize {
-        let wanted: BTreeSet<SocketAddrV4> = if f.backends.is_empty() {
+        let wanted: BTreeSet<SocketAddr> = if f.backends.is_empty() {
             BTreeSet::new()
         } else if f.kind == FrontendKind::NodePort {
             nodeport_addresses
                 .iter()
-                .map(|ip| SocketAddrV4::new(*ip, f.port))
+                .filter(|ip| ip.is_ipv6() == f.address.is_ipv6())
+                .map(|ip| SocketAddr::new(*ip, f.port))
                 .collect()
         } else {
-            BTreeSet::from([SocketAddrV4::new(f.address, f.port)])
+            BTreeSet::from([SocketAddr::new(f.address, f.port)])
         };
         let before = self.listeners.len();
         self.listeners.retain(|addr, _| wanted.contains(addr));
@@ -199,7 +272,7 @@ impl Relay {
     }
 
     /// Binds `addr` and starts its loop (inside the runtime the caller entered).
-    fn listen(&self, addr: SocketAddrV4, protocol: Protocol) -> anyhow::Result<Listener> {
+    fn listen(&self, addr: SocketAddr, protocol: Protocol) -> anyhow::Result<Listener> {
         let balancer = Arc::clone(&self.balancer);
         let (task, tcp_fd) = match protocol {
             Protocol::Tcp => {
@@ -279,8 +352,13 @@ impl Dataplane for UserspaceDataplane {
     fn apply(&mut self, desired: &DesiredState, _full: bool) -> anyhow::Result<ApplyStats> {
         let _runtime = self.runtime.enter();
         let mut stats = ApplyStats::default();
-        let want_addresses: BTreeSet<Ipv4Addr> = desired
+        let frontends: Vec<RelayFrontend> = desired
             .frontends
+            .iter()
+            .map(RelayFrontend::from)
+            .chain(desired.frontends6.iter().map(RelayFrontend::from))
+            .collect();
+        let want_addresses: BTreeSet<IpAddr> = frontends
             .iter()
             .filter(|f| f.kind != FrontendKind::NodePort)
             .map(|f| f.address)
@@ -288,15 +366,21 @@ impl Dataplane for UserspaceDataplane {
         // Addresses first: a listener can only bind an address the node has.
         stats.writes += self.addresses.add_missing(&want_addresses)?;
 
-        let mut nodeport_addresses: BTreeSet<Ipv4Addr> =
-            desired.nodeport_addresses.iter().copied().collect();
-        nodeport_addresses.insert(Ipv4Addr::LOCALHOST);
-        let wanted: BTreeSet<FrontendKey> = desired.frontends.iter().map(|f| f.key()).collect();
+        let node_addresses: Vec<IpAddr> = desired
+            .nodeport_addresses
+            .iter()
+            .copied()
+            .map(IpAddr::V4)
+            .chain(desired.nodeport_addresses6.iter().copied().map(IpAddr::V6))
+            .collect();
+        let mut nodeport_addresses: BTreeSet<IpAddr> = node_addresses.iter().copied().collect();
+        nodeport_addresses.insert(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let wanted: BTreeSet<FrontendKey> = frontends.iter().map(RelayFrontend::key).collect();
         let before = self.relays.len();
         self.relays.retain(|key, _| wanted.contains(key));
         stats.deletes += before - self.relays.len();
         let mut failures = Vec::new();
-        for f in &desired.frontends {
+        for f in &frontends {
             let relay = self.relays.entry(f.key()).or_insert_with(|| Relay::new(f));
             let is_new = relay.frontend.is_none();
             if f.protocol == Protocol::Sctp {
@@ -309,7 +393,7 @@ impl Dataplane for UserspaceDataplane {
                 relay.frontend = Some(f.clone());
                 continue;
             }
-            if relay.update_pool(f, &desired.nodeport_addresses) {
+            if relay.update_pool(f, &node_addresses) {
                 stats.writes += 1;
             }
             stats.writes += relay.update_listeners(f, &nodeport_addresses, &mut failures);
@@ -331,10 +415,12 @@ impl Dataplane for UserspaceDataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::{Backend, ServicePortName};
+    use std::net::SocketAddrV4;
 
-    fn frontend(port: u16, backends: usize) -> Frontend {
-        Frontend {
+    use crate::desired::Backend;
+
+    fn frontend(port: u16, backends: usize) -> RelayFrontend {
+        RelayFrontend::from(&Frontend {
             service: ServicePortName {
                 namespace: "default".into(),
                 name: "web".into(),
@@ -354,7 +440,7 @@ mod tests {
                 .collect(),
             affinity_timeout: None,
             source_ranges: None,
-        }
+        })
     }
 
     /// Endpoints go and come back within one sync period: the listener is closed (refusing
@@ -362,10 +448,11 @@ mod tests {
     #[tokio::test]
     async fn a_closed_tcp_listener_refuses_at_once_and_its_address_is_free_again() {
         let port = {
-            let probe = listen::tcp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("probe");
+            let probe = listen::tcp(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)))
+                .expect("probe");
             probe.local_addr().expect("addr").port()
         };
-        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
         let served = frontend(port, 1);
         let mut relay = Relay::new(&served);
         let none = BTreeSet::new();

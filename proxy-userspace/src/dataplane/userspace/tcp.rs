@@ -3,7 +3,7 @@
 //! to the other). The connection is reset when its backend is removed.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -22,10 +22,9 @@ pub async fn serve(listener: TcpListener, balancer: Arc<Balancer>) {
     let mut errors = RateLimitedLog::default();
     loop {
         match listener.accept().await {
-            Ok((stream, SocketAddr::V4(peer))) => {
+            Ok((stream, peer)) => {
                 tokio::spawn(relay(stream, peer, Arc::clone(&balancer)));
             }
-            Ok((_, SocketAddr::V6(_))) => {}
             Err(e) => {
                 // E.g. out of file descriptors: back off instead of spinning.
                 errors.warn(|| format!("{}: accept failed: {e}", balancer.label));
@@ -57,12 +56,12 @@ fn reset(stream: TcpStream) {
 }
 
 async fn connect_backend(
-    peer: SocketAddrV4,
+    peer: SocketAddr,
     balancer: &Balancer,
 ) -> Option<(TcpStream, Arc<super::balancer::BackendHandle>)> {
     let mut tried = Vec::new();
     while tried.len() < MAX_TRIES {
-        let backend = balancer.pick(*peer.ip(), &tried)?;
+        let backend = balancer.pick(peer.ip(), &tried)?;
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.address)).await {
             Ok(Ok(s)) => return Some((s, backend)),
             Ok(Err(e)) => tracing::debug!(
@@ -81,12 +80,11 @@ async fn connect_backend(
     None
 }
 
-async fn relay(mut client: TcpStream, peer: SocketAddrV4, balancer: Arc<Balancer>) {
-    let local = match client.local_addr() {
-        Ok(SocketAddr::V4(l)) => *l.ip(),
-        _ => std::net::Ipv4Addr::UNSPECIFIED,
-    };
-    if !balancer.admits(*peer.ip(), local) {
+async fn relay(mut client: TcpStream, peer: SocketAddr, balancer: Arc<Balancer>) {
+    let local = client
+        .local_addr()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |l| l.ip());
+    if !balancer.admits(peer.ip(), local) {
         reset(client);
         return;
     }
@@ -109,7 +107,7 @@ async fn relay(mut client: TcpStream, peer: SocketAddrV4, balancer: Arc<Balancer
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::SocketAddrV4;
 
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 

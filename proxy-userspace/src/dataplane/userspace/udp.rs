@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -40,7 +40,7 @@ struct Session {
     last_active: Arc<AtomicU64>,
 }
 
-type Sessions = Arc<Mutex<HashMap<SocketAddrV4, Session>>>;
+type Sessions = Arc<Mutex<HashMap<SocketAddr, Session>>>;
 
 /// Relays datagrams arriving on `socket` until the task is aborted.
 pub async fn serve(socket: UdpSocket, balancer: Arc<Balancer>) {
@@ -51,8 +51,7 @@ pub async fn serve(socket: UdpSocket, balancer: Arc<Balancer>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (n, client) = match socket.recv_from(&mut buf).await {
-            Ok((n, SocketAddr::V4(c))) => (n, c),
-            Ok(_) => continue,
+            Ok((n, c)) => (n, c),
             Err(e) => {
                 errors.warn(|| format!("{}: receiving failed: {e}", balancer.label));
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -86,14 +85,13 @@ async fn open_session(
     socket: &Arc<UdpSocket>,
     balancer: &Arc<Balancer>,
     sessions: &Sessions,
-    client: SocketAddrV4,
+    client: SocketAddr,
     id: u64,
 ) -> Option<(Arc<UdpSocket>, Arc<AtomicU64>)> {
-    let local = match socket.local_addr() {
-        Ok(SocketAddr::V4(l)) => *l.ip(),
-        _ => Ipv4Addr::UNSPECIFIED,
-    };
-    if !balancer.admits(*client.ip(), local) {
+    let local = socket
+        .local_addr()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |l| l.ip());
+    if !balancer.admits(client.ip(), local) {
         return None;
     }
     if sessions.lock().is_ok_and(|s| s.len() >= MAX_SESSIONS) {
@@ -103,8 +101,12 @@ async fn open_session(
         );
         return None;
     }
-    let backend = balancer.pick(*client.ip(), &[])?;
-    let upstream = match UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).await {
+    let backend = balancer.pick(client.ip(), &[])?;
+    let any: SocketAddr = match backend.address {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let upstream = match UdpSocket::bind(any).await {
         Ok(u) => u,
         Err(e) => {
             tracing::warn!("{}: no socket for a UDP session: {e}", balancer.label);
@@ -144,7 +146,7 @@ async fn open_session(
 async fn replies(
     socket: Arc<UdpSocket>,
     upstream: Arc<UdpSocket>,
-    client: SocketAddrV4,
+    client: SocketAddr,
     backend: Arc<BackendHandle>,
     sessions: Sessions,
     id: u64,
@@ -176,6 +178,8 @@ async fn replies(
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddrV4;
+
     use super::*;
     use crate::dataplane::userspace::balancer::Pool;
 
