@@ -48,14 +48,14 @@ pub fn desired_health_checks(model: &Model, node: &NodeContext) -> BTreeMap<u16,
     let mut out: BTreeMap<u16, HealthCheck> = BTreeMap::new();
     let mut seen: BTreeSet<NamespacedName> = BTreeSet::new();
     for (spn, info) in model.services().iter() {
-        let name = NamespacedName::new(&spn.namespace, &spn.name);
-        if seen.contains(&name) {
-            continue;
-        }
         let Some(port) = info.health_check_node_port else {
             continue;
         };
         if !info.external_policy_local() || info.service_type == ServiceType::ClusterIp {
+            continue;
+        }
+        let name = NamespacedName::new(&spn.namespace, &spn.name);
+        if seen.contains(&name) {
             continue;
         }
         seen.insert(name.clone());
