@@ -76,6 +76,15 @@ fn check_cgroup2_dir(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a port of service `name` has a Local traffic policy.
+fn has_local_policy(model: &Model, name: &crate::model::NamespacedName) -> bool {
+    model.services().service(name).is_some_and(|ports| {
+        ports
+            .values()
+            .any(|i| i.internal_policy_local() || i.external_policy_local())
+    })
+}
+
 fn node_name(args: &RunArgs) -> String {
     if let Some(n) = &args.hostname_override {
         return n.clone();
@@ -172,6 +181,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // What the dataplane was last given, updated per changed service between full syncs.
     let mut desired = DesiredCache::new();
     let mut changed_services = std::collections::BTreeSet::new();
+    let mut no_local = health::NoLocalEndpoints::default();
     let mut last_full_sync = Instant::now();
     // When a sync held back by min-sync-period (or a retry) is due: the loop wakes then,
     // not at the next poll tick.
@@ -312,19 +322,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         // Partial unless a full sync is due or the node itself changed (its name, zone or
         // addresses shape every frontend).
         let whole = full_sync || desired.context() != Some(&ctx);
+        let names = std::mem::take(&mut changed_services);
         let (result, changed) = if whole {
-            changed_services.clear();
             desired.rebuild(&model, &ctx);
             (dataplane.apply(desired.state(), full_sync), None)
         } else {
-            let changed = desired.update(&model, &std::mem::take(&mut changed_services));
-            (dataplane.apply_changed(desired.state(), &changed), Some(changed))
+            let changed = desired.update(&model, &names);
+            (
+                dataplane.apply_changed(desired.state(), &changed),
+                Some(changed),
+            )
         };
         match result {
             Ok(stats) => {
                 let took = started.elapsed();
                 let state = desired.state();
-                let no_local = health::no_local_endpoints(&model, state);
+                // Both scan every service: after a partial sync only when a changed service
+                // has (or had) a Local policy or a health check.
+                if whole
+                    || no_local != health::NoLocalEndpoints::default()
+                    || names.iter().any(|n| has_local_policy(&model, n))
+                {
+                    no_local = health::no_local_endpoints(&model, state);
+                }
                 let programmed = match &changed {
                     None => status.record_sync(took, state, no_local),
                     Some(c) => status.record_partial_sync(took, state, no_local, c),
@@ -332,7 +352,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 for r in &stats.rejected {
                     tracing::error!("{r}");
                 }
-                health_checks.update(&model, &ctx);
+                if whole || health_checks.needs_update(&model, &names) {
+                    health_checks.update(&model, &ctx);
+                }
                 // took_ms: the sync itself (desired state and dataplane write);
                 // event_to_written_ms: from the first change of the batch being received to
                 // the dataplane written (includes min-sync-period batching and any sync in

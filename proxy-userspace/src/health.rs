@@ -37,7 +37,8 @@ const SYNC_BUCKETS: [f64; 15] = [
 ];
 /// Change seen -> programmed: a millisecond here, up to kube-proxy's minutes.
 const PROGRAMMING_BUCKETS: [f64; 18] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
 ];
 
 /// A Prometheus histogram: cumulative counts per bucket, sum and count.
@@ -311,7 +312,10 @@ impl Status {
                     for key in &changed.keys {
                         match desired.frontends.binary_search_by(|f| f.key().cmp(key)) {
                             Ok(i) => {
-                                m.insert(master_key(*key), desired.frontends[i].service.to_string());
+                                m.insert(
+                                    master_key(*key),
+                                    desired.frontends[i].service.to_string(),
+                                );
                             }
                             Err(_) => {
                                 m.remove(&master_key(*key));

@@ -263,7 +263,6 @@ impl EbpfDataplane {
         self.close_udp_sockets6(&outcome6.removed_backends);
         Ok(stats)
     }
-
 }
 
 impl Dataplane for EbpfDataplane {

@@ -12,7 +12,7 @@
 //! while, so connections in flight finish.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant},
@@ -162,10 +162,10 @@ pub struct MapWriter<M> {
     tcp_drain: Duration,
     /// Removed TCP backends still in the map, by id, with when they were removed.
     draining: BTreeMap<u32, Instant>,
-    /// Every id / reverse-NAT index below these is in use: where a partial apply starts
-    /// looking for a free one (lowered when one is deleted).
-    id_hint: u32,
-    index_hint: u16,
+    /// Free backend ids and reverse-NAT indexes for partial applies (rebuilt from the maps'
+    /// contents after each whole apply, fed by every delete).
+    id_pool: FreePool,
+    index_pool: FreePool,
     /// The last whole apply programmed every frontend (none rejected, every Maglev table
     /// fitted): only then may a partial apply follow (else the next whole one retries).
     complete: bool,
@@ -178,26 +178,60 @@ fn master_key_of(key: FrontendKey) -> Lb4Key {
     Lb4Key::new(be_addr(key.0), key.1.to_be(), key.2.number(), 0)
 }
 
-/// The lowest value from `*hint` up that `in_use` does not claim; `*hint` moves past it.
-fn next_free<T>(hint: &mut T, max: T, in_use: impl Fn(T) -> bool) -> Option<T>
-where
-    T: Copy + Ord + From<u8> + std::ops::Add<Output = T>,
-{
-    let mut v = (*hint).max(T::from(1));
-    while in_use(v) {
-        if v >= max {
-            return None;
-        }
-        v = v + T::from(1);
-    }
-    if v < max {
-        *hint = v + T::from(1);
-    } else {
-        *hint = v;
-    }
-    Some(v)
+/// The numbers (from 1 up to a maximum) not in use: the gaps below a high-water mark, and
+/// every one from it up. Lets a partial apply take a free id without a scan of those in use.
+#[derive(Debug)]
+struct FreePool {
+    gaps: BTreeSet<u32>,
+    /// The lowest number above every one in use (None: past the maximum).
+    high_water: Option<u32>,
 }
 
+impl FreePool {
+    fn new() -> Self {
+        Self {
+            gaps: BTreeSet::new(),
+            high_water: Some(1),
+        }
+    }
+
+    /// Exactly the numbers `used` (ascending) leaves free.
+    fn rebuild(&mut self, used: impl Iterator<Item = u32>) {
+        self.gaps.clear();
+        let mut next = Some(1u32);
+        for u in used {
+            let Some(mut n) = next else { break };
+            while n < u {
+                self.gaps.insert(n);
+                n += 1;
+            }
+            next = if n == u { n.checked_add(1) } else { Some(n) };
+        }
+        self.high_water = next;
+    }
+
+    /// The lowest free number up to `max` that `in_use` (a safety net) does not claim.
+    fn take(&mut self, max: u32, in_use: impl Fn(u32) -> bool) -> Option<u32> {
+        while let Some(v) = self.gaps.pop_first() {
+            if v <= max && !in_use(v) {
+                return Some(v);
+            }
+        }
+        while let Some(v) = self.high_water.filter(|v| *v <= max) {
+            self.high_water = v.checked_add(1);
+            if !in_use(v) {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    fn release(&mut self, v: u32) {
+        if self.high_water.is_none_or(|h| v < h) {
+            self.gaps.insert(v);
+        }
+    }
+}
 fn be_addr(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
@@ -255,11 +289,6 @@ impl<T: Copy + Ord + From<u8> + std::ops::Add<Output = T>> Allocator<T> {
         }
     }
 
-    /// Every value below it is in use.
-    pub(super) fn cursor(&self) -> T {
-        self.cursor
-    }
-
     pub(super) fn next(&mut self) -> Option<T> {
         while self.used.contains(&self.cursor) {
             if self.cursor >= self.max {
@@ -287,8 +316,8 @@ impl<M: LbMaps> MapWriter<M> {
             maglev_cache: HashMap::new(),
             tcp_drain: Duration::ZERO,
             draining: BTreeMap::new(),
-            id_hint: 1,
-            index_hint: 1,
+            id_pool: FreePool::new(),
+            index_pool: FreePool::new(),
             complete: false,
         }
     }
@@ -338,6 +367,9 @@ impl<M: LbMaps> MapWriter<M> {
         let result = self.write(&target, &mut known, None, &mut outcome);
         // Keep the record only when every write succeeded; otherwise re-read next time.
         if result.is_ok() {
+            self.id_pool.rebuild(known.backends.keys().copied());
+            self.index_pool
+                .rebuild(known.rev_nat.keys().map(|i| u32::from(*i)));
             self.known = Some(known);
         }
         result.map(|()| outcome)
@@ -497,13 +529,17 @@ impl<M: LbMaps> MapWriter<M> {
             let master_key = master_key_of(*key);
             let index = match index_of.get(&master_key) {
                 Some(i) => *i,
-                None => next_free(&mut self.index_hint, u16::MAX, |i| {
-                    rest.rev_nat.contains_key(&i) || part.rev_nat.contains_key(&i)
-                })?,
+                None => {
+                    let in_use = |i: u32| {
+                        let i = i as u16;
+                        rest.rev_nat.contains_key(&i) || part.rev_nat.contains_key(&i)
+                    };
+                    self.index_pool.take(u32::from(u16::MAX), in_use)? as u16
+                }
             };
-            let mut id_hint = self.id_hint;
+            let mut id_pool = std::mem::replace(&mut self.id_pool, FreePool::new());
             let mut next_id = || {
-                let id = next_free(&mut id_hint, u32::MAX, |id| {
+                let id = id_pool.take(u32::MAX, |id| {
                     rest.backends.contains_key(&id) || part.backends.contains_key(&id)
                 });
                 out_of_ids |= id.is_none();
@@ -520,7 +556,7 @@ impl<M: LbMaps> MapWriter<M> {
                 &mut target,
                 &mut members,
             );
-            self.id_hint = id_hint;
+            self.id_pool = id_pool;
         }
         if out_of_ids {
             return None;
@@ -627,8 +663,7 @@ impl<M: LbMaps> MapWriter<M> {
         }
         let live: std::collections::HashSet<u16> = target.rev_nat.iter().map(|(i, _)| *i).collect();
         self.maglev_cache.retain(|index, _| live.contains(index));
-        self.id_hint = ids.cursor();
-        self.index_hint = indexes.cursor();
+
         target.finish(
             desired
                 .nodeport_addresses
@@ -838,7 +873,7 @@ impl<M: LbMaps> MapWriter<M> {
         }
         for i in stale_rev_nats {
             maps.del_rev_nat(i)?;
-            self.index_hint = self.index_hint.min(i);
+            self.index_pool.release(u32::from(i));
             known.rev_nat.remove(&i);
             stats.deletes += 1;
         }
@@ -858,15 +893,35 @@ impl<M: LbMaps> MapWriter<M> {
             known.src_ranges.remove(&r);
             stats.deletes += 1;
         }
-        // Built only when a backend goes (a scan of every backend).
-        let still_used: BTreeSet<(u32, u16, u8)> = if stale_backends.is_empty() {
-            BTreeSet::new()
+        // Which of the going backends' addresses another backend still has: one scan of
+        // every backend, only when a backend goes.
+        let going: Vec<(u32, u16, u8)> = stale_backends
+            .iter()
+            .filter_map(|id| known.backends.get(id))
+            .map(|b| (b.address, b.port, b.proto))
+            .collect();
+        let still_used: HashSet<(u32, u16, u8)> = if going.is_empty() {
+            HashSet::new()
         } else {
+            // Few go at a time: comparing with each is cheaper than hashing every backend.
+            let few = going.len() <= 16;
+            let going_set: HashSet<(u32, u16, u8)> = if few {
+                HashSet::new()
+            } else {
+                going.iter().copied().collect()
+            };
             target
                 .backends
                 .values()
                 .chain(rest.into_iter().flat_map(|r| r.backends.values()))
                 .map(|b| (b.address, b.port, b.proto))
+                .filter(|identity| {
+                    if few {
+                        going.contains(identity)
+                    } else {
+                        going_set.contains(identity)
+                    }
+                })
                 .collect()
         };
         let mut removed = BTreeSet::new();
@@ -886,7 +941,7 @@ impl<M: LbMaps> MapWriter<M> {
                 known.backends.insert(id, b);
                 return Err(e);
             }
-            self.id_hint = self.id_hint.min(id);
+            self.id_pool.release(id);
             stats.deletes += 1;
             if !still_used.contains(&(b.address, b.port, b.proto)) {
                 if let Some(protocol) = protocol_from_number(b.proto) {
@@ -1742,5 +1797,21 @@ mod tests {
         assert_eq!(w.maps().backends.len(), 3);
         assert_eq!(out.stats.deletes, 1);
         assert!(!w.drain_due(Instant::now()));
+    }
+
+    #[test]
+    fn free_pool_hands_out_gaps_first_then_from_the_high_water_mark() {
+        let mut pool = FreePool::new();
+        pool.rebuild([2u32, 3, 5].into_iter());
+        let none = |_| false;
+        assert_eq!(pool.take(10, none), Some(1));
+        assert_eq!(pool.take(10, none), Some(4));
+        assert_eq!(pool.take(10, none), Some(6));
+        pool.release(3);
+        assert_eq!(pool.take(10, |v| v == 7), Some(3));
+        // 7 is claimed elsewhere: skipped.
+        assert_eq!(pool.take(10, |v| v == 7), Some(8));
+        assert_eq!(pool.take(9, none), Some(9));
+        assert_eq!(pool.take(9, none), None);
     }
 }
