@@ -189,6 +189,16 @@ where
         NamespacedName::of(obj.meta())
     }
 
+    /// Drops what the proxy never reads and a real cluster makes large (kube-rs's
+    /// `strip_fields` idea): managedFields and kubectl's last-applied copy of the object.
+    fn strip(obj: &mut K) {
+        let meta = obj.meta_mut();
+        meta.managed_fields = None;
+        if let Some(a) = meta.annotations.as_mut() {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
+
     /// Applies one watcher event to the store, reporting each change as `(old, new)` to
     /// `on_change`. Returns whether anything was reported or the kind became synced.
     fn handle(
@@ -219,7 +229,8 @@ where
                 self.relist = Some(BTreeMap::new());
                 false
             }
-            Event::InitApply(obj) => {
+            Event::InitApply(mut obj) => {
+                Self::strip(&mut obj);
                 self.relist
                     .get_or_insert_with(BTreeMap::new)
                     .insert(Self::key(&obj), obj);
@@ -262,7 +273,8 @@ where
                 }
                 changed || first
             }
-            Event::Apply(obj) => {
+            Event::Apply(mut obj) => {
+                Self::strip(&mut obj);
                 let key = Self::key(&obj);
                 if self.known.get(&key) == Some(&obj) {
                     return false;
