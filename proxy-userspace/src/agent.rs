@@ -155,6 +155,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 crate::cli::LbAlgorithm::Random => None,
             },
             ct_max: args.ct_max,
+            lb_map_max: args.lb_map_max,
         },
         cluster_cidr: args.cluster_cidr,
     };
@@ -362,6 +363,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 for r in &stats.rejected {
                     tracing::error!("{r}");
                 }
+                status
+                    .frontends_rejected
+                    .store(stats.rejected.len() as u64, Ordering::Relaxed);
                 if whole || health_checks.needs_update(&model, &names) {
                     health_checks.update(&model, &ctx);
                 }
