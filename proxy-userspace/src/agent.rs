@@ -13,6 +13,7 @@ use crate::{
     cli::RunArgs,
     dataplane::ebpf::EbpfSettings,
     desired::NodeContext,
+    desired_cache::DesiredCache,
     health::{self, Status},
     mode::{self, ModeInputs},
     model::Model,
@@ -29,6 +30,9 @@ enum Source {
 
 /// How often the manifests are polled and the node's addresses re-read.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// A sync re-reads and rewrites everything at least this often (kube-proxy's periodic full
+/// sync), repairing whatever was changed behind the agent's back; the others are partial.
+const FULL_SYNC_PERIOD: Duration = Duration::from_secs(300);
 /// The delay before retrying a failed sync (it grows to RETRY_MAX).
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -70,6 +74,25 @@ fn check_cgroup2_dir(path: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Returns the heap freed after building everything (the first and other whole syncs peak
+/// far above what is kept) to the kernel, instead of holding it as resident memory.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only gives free pages of the allocator's heap back.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Whether a port of service `name` has a Local traffic policy.
+fn has_local_policy(model: &Model, name: &crate::model::NamespacedName) -> bool {
+    model.services().service(name).is_some_and(|ports| {
+        ports
+            .values()
+            .any(|i| i.internal_policy_local() || i.external_policy_local())
+    })
 }
 
 fn node_name(args: &RunArgs) -> String {
@@ -166,6 +189,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut last_sync_at: Option<Instant> = None;
     let mut health_checks = crate::healthcheck::HealthChecks::new(status.clone());
     let mut model = Model::new();
+    // What the dataplane was last given, updated per changed service between full syncs.
+    let mut desired = DesiredCache::new();
+    let mut changed_services = std::collections::BTreeSet::new();
+    let mut no_local = health::NoLocalEndpoints::default();
+    let mut last_full_sync = Instant::now();
+    // When a sync held back by min-sync-period (or a retry) is due: the loop wakes then,
+    // not at the next poll tick.
+    let mut wake_at: Option<Instant> = None;
     let mut have_objects = false;
     let mut dirty = true;
     let mut full_sync = true;
@@ -184,8 +215,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Source::Manifests(_) => std::future::pending().await,
             }
         };
+        let wake = async {
+            match wake_at {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {}
+            _ = wake => wake_at = None,
             r = kube_event => {
                 if let Err(e) = r {
                     bail!("the Kubernetes API source stopped: {e:#}");
@@ -203,6 +241,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if model.has_pending() {
                     let changes = model.apply_pending();
                     dirty |= !changes.is_empty();
+                    changed_services.extend(changes.services);
                 }
             }
         }
@@ -224,6 +263,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let changes = model.replace_all(objects);
                 have_objects = true;
                 dirty |= !changes.is_empty() || !status.synced.load(Ordering::Relaxed);
+                changed_services.extend(changes.services);
             }
         }
         let addresses = match netdev::interface_addresses() {
@@ -263,11 +303,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Err(e) => tracing::warn!("listing IPv6 addresses: {e}"),
         }
         dirty |= dataplane.has_due_work();
-        if !have_objects || !dirty || retry_at.is_some_and(|t| Instant::now() < t) {
+        if last_full_sync.elapsed() >= FULL_SYNC_PERIOD {
+            full_sync = true;
+            dirty = true;
+        }
+        if !have_objects || !dirty {
             continue;
         }
-        if last_sync_at.is_some_and(|t| t.elapsed() < args.min_sync_period) {
-            // Bounded frequency: the next tick picks the batch up.
+        if let Some(t) = retry_at.filter(|t| Instant::now() < *t) {
+            wake_at = Some(t);
+            continue;
+        }
+        if let Some(t) = last_sync_at
+            .map(|t| t + args.min_sync_period)
+            .filter(|t| Instant::now() < *t)
+        {
+            // Bounded frequency: the batch is applied when the period is over.
+            wake_at = Some(t);
             continue;
         }
         last_sync_at = Some(Instant::now());
@@ -278,34 +330,68 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             zone: model.node_zone(&node),
         };
         let started = Instant::now();
-        let desired = model.desired(&ctx);
-        match dataplane.apply(&desired, full_sync) {
+        // Partial unless a full sync is due or the node itself changed (its name, zone or
+        // addresses shape every frontend).
+        let whole = full_sync || desired.context() != Some(&ctx);
+        let names = std::mem::take(&mut changed_services);
+        let (result, changed) = if whole {
+            desired.rebuild(&model, &ctx);
+            (dataplane.apply(desired.state(), full_sync), None)
+        } else {
+            let changed = desired.update(&model, &names);
+            (
+                dataplane.apply_changed(desired.state(), &changed),
+                Some(changed),
+            )
+        };
+        match result {
             Ok(stats) => {
                 let took = started.elapsed();
+                let state = desired.state();
+                // Both scan every service: after a partial sync only when a changed service
+                // has (or had) a Local policy or a health check.
+                if whole
+                    || no_local != health::NoLocalEndpoints::default()
+                    || names.iter().any(|n| has_local_policy(&model, n))
+                {
+                    no_local = health::no_local_endpoints(&model, state);
+                }
+                let programmed = match &changed {
+                    None => status.record_sync(took, state, no_local),
+                    Some(c) => status.record_partial_sync(took, state, no_local, c),
+                };
                 for r in &stats.rejected {
                     tracing::error!("{r}");
                 }
                 status
                     .frontends_rejected
                     .store(stats.rejected.len() as u64, Ordering::Relaxed);
-                status.record_sync(took, &desired, health::no_local_endpoints(&model, &desired));
-                health_checks.update(&model, &ctx);
-                if !status.synced.swap(true, Ordering::Relaxed) {
-                    tracing::info!(
-                        frontends = desired.frontends.len(),
-                        writes = stats.writes,
-                        deletes = stats.deletes,
-                        took_ms = took.as_secs_f64() * 1000.0,
-                        "first sync programmed"
-                    );
+                if whole || health_checks.needs_update(&model, &names) {
+                    health_checks.update(&model, &ctx);
+                }
+                // took_ms: the sync itself (desired state and dataplane write);
+                // event_to_written_ms: from the first change of the batch being received to
+                // the dataplane written (includes min-sync-period batching and any sync in
+                // progress), absent when no change was pending.
+                let event_to_written_ms = programmed.map(|d| d.as_secs_f64() * 1000.0);
+                let message = if status.synced.swap(true, Ordering::Relaxed) {
+                    "synced"
                 } else {
-                    tracing::info!(
-                        frontends = desired.frontends.len(),
-                        writes = stats.writes,
-                        deletes = stats.deletes,
-                        took_ms = took.as_secs_f64() * 1000.0,
-                        "synced"
-                    );
+                    "first sync programmed"
+                };
+                tracing::info!(
+                    frontends = state.frontends.len(),
+                    partial = changed.is_some(),
+                    changed_frontends = changed.as_ref().map(|c| c.len()),
+                    writes = stats.writes,
+                    deletes = stats.deletes,
+                    took_ms = took.as_secs_f64() * 1000.0,
+                    event_to_written_ms,
+                    "{message}"
+                );
+                if whole {
+                    last_full_sync = Instant::now();
+                    release_free_heap();
                 }
                 dirty = false;
                 full_sync = false;

@@ -302,75 +302,149 @@ pub fn build(
     node: &NodeContext,
 ) -> DesiredState {
     let mut frontends: BTreeMap<(Ipv4Addr, u16, Protocol), Frontend> = BTreeMap::new();
+    let mut candidates = Vec::new();
     for (spn, info) in services.iter() {
-        if !info.ipv4 {
-            continue; // IPv6-only: see `build6`
-        }
-        let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
-        let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
-        let external = select_backends(eps, spn, info, node, info.external_policy_local());
-        let affinity_timeout = affinity_timeout(info);
-        let restricted = source_ranges(info);
-        let mut add = |kind, address, port, backends: &Vec<Backend>| {
-            let source_ranges = match kind {
-                FrontendKind::LoadBalancer | FrontendKind::NodePort => restricted.clone(),
-                FrontendKind::ClusterIp | FrontendKind::ExternalIp => None,
-            };
-            let frontend = Frontend {
-                service: spn.clone(),
-                kind,
-                address,
-                port,
-                protocol: spn.protocol,
-                backends: backends.clone(),
-                affinity_timeout,
-                source_ranges,
-            };
-            match frontends.entry(frontend.key()) {
-                Entry::Vacant(e) => {
-                    e.insert(frontend);
-                }
-                Entry::Occupied(e) => {
-                    let kept = e.get();
-                    warn!(
-                        "{kind:?} frontend {address}:{port}/{} of {spn} conflicts with the {:?} frontend of {}, which is kept",
-                        spn.protocol.as_str(),
-                        kept.kind,
-                        kept.service
-                    );
-                }
-            }
-        };
-        add(
-            FrontendKind::ClusterIp,
-            info.cluster_ip,
-            info.port,
-            &internal,
-        );
-        if let Some(node_port) = info.served_node_port() {
-            add(
-                FrontendKind::NodePort,
-                Ipv4Addr::UNSPECIFIED,
-                node_port,
-                &external,
-            );
-        }
-        for ip in &info.external_ips {
-            add(FrontendKind::ExternalIp, *ip, info.port, &external);
-        }
-        if info.service_type == ServiceType::LoadBalancer {
-            for ip in &info.load_balancer_ips {
-                add(FrontendKind::LoadBalancer, *ip, info.port, &external);
-            }
+        push_candidates(spn, info, endpoints, node, &mut candidates);
+        for frontend in candidates.drain(..) {
+            keep_first(&mut frontends, frontend);
         }
     }
-    let mut nodeport_addresses = node.nodeport_addresses.clone();
-    nodeport_addresses.sort_unstable();
-    nodeport_addresses.dedup();
     DesiredState {
         frontends: frontends.into_values().collect(),
-        nodeport_addresses,
+        nodeport_addresses: sorted_unique(&node.nodeport_addresses),
         ..DesiredState::default()
+    }
+}
+
+/// A frontend of either family, as far as choosing between frontends on one key goes.
+pub trait KeyedFrontend {
+    type Key: Copy + Ord + std::hash::Hash + fmt::Debug;
+    fn frontend_key(&self) -> Self::Key;
+    fn service_port(&self) -> &ServicePortName;
+    /// `address:port/PROTO` for logs.
+    fn describe(&self) -> String;
+    fn frontend_kind(&self) -> FrontendKind;
+}
+
+impl KeyedFrontend for Frontend {
+    type Key = (Ipv4Addr, u16, Protocol);
+    fn frontend_key(&self) -> Self::Key {
+        self.key()
+    }
+    fn service_port(&self) -> &ServicePortName {
+        &self.service
+    }
+    fn describe(&self) -> String {
+        format!("{}:{}/{}", self.address, self.port, self.protocol.as_str())
+    }
+    fn frontend_kind(&self) -> FrontendKind {
+        self.kind
+    }
+}
+
+impl KeyedFrontend for Frontend6 {
+    type Key = (Ipv6Addr, u16, Protocol);
+    fn frontend_key(&self) -> Self::Key {
+        self.key()
+    }
+    fn service_port(&self) -> &ServicePortName {
+        &self.service
+    }
+    fn describe(&self) -> String {
+        format!(
+            "[{}]:{}/{}",
+            self.address,
+            self.port,
+            self.protocol.as_str()
+        )
+    }
+    fn frontend_kind(&self) -> FrontendKind {
+        self.kind
+    }
+}
+
+/// Two service ports on one key: the first (by `ServicePortName` order) is kept.
+pub(crate) fn warn_conflict<F: KeyedFrontend>(lost: &F, kept: &F) {
+    warn!(
+        "{:?} frontend {} of {} conflicts with the {:?} frontend of {}, which is kept",
+        lost.frontend_kind(),
+        lost.describe(),
+        lost.service_port(),
+        kept.frontend_kind(),
+        kept.service_port()
+    );
+}
+
+fn keep_first<F: KeyedFrontend>(frontends: &mut BTreeMap<F::Key, F>, frontend: F) {
+    match frontends.entry(frontend.frontend_key()) {
+        Entry::Vacant(e) => {
+            e.insert(frontend);
+        }
+        Entry::Occupied(e) => warn_conflict(&frontend, e.get()),
+    }
+}
+
+pub(crate) fn sorted_unique<A: Ord + Copy>(addresses: &[A]) -> Vec<A> {
+    let mut v = addresses.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Every IPv4 frontend one service port asks for, in order (ClusterIp, NodePort,
+/// ExternalIp, LoadBalancer), before conflicts between keys are resolved.
+pub(crate) fn push_candidates(
+    spn: &ServicePortName,
+    info: &ServicePortInfo,
+    endpoints: &EndpointsMap,
+    node: &NodeContext,
+    out: &mut Vec<Frontend>,
+) {
+    if !info.ipv4 {
+        return; // IPv6-only: see `build6`
+    }
+    let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
+    let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
+    let external = select_backends(eps, spn, info, node, info.external_policy_local());
+    let affinity_timeout = affinity_timeout(info);
+    let restricted = source_ranges(info);
+    let mut add = |kind, address, port, backends: &Vec<Backend>| {
+        let source_ranges = match kind {
+            FrontendKind::LoadBalancer | FrontendKind::NodePort => restricted.clone(),
+            FrontendKind::ClusterIp | FrontendKind::ExternalIp => None,
+        };
+        out.push(Frontend {
+            service: spn.clone(),
+            kind,
+            address,
+            port,
+            protocol: spn.protocol,
+            backends: backends.clone(),
+            affinity_timeout,
+            source_ranges,
+        });
+    };
+    add(
+        FrontendKind::ClusterIp,
+        info.cluster_ip,
+        info.port,
+        &internal,
+    );
+    if let Some(node_port) = info.served_node_port() {
+        add(
+            FrontendKind::NodePort,
+            Ipv4Addr::UNSPECIFIED,
+            node_port,
+            &external,
+        );
+    }
+    for ip in &info.external_ips {
+        add(FrontendKind::ExternalIp, *ip, info.port, &external);
+    }
+    if info.service_type == ServiceType::LoadBalancer {
+        for ip in &info.load_balancer_ips {
+            add(FrontendKind::LoadBalancer, *ip, info.port, &external);
+        }
     }
 }
 
@@ -385,68 +459,66 @@ pub fn build6(
     node: &NodeContext,
 ) {
     let mut frontends: BTreeMap<(Ipv6Addr, u16, Protocol), Frontend6> = BTreeMap::new();
+    let mut candidates = Vec::new();
     for (spn, info) in services.iter() {
-        let Some(cluster_ip) = info.cluster_ip6 else {
-            continue;
-        };
-        let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
-        let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
-        let external = select_backends(eps, spn, info, node, info.external_policy_local());
-        let affinity_timeout = affinity_timeout(info);
-        let restricted = source_ranges6(info);
-        let mut add = |kind, address, port, backends: &Vec<Backend6>| {
-            let source_ranges = match kind {
-                FrontendKind::LoadBalancer | FrontendKind::NodePort => restricted.clone(),
-                FrontendKind::ClusterIp | FrontendKind::ExternalIp => None,
-            };
-            let frontend = Frontend6 {
-                service: spn.clone(),
-                kind,
-                address,
-                port,
-                protocol: spn.protocol,
-                backends: backends.clone(),
-                affinity_timeout,
-                source_ranges,
-            };
-            match frontends.entry(frontend.key()) {
-                Entry::Vacant(e) => {
-                    e.insert(frontend);
-                }
-                Entry::Occupied(e) => {
-                    let kept = e.get();
-                    warn!(
-                        "{kind:?} frontend [{address}]:{port}/{} of {spn} conflicts with the {:?} frontend of {}, which is kept",
-                        spn.protocol.as_str(),
-                        kept.kind,
-                        kept.service
-                    );
-                }
-            }
-        };
-        add(FrontendKind::ClusterIp, cluster_ip, info.port, &internal);
-        if let Some(node_port) = info.served_node_port() {
-            add(
-                FrontendKind::NodePort,
-                Ipv6Addr::UNSPECIFIED,
-                node_port,
-                &external,
-            );
-        }
-        for ip in &info.external_ips6 {
-            add(FrontendKind::ExternalIp, *ip, info.port, &external);
-        }
-        if info.service_type == ServiceType::LoadBalancer {
-            for ip in &info.load_balancer_ips6 {
-                add(FrontendKind::LoadBalancer, *ip, info.port, &external);
-            }
+        push_candidates6(spn, info, endpoints, node, &mut candidates);
+        for frontend in candidates.drain(..) {
+            keep_first(&mut frontends, frontend);
         }
     }
-    let mut nodeport_addresses6 = node.nodeport_addresses6.clone();
-    nodeport_addresses6.sort_unstable();
-    nodeport_addresses6.dedup();
     desired.frontends6 = frontends.into_values().collect();
-    desired.nodeport_addresses6 = nodeport_addresses6;
+    desired.nodeport_addresses6 = sorted_unique(&node.nodeport_addresses6);
+}
+
+/// `push_candidates`' IPv6 twin.
+pub(crate) fn push_candidates6(
+    spn: &ServicePortName,
+    info: &ServicePortInfo,
+    endpoints: &EndpointsMap<Ipv6Addr>,
+    node: &NodeContext,
+    out: &mut Vec<Frontend6>,
+) {
+    let Some(cluster_ip) = info.cluster_ip6 else {
+        return;
+    };
+    let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
+    let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
+    let external = select_backends(eps, spn, info, node, info.external_policy_local());
+    let affinity_timeout = affinity_timeout(info);
+    let restricted = source_ranges6(info);
+    let mut add = |kind, address, port, backends: &Vec<Backend6>| {
+        let source_ranges = match kind {
+            FrontendKind::LoadBalancer | FrontendKind::NodePort => restricted.clone(),
+            FrontendKind::ClusterIp | FrontendKind::ExternalIp => None,
+        };
+        out.push(Frontend6 {
+            service: spn.clone(),
+            kind,
+            address,
+            port,
+            protocol: spn.protocol,
+            backends: backends.clone(),
+            affinity_timeout,
+            source_ranges,
+        });
+    };
+    add(FrontendKind::ClusterIp, cluster_ip, info.port, &internal);
+    if let Some(node_port) = info.served_node_port() {
+        add(
+            FrontendKind::NodePort,
+            Ipv6Addr::UNSPECIFIED,
+            node_port,
+            &external,
+        );
+    }
+    for ip in &info.external_ips6 {
+        add(FrontendKind::ExternalIp, *ip, info.port, &external);
+    }
+    if info.service_type == ServiceType::LoadBalancer {
+        for ip in &info.load_balancer_ips6 {
+            add(FrontendKind::LoadBalancer, *ip, info.port, &external);
+        }
+    }
 }
 
 /// The port an endpoint serves a service port on, if any.

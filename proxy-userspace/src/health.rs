@@ -6,7 +6,7 @@
 //! pinned maps at scrape time).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fmt::Write as _,
     net::SocketAddr,
     path::PathBuf,
@@ -24,7 +24,8 @@ use tokio::{
 };
 
 use crate::{
-    desired::{DesiredState, FrontendKind},
+    desired::{DesiredState, FrontendKind, Protocol, ServicePortName},
+    desired_cache::FrontendChanges,
     model::{Model, NamespacedName},
     source::{K8sObject, ObjectKey, ObjectKind},
 };
@@ -34,9 +35,10 @@ const SYNC_BUCKETS: [f64; 15] = [
     0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
     8.192, 16.384,
 ];
-/// Change seen -> programmed: milliseconds here, up to kube-proxy's minutes.
-const PROGRAMMING_BUCKETS: [f64; 16] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+/// Change seen -> programmed: a millisecond here, up to kube-proxy's minutes.
+const PROGRAMMING_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
 ];
 
 /// A Prometheus histogram: cumulative counts per bucket, sum and count.
@@ -94,8 +96,19 @@ pub struct NoLocalEndpoints {
 /// Counts, per traffic policy, the service ports that have endpoints but none this node may
 /// use because the policy is `Local` and none is local.
 pub fn no_local_endpoints(model: &Model, desired: &DesiredState) -> NoLocalEndpoints {
+    // One pass over the frontends (not one per service port: that is quadratic at scale).
+    let empty: HashSet<(&ServicePortName, bool)> = desired
+        .frontends
+        .iter()
+        .filter(|f| f.backends.is_empty())
+        .map(|f| (&f.service, f.kind == FrontendKind::ClusterIp))
+        .collect();
     let mut n = NoLocalEndpoints::default();
     for (spn, info) in model.services().iter() {
+        let (internal, external) = (info.internal_policy_local(), info.external_policy_local());
+        if !internal && !external {
+            continue;
+        }
         let has_endpoints = !model
             .endpoints()
             .get(&NamespacedName::new(&spn.namespace, &spn.name))
@@ -103,17 +116,10 @@ pub fn no_local_endpoints(model: &Model, desired: &DesiredState) -> NoLocalEndpo
         if !has_endpoints {
             continue;
         }
-        let empty = |internal: bool| {
-            desired.frontends.iter().any(|f| {
-                f.service == *spn
-                    && (f.kind == FrontendKind::ClusterIp) == internal
-                    && f.backends.is_empty()
-            })
-        };
-        if info.internal_policy_local() && empty(true) {
+        if internal && empty.contains(&(spn, true)) {
             n.internal += 1;
         }
-        if info.external_policy_local() && empty(false) {
+        if external && empty.contains(&(spn, false)) {
             n.external += 1;
         }
     }
@@ -224,18 +230,53 @@ impl Status {
         }
     }
 
-    /// A sync programmed `desired` in `took`.
-    pub fn record_sync(&self, took: Duration, desired: &DesiredState, no_local: NoLocalEndpoints) {
+    /// A sync programmed `desired` in `took`. Returns the network programming latency: how
+    /// long ago the oldest change it programmed was seen (None: nothing was pending).
+    pub fn record_sync(
+        &self,
+        took: Duration,
+        desired: &DesiredState,
+        no_local: NoLocalEndpoints,
+    ) -> Option<Duration> {
+        self.record_sync_of(took, desired, no_local, None)
+    }
+
+    /// `record_sync` after a partial sync, in which only the frontends on the `changed` keys
+    /// differ (their labels alone are updated).
+    pub fn record_partial_sync(
+        &self,
+        took: Duration,
+        desired: &DesiredState,
+        no_local: NoLocalEndpoints,
+        changed: &FrontendChanges,
+    ) -> Option<Duration> {
+        self.record_sync_of(took, desired, no_local, Some(changed))
+    }
+
+    fn record_sync_of(
+        &self,
+        took: Duration,
+        desired: &DesiredState,
+        no_local: NoLocalEndpoints,
+        changed: Option<&FrontendChanges>,
+    ) -> Option<Duration> {
+        // First: the latency ends when the dataplane was written, not after the bookkeeping.
+        let programmed = self
+            .pending_since
+            .lock()
+            .ok()
+            .and_then(|mut p| p.take())
+            .map(|seen| seen.elapsed());
+        if let Some(latency) = programmed
+            && let Ok(mut h) = self.programming_durations.lock()
+        {
+            h.observe(latency.as_secs_f64());
+        }
         if let Ok(mut f) = self.failing_since.lock() {
             *f = None;
         }
         if let Ok(mut h) = self.sync_durations.lock() {
             h.observe(took.as_secs_f64());
-        }
-        if let Some(seen) = self.pending_since.lock().ok().and_then(|mut p| p.take())
-            && let Ok(mut h) = self.programming_durations.lock()
-        {
-            h.observe(seen.elapsed().as_secs_f64());
         }
         if let Ok(mut t) = self.last_sync_unix.lock() {
             *t = now_unix();
@@ -253,21 +294,41 @@ impl Status {
         if let Ok(mut n) = self.no_local.lock() {
             *n = no_local;
         }
+        let master_key = |(address, port, protocol): (std::net::Ipv4Addr, u16, Protocol)| {
+            Lb4Key::new(
+                u32::from_ne_bytes(address.octets()),
+                port.to_be(),
+                protocol.number(),
+                0,
+            )
+        };
         if let Ok(mut m) = self.service_of.lock() {
-            *m = desired
-                .frontends
-                .iter()
-                .map(|f| {
-                    let key = Lb4Key::new(
-                        u32::from_ne_bytes(f.address.octets()),
-                        f.port.to_be(),
-                        f.protocol.number(),
-                        0,
-                    );
-                    (key, f.service.to_string())
-                })
-                .collect();
+            match changed {
+                None => {
+                    *m = desired
+                        .frontends
+                        .iter()
+                        .map(|f| (master_key(f.key()), f.service.to_string()))
+                        .collect();
+                }
+                Some(changed) => {
+                    for key in &changed.keys {
+                        match desired.frontends.binary_search_by(|f| f.key().cmp(key)) {
+                            Ok(i) => {
+                                m.insert(
+                                    master_key(*key),
+                                    desired.frontends[i].service.to_string(),
+                                );
+                            }
+                            Err(_) => {
+                                m.remove(&master_key(*key));
+                            }
+                        }
+                    }
+                }
+            }
         }
+        programmed
     }
 
     /// A sync failed (it is retried as a full sync).

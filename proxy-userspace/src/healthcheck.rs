@@ -48,14 +48,14 @@ pub fn desired_health_checks(model: &Model, node: &NodeContext) -> BTreeMap<u16,
     let mut out: BTreeMap<u16, HealthCheck> = BTreeMap::new();
     let mut seen: BTreeSet<NamespacedName> = BTreeSet::new();
     for (spn, info) in model.services().iter() {
-        let name = NamespacedName::new(&spn.namespace, &spn.name);
-        if seen.contains(&name) {
-            continue;
-        }
         let Some(port) = info.health_check_node_port else {
             continue;
         };
         if !info.external_policy_local() || info.service_type == ServiceType::ClusterIp {
+            continue;
+        }
+        let name = NamespacedName::new(&spn.namespace, &spn.name);
+        if seen.contains(&name) {
             continue;
         }
         seen.insert(name.clone());
@@ -110,6 +110,8 @@ pub struct HealthChecks {
     status: Arc<Status>,
     checks: Shared,
     listeners: BTreeMap<SocketAddrV4, JoinHandle<()>>,
+    /// A port could not be bound: the next update tries again.
+    bind_failed: bool,
 }
 
 impl HealthChecks {
@@ -118,7 +120,30 @@ impl HealthChecks {
             status,
             checks: Arc::default(),
             listeners: BTreeMap::new(),
+            bind_failed: false,
         }
+    }
+
+    /// Whether an update can change anything after a partial sync of the `changed`
+    /// services: one of them has or had a health check, or a bind is to be retried (this
+    /// spares a scan of every service per endpoint change).
+    pub fn needs_update(&self, model: &Model, changed: &BTreeSet<NamespacedName>) -> bool {
+        if self.bind_failed {
+            return true;
+        }
+        let served = self
+            .checks
+            .lock()
+            .map(|c| c.values().any(|h| changed.contains(&h.service)))
+            .unwrap_or(true);
+        served
+            || changed.iter().any(|name| {
+                model.services().service(name).is_some_and(|ports| {
+                    ports
+                        .values()
+                        .any(|info| info.health_check_node_port.is_some())
+                })
+            })
     }
 
     /// The addresses listened on now.
@@ -151,6 +176,7 @@ impl HealthChecks {
             }
             keep
         });
+        self.bind_failed = false;
         for addr in addrs {
             if self.listeners.contains_key(&addr) {
                 continue;
@@ -167,6 +193,7 @@ impl HealthChecks {
                     self.listeners.insert(addr, task);
                 }
                 Err(e) => {
+                    self.bind_failed = true;
                     tracing::error!(%addr, "cannot listen for a health check node port: {e}");
                 }
             }

@@ -8,6 +8,7 @@ pub mod bpffs;
 pub mod cli;
 pub mod dataplane;
 pub mod desired;
+pub mod desired_cache;
 pub mod health;
 pub mod healthcheck;
 pub mod inspect;

@@ -7,7 +7,7 @@ pub mod iptables;
 pub mod nftables;
 pub mod userspace;
 
-use crate::desired::DesiredState;
+use crate::{desired::DesiredState, desired_cache::FrontendChanges};
 
 /// What one apply changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -27,6 +27,18 @@ pub trait Dataplane {
     /// Makes the dataplane serve exactly `desired`. `full` asks the backend to re-read what it
     /// has programmed instead of trusting its own record (after an error, or on start).
     fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats>;
+
+    /// `apply(desired, false)` when only the frontends on the `changed` keys differ from the
+    /// state the last successful apply was given (a partial sync). Backends that gain nothing
+    /// from knowing that (the rule modes diff their own rules) keep the whole apply.
+    fn apply_changed(
+        &mut self,
+        desired: &DesiredState,
+        changed: &FrontendChanges,
+    ) -> anyhow::Result<ApplyStats> {
+        let _ = changed;
+        self.apply(desired, false)
+    }
 
     /// Whether the backend has delayed work that the next apply does (e.g. removing a
     /// drained backend): the agent then syncs even without a change.

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use super::family::IpFamilyAddr;
@@ -36,8 +37,9 @@ pub struct EndpointPort {
 pub struct EndpointInfo<A = Ipv4Addr> {
     pub address: A,
     /// Port name -> port, from the slice's `ports`. `None` when the slice had no ports list:
-    /// the service port's numeric targetPort applies.
-    pub ports: Option<BTreeMap<String, EndpointPort>>,
+    /// the service port's numeric targetPort applies. Shared by the endpoints of a slice
+    /// (one map per slice, not per endpoint: 100,000 endpoints would each hold a copy).
+    pub ports: Option<Arc<BTreeMap<String, EndpointPort>>>,
     /// `conditions.ready`; unset counts as true.
     pub ready: bool,
     /// `conditions.serving`; unset counts as true.
@@ -154,7 +156,7 @@ pub fn convert_slice_as<A: IpFamilyAddr>(slice: &EndpointSlice) -> SliceConversi
                     ));
                 }
             }
-            Some(ports)
+            Some(Arc::new(ports))
         }
     };
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
@@ -222,8 +224,9 @@ pub fn merge_slices<'a, A: IpFamilyAddr>(
                         (None, None) => None,
                         (Some(p), None) | (None, Some(p)) => Some(p),
                         (Some(mut k), Some(o)) => {
-                            for (name, port) in o {
-                                k.entry(name).or_insert(port);
+                            let combined = Arc::make_mut(&mut k);
+                            for (name, port) in o.iter() {
+                                combined.entry(name.clone()).or_insert(*port);
                             }
                             Some(k)
                         }

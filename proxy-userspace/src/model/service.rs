@@ -662,6 +662,11 @@ impl ServicePortMap {
     /// (including those whose nodePort conflict appeared or went away).
     pub fn apply(&mut self, tracker: &mut ServiceChangeTracker) -> BTreeSet<NamespacedName> {
         let mut changed = BTreeSet::new();
+        if tracker.is_empty() {
+            // Conflicts depend on the services alone: nothing to redo (an endpoint change
+            // costs no scan of every service).
+            return changed;
+        }
         let incumbents: BTreeSet<NamespacedName> = self
             .services
             .keys()

@@ -158,6 +158,33 @@ impl FailureLog {
     }
 }
 
+/// What of a watched object the proxy never reads and keeping it costs: dropped before the
+/// object is stored (at 100,000 endpoints, every endpoint's targetRef adds up).
+trait DropUnused {
+    fn drop_unused(&mut self) {}
+}
+
+impl DropUnused for Service {}
+
+impl DropUnused for EndpointSlice {
+    fn drop_unused(&mut self) {
+        for ep in &mut self.endpoints {
+            ep.target_ref = None;
+            ep.hostname = None;
+            ep.deprecated_topology = None;
+        }
+    }
+}
+
+impl DropUnused for Node {
+    fn drop_unused(&mut self) {
+        // Container images listed per node: large, and no concern of a proxy.
+        if let Some(status) = self.status.as_mut() {
+            status.images = None;
+        }
+    }
+}
+
 /// One watched kind: the objects as last known, the relist in progress, sync state.
 struct Tracked<K> {
     kind: ObjectKind,
@@ -172,7 +199,7 @@ struct Tracked<K> {
 
 impl<K> Tracked<K>
 where
-    K: kube::Resource + Clone + PartialEq,
+    K: kube::Resource + Clone + PartialEq + DropUnused,
 {
     fn new(kind: ObjectKind) -> Self {
         Self {
@@ -187,6 +214,17 @@ where
 
     fn key(obj: &K) -> NamespacedName {
         NamespacedName::of(obj.meta())
+    }
+
+    /// Drops what the proxy never reads and a real cluster makes large (kube-rs's
+    /// `strip_fields` idea): managedFields and kubectl's last-applied copy of the object.
+    fn strip(obj: &mut K) {
+        obj.drop_unused();
+        let meta = obj.meta_mut();
+        meta.managed_fields = None;
+        if let Some(a) = meta.annotations.as_mut() {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
     }
 
     /// Applies one watcher event to the store, reporting each change as `(old, new)` to
@@ -219,7 +257,8 @@ where
                 self.relist = Some(BTreeMap::new());
                 false
             }
-            Event::InitApply(obj) => {
+            Event::InitApply(mut obj) => {
+                Self::strip(&mut obj);
                 self.relist
                     .get_or_insert_with(BTreeMap::new)
                     .insert(Self::key(&obj), obj);
@@ -262,7 +301,8 @@ where
                 }
                 changed || first
             }
-            Event::Apply(obj) => {
+            Event::Apply(mut obj) => {
+                Self::strip(&mut obj);
                 let key = Self::key(&obj);
                 if self.known.get(&key) == Some(&obj) {
                     return false;

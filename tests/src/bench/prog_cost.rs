@@ -27,6 +27,8 @@ pub struct ProgCost {
     pub writer_full_ms: f64,
     /// The map writer alone: one endpoint of one Service changed, ms.
     pub writer_change_ms: f64,
+    /// The same change back as a partial apply (only that frontend's entries), ms.
+    pub writer_partial_ms: f64,
 }
 
 fn frontend(
@@ -113,6 +115,19 @@ fn one(services: usize, repeat: u32) -> Result<ProgCost> {
     let t = Instant::now();
     writer.apply(&changed, false)?;
     let writer_change_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let keys = state
+        .frontends
+        .last()
+        .map(|f| f.key())
+        .into_iter()
+        .collect();
+    let t = Instant::now();
+    let partial = writer.apply_changed(&state, &keys)?;
+    let writer_partial_ms = t.elapsed().as_secs_f64() * 1000.0;
+    anyhow::ensure!(
+        partial.is_some(),
+        "the partial apply fell back to a whole one"
+    );
     let mut pkt = PacketSpec::udp([192, 0, 2, 10], 40_000, NODE, NODE_PORT);
     pkt.payload = vec![0; 18];
     let bytes = pkt.build();
@@ -131,6 +146,7 @@ fn one(services: usize, repeat: u32) -> Result<ProgCost> {
         repeat,
         writer_full_ms,
         writer_change_ms,
+        writer_partial_ms,
     })
 }
 

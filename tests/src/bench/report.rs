@@ -6,7 +6,11 @@ use std::{fmt::Write as _, fs, path::Path};
 use anyhow::Result;
 use serde::Serialize;
 
-use super::{prog_cost::ProgCost, svg};
+use super::{
+    change_latency::{self, ChangeLatency},
+    prog_cost::ProgCost,
+    svg,
+};
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ScaleResult {
@@ -68,6 +72,8 @@ pub struct Report {
     pub modes: Vec<ModeResult>,
     pub prog_run: Vec<ProgCost>,
     pub maglev_table_ms: f64,
+    /// Single-endpoint changes at scale through the API source (event -> map written).
+    pub change_latency: Vec<ChangeLatency>,
 }
 
 impl Report {
@@ -148,9 +154,17 @@ pub fn table(r: &Report) -> String {
     for p in &r.prog_run {
         let _ = writeln!(
             s,
-            "XDP program, {:>6} services: {:.0} ns/packet (BPF_PROG_TEST_RUN x{}); map writer alone: from empty {:.1} ms, one endpoint change {:.2} ms",
-            p.services, p.ns_per_packet, p.repeat, p.writer_full_ms, p.writer_change_ms
+            "XDP program, {:>6} services: {:.0} ns/packet (BPF_PROG_TEST_RUN x{}); map writer alone: from empty {:.1} ms, one endpoint change {:.2} ms (partial {:.3} ms)",
+            p.services,
+            p.ns_per_packet,
+            p.repeat,
+            p.writer_full_ms,
+            p.writer_change_ms,
+            p.writer_partial_ms
         );
+    }
+    for c in &r.change_latency {
+        let _ = writeln!(s, "{}", change_latency::summary(c));
     }
     s
 }
@@ -292,14 +306,51 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "\n### XDP program cost (BPF_PROG_TEST_RUN)\n");
     let _ = writeln!(
         s,
-        "| Services | backends | ns per packet | repeat | map writer alone: all maps from empty (ms) | map writer alone: one endpoint change (ms) |\n|---|---|---|---|---|---|"
+        "| Services | backends | ns per packet | repeat | map writer alone: all maps from empty (ms) | map writer alone: one endpoint change, whole diff (ms) | same, partial apply (ms) |\n|---|---|---|---|---|---|---|"
     );
     for p in &r.prog_run {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {} | {:.1} | {:.2} |",
-            p.services, p.backends, p.ns_per_packet, p.repeat, p.writer_full_ms, p.writer_change_ms
+            "| {} | {} | {:.0} | {} | {:.1} | {:.2} | {:.3} |",
+            p.services,
+            p.backends,
+            p.ns_per_packet,
+            p.repeat,
+            p.writer_full_ms,
+            p.writer_change_ms,
+            p.writer_partial_ms
         );
+    }
+    if !r.change_latency.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### One endpoint change at scale, through the Kubernetes API source\n\nThe agent watches the in-repo test API server (kube-rs); single-endpoint EndpointSlice changes, one after another. event -> written: the agent's `event_to_written_ms` (change received to dataplane written, min-sync-period included); sync: its `took_ms`; API write -> log: wall time from the API server's write to the sync log line (includes watch delivery and 2 ms log polling).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| mode | Services x endpoints | changes (partial syncs) | event -> written p50 / p99 / max (ms) | sync p50 / p99 (ms) | API write -> log p50 / p99 (ms) | first sync (ms) | agent RSS after first sync / at end (MiB) |\n|---|---|---|---|---|---|---|---|"
+        );
+        for c in &r.change_latency {
+            let _ = writeln!(
+                s,
+                "| {} | {} x {} | {} ({}) | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {:.0} | {} / {} |",
+                c.mode,
+                c.services,
+                c.endpoints / c.services.max(1),
+                c.changes,
+                c.partial_syncs,
+                c.event_to_written_p50_ms,
+                c.event_to_written_p99_ms,
+                c.event_to_written_max_ms,
+                c.sync_p50_ms,
+                c.sync_p99_ms,
+                c.api_to_log_p50_ms,
+                c.api_to_log_p99_ms,
+                c.first_sync_ms,
+                opt(c.rss_first_mib, 0),
+                opt(c.rss_end_mib, 0),
+            );
+        }
     }
     let _ = writeln!(
         s,

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use kproxy_tests::bench::{
-    load, report,
+    change_latency, load, report,
     report::{ModeResult, Report, ScaleResult},
     sys_stats,
 };
@@ -44,6 +44,8 @@ struct Settings {
     /// Each throughput measurement is repeated this often; the best round counts (other
     /// load on the machine only ever lowers a round's result).
     rounds: usize,
+    /// Single-endpoint changes at scale through the API source: (Services, changes).
+    change_latency: (usize, usize),
 }
 
 fn main() -> Result<()> {
@@ -54,6 +56,8 @@ fn main() -> Result<()> {
         Some("connect-loop") => return load::connect_loop_main(&args[1..]),
         Some("connect-latency") => return load::connect_latency_main(&args[1..]),
         // The program cost and the map writer alone (e.g. under `perf record`).
+        // Only the control-plane latency at scale (see `change_latency_main`).
+        Some("change-latency") => return change_latency_main(&args[1..]),
         Some("prog-cost") => {
             for p in kproxy_tests::bench::prog_cost::measure(200_000)? {
                 println!("{p:?}");
@@ -87,6 +91,7 @@ fn main() -> Result<()> {
             scales: vec![1000],
             prog_run_repeat: 200_000,
             rounds: 2,
+            change_latency: (1000, 50),
         }
     } else {
         Settings {
@@ -101,6 +106,7 @@ fn main() -> Result<()> {
             scales: vec![1000, 10_000],
             prog_run_repeat: 2_000_000,
             rounds: 3,
+            change_latency: (10_000, 200),
         }
     };
     fs::create_dir_all(&settings.out)?;
@@ -129,6 +135,15 @@ fn main() -> Result<()> {
         let _ = c.stop_agent(1);
         let _ = c.agent_cleanup(1);
     }
+    let (n, changes) = settings.change_latency;
+    eprintln!("bench: ebpf: {changes} endpoint changes at {n} Services through the API source");
+    match change_latency::measure(&mut c, "ebpf", &[], n, 10, changes) {
+        Ok(r) => {
+            eprintln!("bench: {}", change_latency::summary(&r));
+            report.change_latency.push(r);
+        }
+        Err(e) => eprintln!("bench: change latency: {e:#}"),
+    }
     report.total_secs = started.elapsed().as_secs_f64();
     report.machine = sys_stats::machine_description();
     report::write_all(&report, &settings.out)?;
@@ -142,6 +157,41 @@ fn main() -> Result<()> {
         report.total_secs,
         settings.out.display()
     );
+    Ok(())
+}
+
+/// `kproxy-bench change-latency [--services N] [--changes N] [--modes ebpf,nftables,...]
+/// [--out DIR]`: only the control-plane measurement (default 10,000 Services, 200 changes,
+/// ebpf), printed and written to DIR/change-latency.json.
+fn change_latency_main(args: &[String]) -> Result<()> {
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let n: usize = value("--services").map_or(Ok(10_000), |v| v.parse())?;
+    let changes: usize = value("--changes").map_or(Ok(200), |v| v.parse())?;
+    let modes = value("--modes").unwrap_or_else(|| "ebpf".into());
+    let out = PathBuf::from(value("--out").unwrap_or_else(|| "bench-results".into()));
+    let mut c = Cluster::builder().nodes(2).build()?;
+    let mut results = Vec::new();
+    for mode in modes.split(',') {
+        let (proxy_mode, extra) = agent_mode(mode);
+        eprintln!("bench: {mode}: {changes} endpoint changes at {n} Services");
+        match change_latency::measure(&mut c, proxy_mode, extra, n, 10, changes) {
+            Ok(mut r) => {
+                r.mode = mode.to_string();
+                println!("{}", change_latency::summary(&r));
+                results.push(r);
+            }
+            Err(e) => eprintln!("bench: {mode}: {e:#}"),
+        }
+    }
+    fs::create_dir_all(&out)?;
+    let path = out.join("change-latency.json");
+    fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    eprintln!("bench: written to {}", path.display());
     Ok(())
 }
 

@@ -857,6 +857,11 @@ impl Cluster {
         Ok(self.extra.len() - 1)
     }
 
+    /// The pid of a process started with `spawn`.
+    pub fn extra_pid(&self, idx: usize) -> Option<u32> {
+        self.extra.get(idx)?.pid()
+    }
+
     pub fn stop_extra(&mut self, idx: usize) {
         if let Some(p) = self.extra.get_mut(idx) {
             p.kill();

@@ -28,7 +28,10 @@ use proxy_common::config::{
 
 use self::{maps::PinnedMaps, maps6::PinnedMaps6, writer::MapWriter, writer6::MapWriter6};
 use super::{ApplyStats, Dataplane};
-use crate::desired::{DesiredState, Protocol};
+use crate::{
+    desired::{DesiredState, Protocol},
+    desired_cache::FrontendChanges,
+};
 
 /// How the eBPF dataplane is set up on this node.
 #[derive(Clone, Debug)]
@@ -220,14 +223,14 @@ fn set_accept_local(device: &str) {
     }
 }
 
-impl Dataplane for EbpfDataplane {
-    fn name(&self) -> &'static str {
-        "ebpf"
-    }
-
-    fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
-        let outcome = self.writer.apply(desired, full)?;
-        let outcome6 = self.writer6.apply(desired, full)?;
+impl EbpfDataplane {
+    /// What follows a write of the maps: released affinity entries, the ready flag, a
+    /// pending program swap, and closing UDP sockets of removed backends.
+    fn after_write(
+        &mut self,
+        outcome: writer::ApplyOutcome,
+        outcome6: writer6::ApplyOutcome6,
+    ) -> anyhow::Result<ApplyStats> {
         if !outcome.affinity_released.is_empty() {
             // Entries of frontends without affinity are ignored by the programs anyway; this
             // only frees their room.
@@ -291,6 +294,32 @@ impl Dataplane for EbpfDataplane {
         stats.rejected.extend(outcome6.stats.rejected);
         self.close_udp_sockets6(&outcome6.removed_backends);
         Ok(stats)
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn apply(&mut self, desired: &DesiredState, full: bool) -> anyhow::Result<ApplyStats> {
+        let outcome = self.writer.apply(desired, full)?;
+        let outcome6 = self.writer6.apply(desired, full)?;
+        self.after_write(outcome, outcome6)
+    }
+
+    fn apply_changed(
+        &mut self,
+        desired: &DesiredState,
+        changed: &FrontendChanges,
+    ) -> anyhow::Result<ApplyStats> {
+        let outcome = match self.writer.apply_changed(desired, &changed.keys)? {
+            Some(o) => o,
+            None => self.writer.apply(desired, false)?,
+        };
+        // IPv6 frontends are few so far: the IPv6 writer diffs them all.
+        let outcome6 = self.writer6.apply(desired, false)?;
+        self.after_write(outcome, outcome6)
     }
 
     fn has_due_work(&self) -> bool {

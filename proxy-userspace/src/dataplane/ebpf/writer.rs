@@ -12,7 +12,7 @@
 //! while, so connections in flight finish.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant},
@@ -95,6 +95,17 @@ struct Contents {
 }
 
 impl Contents {
+    /// Puts back the entries of frontends taken out by `MapWriter::take_frontends` (after they
+    /// were rewritten) and the nodePort addresses.
+    fn absorb(&mut self, part: Contents) {
+        self.services.extend(part.services);
+        self.backends.extend(part.backends);
+        self.rev_nat.extend(part.rev_nat);
+        self.maglev.extend(part.maglev);
+        self.src_ranges.extend(part.src_ranges);
+        self.nodeport = part.nodeport;
+    }
+
     fn read(maps: &impl LbMaps) -> anyhow::Result<Self> {
         Ok(Self {
             services: maps.services()?.into_iter().collect(),
@@ -159,8 +170,76 @@ pub struct MapWriter<M> {
     tcp_drain: Duration,
     /// Removed TCP backends still in the map, by id, with when they were removed.
     draining: BTreeMap<u32, Instant>,
+    /// Free backend ids and reverse-NAT indexes for partial applies (rebuilt from the maps'
+    /// contents after each whole apply, fed by every delete).
+    id_pool: FreePool,
+    index_pool: FreePool,
+    /// The last whole apply programmed every frontend (none rejected, every Maglev table
+    /// fitted): only then may a partial apply follow (else the next whole one retries).
+    complete: bool,
 }
 
+/// The IPv4 frontend key of the desired state: (address, port, protocol).
+pub type FrontendKey = (Ipv4Addr, u16, Protocol);
+
+fn master_key_of(key: FrontendKey) -> Lb4Key {
+    Lb4Key::new(be_addr(key.0), key.1.to_be(), key.2.number(), 0)
+}
+
+/// The numbers (from 1 up to a maximum) not in use: the gaps below a high-water mark, and
+/// every one from it up. Lets a partial apply take a free id without a scan of those in use.
+#[derive(Debug)]
+struct FreePool {
+    gaps: BTreeSet<u32>,
+    /// The lowest number above every one in use (None: past the maximum).
+    high_water: Option<u32>,
+}
+
+impl FreePool {
+    fn new() -> Self {
+        Self {
+            gaps: BTreeSet::new(),
+            high_water: Some(1),
+        }
+    }
+
+    /// Exactly the numbers `used` (ascending) leaves free.
+    fn rebuild(&mut self, used: impl Iterator<Item = u32>) {
+        self.gaps.clear();
+        let mut next = Some(1u32);
+        for u in used {
+            let Some(mut n) = next else { break };
+            while n < u {
+                self.gaps.insert(n);
+                n += 1;
+            }
+            next = if n == u { n.checked_add(1) } else { Some(n) };
+        }
+        self.high_water = next;
+    }
+
+    /// The lowest free number up to `max` that `in_use` (a safety net) does not claim.
+    fn take(&mut self, max: u32, in_use: impl Fn(u32) -> bool) -> Option<u32> {
+        while let Some(v) = self.gaps.pop_first() {
+            if v <= max && !in_use(v) {
+                return Some(v);
+            }
+        }
+        while let Some(v) = self.high_water.filter(|v| *v <= max) {
+            self.high_water = v.checked_add(1);
+            if !in_use(v) {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    fn release(&mut self, v: u32) {
+        if self.high_water.is_none_or(|h| v < h) {
+            self.gaps.insert(v);
+        }
+    }
+}
 fn be_addr(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
@@ -245,6 +324,9 @@ impl<M: LbMaps> MapWriter<M> {
             maglev_cache: HashMap::new(),
             tcp_drain: Duration::ZERO,
             draining: BTreeMap::new(),
+            id_pool: FreePool::new(),
+            index_pool: FreePool::new(),
+            complete: false,
         }
     }
 
@@ -284,14 +366,240 @@ impl<M: LbMaps> MapWriter<M> {
             _ => Contents::read(&self.maps)?,
         };
         let mut outcome = ApplyOutcome::default();
+        self.complete = true;
         let target = self.target(desired, &known, &mut outcome.stats.rejected);
+        if !outcome.stats.rejected.is_empty() {
+            self.complete = false;
+        }
         let mut known = known;
-        let result = self.write(&target, &mut known, &mut outcome);
+        let result = self.write(&target, &mut known, None, &mut outcome);
         // Keep the record only when every write succeeded; otherwise re-read next time.
         if result.is_ok() {
+            self.id_pool.rebuild(known.backends.keys().copied());
+            self.index_pool
+                .rebuild(known.rev_nat.keys().map(|i| u32::from(*i)));
             self.known = Some(known);
         }
         result.map(|()| outcome)
+    }
+
+    /// Like `apply`, when only the frontends on `changed` keys (added, changed or removed)
+    /// differ from the last apply: reads and writes only their entries, in the same order and
+    /// under the same rules, so the cost follows the change, not the number of Services.
+    /// `None`: a partial apply cannot be done (no trusted record, something did not fit last
+    /// time or would not fit now, the nodePort addresses changed); call `apply`.
+    pub fn apply_changed(
+        &mut self,
+        desired: &DesiredState,
+        changed: &BTreeSet<FrontendKey>,
+    ) -> anyhow::Result<Option<ApplyOutcome>> {
+        if !self.complete {
+            return Ok(None);
+        }
+        let Some(mut rest) = self.known.take() else {
+            return Ok(None);
+        };
+        let nodeport: BTreeSet<u32> = desired
+            .nodeport_addresses
+            .iter()
+            .map(|a| be_addr(*a))
+            .collect();
+        if nodeport != rest.nodeport {
+            // Source-range flags depend on the node's addresses: every frontend may change.
+            self.known = Some(rest);
+            return Ok(None);
+        }
+        let mut part = self.take_frontends(&mut rest, changed);
+        let Some(target) = self.target_changed(desired, changed, &part, &rest) else {
+            rest.absorb(part);
+            self.known = Some(rest);
+            return Ok(None);
+        };
+        // The writer adds before it deletes: at the peak the maps hold the old and the new
+        // entries of these frontends (counted in full: only near a full map does this send
+        // the sync to the whole path, which knows how to make room).
+        let fits = rest.services.len() + part.services.len() + target.services.len()
+            <= self.capacity.services
+            && rest.backends.len() + part.backends.len() + target.backends.len()
+                <= self.capacity.backends
+            && rest.maglev.len() + part.maglev.len() + target.maglev.len()
+                <= self.capacity.maglev_rows;
+        if !fits {
+            rest.absorb(part);
+            self.known = Some(rest);
+            return Ok(None);
+        }
+        let mut outcome = ApplyOutcome::default();
+        let result = self.write(&target, &mut part, Some(&rest), &mut outcome);
+        if result.is_ok() {
+            rest.absorb(part);
+            self.known = Some(rest);
+        }
+        result.map(|()| Some(outcome))
+    }
+
+    /// Takes out of `known` every entry of the frontends on `keys` (master, slots, backends
+    /// including draining ones, reverse NAT, Maglev rows, source ranges), the draining
+    /// backends of any frontend whose time is up, and the nodePort addresses.
+    fn take_frontends(&self, known: &mut Contents, keys: &BTreeSet<FrontendKey>) -> Contents {
+        let mut part = Contents {
+            nodeport: std::mem::take(&mut known.nodeport),
+            ..Contents::default()
+        };
+        let mut indexes = BTreeSet::new();
+        for key in keys {
+            let master_key = master_key_of(*key);
+            let Some(master) = known.services.remove(&master_key) else {
+                continue;
+            };
+            part.services.insert(master_key, master);
+            for slot in 1..=master.count {
+                let slot_key = Lb4Key {
+                    backend_slot: slot,
+                    ..master_key
+                };
+                if let Some(s) = known.services.remove(&slot_key) {
+                    if let Some(b) = known.backends.remove(&s.backend_id) {
+                        part.backends.insert(s.backend_id, b);
+                    }
+                    part.services.insert(slot_key, s);
+                }
+            }
+            let index = master.rev_nat_index;
+            indexes.insert(index);
+            if let Some(r) = known.rev_nat.remove(&index) {
+                part.rev_nat.insert(index, r);
+            }
+            let rows: Vec<MaglevKey> = known
+                .maglev
+                .range(
+                    MaglevKey {
+                        rev_nat_index: index,
+                        row: 0,
+                    }..=MaglevKey {
+                        rev_nat_index: index,
+                        row: u16::MAX,
+                    },
+                )
+                .map(|(k, _)| *k)
+                .collect();
+            for k in rows {
+                if let Some(v) = known.maglev.remove(&k) {
+                    part.maglev.insert(k, v);
+                }
+            }
+            let ranges: Vec<SrcRange> = known
+                .src_ranges
+                .range((index, 0, 0)..=(index, u32::MAX, u8::MAX))
+                .copied()
+                .collect();
+            for r in ranges {
+                known.src_ranges.remove(&r);
+                part.src_ranges.insert(r);
+            }
+        }
+        let now = Instant::now();
+        for (id, since) in &self.draining {
+            let Some(b) = known.backends.get(id) else {
+                continue;
+            };
+            // A draining backend of a changed frontend may be wanted again (keeps its id).
+            if indexes.contains(&b.rev_nat_index) || now.duration_since(*since) >= self.tcp_drain {
+                part.backends.insert(*id, *b);
+                known.backends.remove(id);
+            }
+        }
+        part
+    }
+
+    /// The map contents of the frontends on `keys` in `desired` (those gone have none),
+    /// keeping the reverse-NAT indexes and backend ids `part` holds for them and taking new
+    /// ones that neither `part` nor `rest` uses. `None` when an index or id runs out.
+    fn target_changed(
+        &mut self,
+        desired: &DesiredState,
+        keys: &BTreeSet<FrontendKey>,
+        part: &Contents,
+        rest: &Contents,
+    ) -> Option<Contents> {
+        let mut index_of: HashMap<Lb4Key, u16> = HashMap::new();
+        for (k, v) in &part.services {
+            if k.backend_slot == 0 {
+                index_of.insert(*k, v.rev_nat_index);
+            }
+        }
+        let mut id_of: HashMap<(u16, u32, u16, u8), u32> = HashMap::new();
+        for (id, b) in &part.backends {
+            id_of.insert((b.rev_nat_index, b.address, b.port, b.proto), *id);
+        }
+        let mut target = Building::default();
+        let mut members = Vec::new();
+        let mut out_of_ids = false;
+        for key in keys {
+            let Ok(i) = desired.frontends.binary_search_by(|f| f.key().cmp(key)) else {
+                continue;
+            };
+            let f = &desired.frontends[i];
+            let master_key = master_key_of(*key);
+            let index = match index_of.get(&master_key) {
+                Some(i) => *i,
+                None => {
+                    let in_use = |i: u32| {
+                        let i = i as u16;
+                        rest.rev_nat.contains_key(&i) || part.rev_nat.contains_key(&i)
+                    };
+                    self.index_pool.take(u32::from(u16::MAX), in_use)? as u16
+                }
+            };
+            let mut id_pool = std::mem::replace(&mut self.id_pool, FreePool::new());
+            let mut next_id = || {
+                let id = id_pool.take(u32::MAX, |id| {
+                    rest.backends.contains_key(&id) || part.backends.contains_key(&id)
+                });
+                out_of_ids |= id.is_none();
+                id
+            };
+            members.clear();
+            self.add_frontend(
+                f,
+                master_key,
+                index,
+                &desired.nodeport_addresses,
+                &id_of,
+                &mut next_id,
+                &mut target,
+                &mut members,
+            );
+            self.id_pool = id_pool;
+        }
+        if out_of_ids {
+            return None;
+        }
+        let live: BTreeSet<u16> = target.rev_nat.iter().map(|(i, _)| *i).collect();
+        for index in part.rev_nat.keys() {
+            if !live.contains(index) {
+                self.maglev_cache.remove(index);
+            }
+        }
+        Some(target.finish(part.nodeport.clone()))
+    }
+
+    /// Adds one frontend's entries (and its Maglev rows) to `target`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_frontend(
+        &mut self,
+        f: &Frontend,
+        master_key: Lb4Key,
+        index: u16,
+        node_addresses: &[Ipv4Addr],
+        id_of: &HashMap<(u16, u32, u16, u8), u32>,
+        next_id: &mut dyn FnMut() -> Option<u32>,
+        target: &mut Building,
+        members: &mut Vec<(u32, [u8; 6])>,
+    ) {
+        let flags = frontend_flags(f, node_addresses);
+        self.target_frontend(f, master_key, index, flags, id_of, next_id, target, members);
+        self.target_maglev(f, index, members, target);
     }
 
     /// Computes the map contents for `desired`, keeping the reverse-NAT indexes and backend
@@ -364,21 +672,20 @@ impl<M: LbMaps> MapWriter<M> {
                 continue;
             };
             members.clear();
-            let flags = frontend_flags(f, &desired.nodeport_addresses);
-            self.target_frontend(
+            self.add_frontend(
                 f,
                 master_key,
                 index,
-                flags,
+                &desired.nodeport_addresses,
                 &id_of,
-                &mut ids,
+                &mut || ids.next(),
                 &mut target,
                 &mut members,
             );
-            self.target_maglev(f, index, &mut members, &mut target);
         }
         let live: std::collections::HashSet<u16> = target.rev_nat.iter().map(|(i, _)| *i).collect();
         self.maglev_cache.retain(|index, _| live.contains(index));
+
         target.finish(
             desired
                 .nodeport_addresses
@@ -398,7 +705,7 @@ impl<M: LbMaps> MapWriter<M> {
         index: u16,
         flags: u16,
         id_of: &HashMap<(u16, u32, u16, u8), u32>,
-        ids: &mut Allocator<u32>,
+        next_id: &mut dyn FnMut() -> Option<u32>,
         target: &mut Building,
         members: &mut Vec<(u32, [u8; 6])>,
     ) {
@@ -406,7 +713,7 @@ impl<M: LbMaps> MapWriter<M> {
         let mut slots = 0u16;
         for b in &f.backends {
             let identity = (index, be_addr(b.address), b.port.to_be(), proto);
-            let Some(id) = id_of.get(&identity).copied().or_else(|| ids.next()) else {
+            let Some(id) = id_of.get(&identity).copied().or_else(&mut *next_id) else {
                 continue;
             };
             target.backends.push((
@@ -480,6 +787,7 @@ impl<M: LbMaps> MapWriter<M> {
         members.sort_unstable();
         let rows = proxy_common::maglev::maglev_rows(m) as usize;
         if target.maglev.len() + rows > self.capacity.maglev_rows {
+            self.complete = false;
             tracing::warn!(
                 service = %f.service,
                 "map {} is full: frontend {}:{} balances at random",
@@ -528,10 +836,13 @@ impl<M: LbMaps> MapWriter<M> {
         }
     }
 
+    /// Makes the maps go from `known` to `target`. `rest`: the entries of the frontends left
+    /// out of both (a partial apply), whose backends still count as used.
     fn write(
         &mut self,
         target: &Contents,
         known: &mut Contents,
+        rest: Option<&Contents>,
         outcome: &mut ApplyOutcome,
     ) -> anyhow::Result<()> {
         let maps = &mut self.maps;
@@ -560,8 +871,9 @@ impl<M: LbMaps> MapWriter<M> {
             (&mut stale_services, &mut stale_backends),
             stats,
         )?;
-        self.draining
-            .retain(|id, _| known.backends.contains_key(id));
+        self.draining.retain(|id, _| {
+            known.backends.contains_key(id) || rest.is_some_and(|r| r.backends.contains_key(id))
+        });
 
         maps.put_backends(&backends)?;
         stats.writes += record(&mut known.backends, backends);
@@ -597,6 +909,7 @@ impl<M: LbMaps> MapWriter<M> {
         }
         for i in stale_rev_nats {
             maps.del_rev_nat(i)?;
+            self.index_pool.release(u32::from(i));
             known.rev_nat.remove(&i);
             stats.deletes += 1;
         }
@@ -616,17 +929,38 @@ impl<M: LbMaps> MapWriter<M> {
             known.src_ranges.remove(&r);
             stats.deletes += 1;
         }
-        // Built only when a backend goes (a scan of every backend).
-        let still_used: BTreeSet<(u32, u16, u8)> =
-            if stale_backends.is_empty() && freed_backends.is_empty() {
-                BTreeSet::new()
+        // Which of the going backends' addresses another backend still has: one scan of
+        // every backend, only when a backend goes.
+        let going: Vec<(u32, u16, u8)> = stale_backends
+            .iter()
+            .filter_map(|id| known.backends.get(id))
+            .chain(&freed_backends)
+            .map(|b| (b.address, b.port, b.proto))
+            .collect();
+        let still_used: HashSet<(u32, u16, u8)> = if going.is_empty() {
+            HashSet::new()
+        } else {
+            // Few go at a time: comparing with each is cheaper than hashing every backend.
+            let few = going.len() <= 16;
+            let going_set: HashSet<(u32, u16, u8)> = if few {
+                HashSet::new()
             } else {
-                target
-                    .backends
-                    .values()
-                    .map(|b| (b.address, b.port, b.proto))
-                    .collect()
+                going.iter().copied().collect()
             };
+            target
+                .backends
+                .values()
+                .chain(rest.into_iter().flat_map(|r| r.backends.values()))
+                .map(|b| (b.address, b.port, b.proto))
+                .filter(|identity| {
+                    if few {
+                        going.contains(identity)
+                    } else {
+                        going_set.contains(identity)
+                    }
+                })
+                .collect()
+        };
         let mut removed = BTreeSet::new();
         for id in stale_backends {
             let Some(&b) = known.backends.get(&id) else {
@@ -644,6 +978,7 @@ impl<M: LbMaps> MapWriter<M> {
                 known.backends.insert(id, b);
                 return Err(e);
             }
+            self.id_pool.release(id);
             stats.deletes += 1;
             if !still_used.contains(&(b.address, b.port, b.proto)) {
                 removed.extend(removed_backend(&b));
@@ -1384,5 +1719,277 @@ mod tests {
             master_of(b.maps(), "0.0.0.0", 30001).rev_nat_index
         );
         assert_eq!(addr_table(&a), addr_table(&b));
+    }
+
+    /// What a reader of the maps sees, independent of the ids and indexes chosen: per
+    /// frontend its master (count, flags, affinity), its backends in slot order, its reverse
+    /// NAT, Maglev rows (as backend addresses) and source ranges.
+    #[allow(clippy::type_complexity)]
+    fn view(
+        maps: &MemoryMaps,
+    ) -> BTreeMap<
+        Lb4Key,
+        (
+            u16,
+            u16,
+            u32,
+            Vec<Lb4Backend>,
+            Option<Lb4RevNat>,
+            Vec<Vec<(u32, u16)>>,
+            Vec<(u32, u8)>,
+        ),
+    > {
+        let mut out = BTreeMap::new();
+        for (k, m) in maps.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+            let backend = |id: u32| maps.backends.get(&id).copied();
+            let slots: Vec<Lb4Backend> = (1..=m.count)
+                .map(|s| {
+                    let slot = maps.services[&Lb4Key {
+                        backend_slot: s,
+                        ..*k
+                    }];
+                    assert_eq!(slot.rev_nat_index, m.rev_nat_index);
+                    backend(slot.backend_id).expect("a slot names a backend")
+                })
+                .collect();
+            let index = m.rev_nat_index;
+            let rows: Vec<Vec<(u32, u16)>> = maps
+                .maglev
+                .iter()
+                .filter(|(mk, _)| mk.rev_nat_index == index)
+                .map(|(_, row)| {
+                    row.backend_ids
+                        .iter()
+                        .map(|id| backend(*id).map_or((0, 0), |b| (b.address, b.port)))
+                        .collect()
+                })
+                .collect();
+            let ranges: Vec<(u32, u8)> = maps
+                .src_ranges
+                .iter()
+                .filter(|r| r.0 == index)
+                .map(|r| (r.1, r.2))
+                .collect();
+            out.insert(
+                *k,
+                (
+                    m.count,
+                    m.flags,
+                    m.backend_id,
+                    slots,
+                    maps.rev_nat.get(&index).copied(),
+                    rows,
+                    ranges,
+                ),
+            );
+        }
+        // Nothing is left over: every slot, backend, reverse NAT, row and range belongs to a
+        // frontend.
+        let masters: BTreeSet<u16> = maps
+            .services
+            .iter()
+            .filter(|(k, _)| k.backend_slot == 0)
+            .map(|(_, v)| v.rev_nat_index)
+            .collect();
+        for (k, v) in &maps.services {
+            let m = maps.services[&Lb4Key {
+                backend_slot: 0,
+                ..*k
+            }];
+            assert!(k.backend_slot <= m.count, "stale slot {k:?}");
+            assert_eq!(v.rev_nat_index, m.rev_nat_index);
+        }
+        assert!(
+            maps.backends
+                .values()
+                .all(|b| masters.contains(&b.rev_nat_index))
+        );
+        assert!(maps.rev_nat.keys().all(|i| masters.contains(i)));
+        assert!(
+            maps.maglev
+                .keys()
+                .all(|k| masters.contains(&k.rev_nat_index))
+        );
+        assert!(maps.src_ranges.iter().all(|r| masters.contains(&r.0)));
+        out
+    }
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// A random desired state over few keys and backends (so that keys and backends come and
+    /// go, move and are shared).
+    fn random_state(rng: &mut Rng) -> DesiredState {
+        let mut frontends: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
+        for _ in 0..rng.below(12) {
+            let (ip, port) = if rng.below(3) == 0 {
+                ("0.0.0.0".to_string(), 30000 + rng.below(4) as u16)
+            } else {
+                (format!("10.96.0.{}", rng.below(6) + 1), 80)
+            };
+            let proto = if rng.below(4) == 0 {
+                Protocol::Udp
+            } else {
+                Protocol::Tcp
+            };
+            let addrs: Vec<(String, u16)> = (0..rng.below(5))
+                .map(|_| (format!("10.244.0.{}", rng.below(8) + 1), 8080))
+                .collect();
+            let mut backends: Vec<(&str, u16)> =
+                addrs.iter().map(|(a, p)| (a.as_str(), *p)).collect();
+            backends.sort_unstable();
+            backends.dedup();
+            let mut f = frontend(&ip, port, proto, &backends);
+            f.backends.sort_unstable();
+            if rng.below(4) == 0 {
+                f.affinity_timeout = Some(10 + rng.below(3) as u32);
+            }
+            if rng.below(5) == 0 {
+                f.source_ranges = Some(vec![cidr(&format!("203.0.{}.0", rng.below(3)), 24)]);
+            }
+            frontends.insert(f.key(), f);
+        }
+        state(frontends.into_values().collect())
+    }
+
+    fn changed_keys(before: &DesiredState, after: &DesiredState) -> BTreeSet<FrontendKey> {
+        let find =
+            |d: &DesiredState, k: FrontendKey| d.frontends.iter().find(|f| f.key() == k).cloned();
+        before
+            .frontends
+            .iter()
+            .chain(&after.frontends)
+            .map(|f| f.key())
+            .filter(|k| find(before, *k) != find(after, *k))
+            .collect()
+    }
+
+    #[test]
+    fn partial_applies_give_the_maps_a_whole_apply_gives_over_random_changes() {
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let maglev = (seed % 2 == 0).then_some(251);
+            let mut partial = MapWriter::new(MemoryMaps::default());
+            let mut whole = MapWriter::new(MemoryMaps::default());
+            partial.set_maglev(maglev);
+            whole.set_maglev(maglev);
+            let mut before = DesiredState::default();
+            partial.apply(&before, false).unwrap();
+            let mut partial_applies = 0;
+            for step in 0..40 {
+                let next = random_state(&mut rng);
+                let keys = changed_keys(&before, &next);
+                let p = match partial.apply_changed(&next, &keys).unwrap() {
+                    Some(out) => {
+                        partial_applies += 1;
+                        out
+                    }
+                    None => partial.apply(&next, false).unwrap(),
+                };
+                let w = whole.apply(&next, false).unwrap();
+                assert_eq!(
+                    view(partial.maps()),
+                    view(whole.maps()),
+                    "seed {seed} step {step}"
+                );
+                assert_eq!(
+                    p.removed_backends, w.removed_backends,
+                    "seed {seed} step {step}"
+                );
+                assert_eq!(p.stats.rejected, w.stats.rejected);
+                // A whole apply over the partially written maps (re-read) finds nothing to do.
+                let mut check = MapWriter::new(MemoryMaps {
+                    services: partial.maps().services.clone(),
+                    backends: partial.maps().backends.clone(),
+                    rev_nat: partial.maps().rev_nat.clone(),
+                    nodeport: partial.maps().nodeport.clone(),
+                    maglev: partial.maps().maglev.clone(),
+                    src_ranges: partial.maps().src_ranges.clone(),
+                    ..MemoryMaps::default()
+                });
+                check.set_maglev(maglev);
+                let again = check.apply(&next, true).unwrap();
+                assert_eq!(
+                    (again.stats.writes, again.stats.deletes),
+                    (0, 0),
+                    "seed {seed} step {step}"
+                );
+                before = next;
+            }
+            assert!(
+                partial_applies > 30,
+                "seed {seed}: only {partial_applies} partial applies"
+            );
+        }
+    }
+
+    #[test]
+    fn a_partial_apply_touches_only_the_changed_frontend() {
+        let mut w = MapWriter::new(MemoryMaps::default());
+        let mut d = seed();
+        w.apply(&d, false).unwrap();
+        w.maps_mut().ops.clear();
+        d.frontends[1].backends.pop();
+        let keys: BTreeSet<FrontendKey> = [d.frontends[1].key()].into();
+        let out = w.apply_changed(&d, &keys).unwrap().expect("partial");
+        // The master with the lower count, then the surplus slot, then its backend.
+        let ops = &w.maps().ops;
+        assert!(
+            matches!(ops[0], Op::PutService(k, v) if k.backend_slot == 0 && v.count == 1),
+            "{ops:?}"
+        );
+        assert!(
+            matches!(ops[1], Op::DelService(k) if k.backend_slot == 2),
+            "{ops:?}"
+        );
+        assert!(matches!(ops[2], Op::DelBackend(_)), "{ops:?}");
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert_eq!((out.stats.writes, out.stats.deletes), (1, 2));
+        assert_eq!(master_of(w.maps(), "0.0.0.0", 30001).count, 2);
+    }
+
+    #[test]
+    fn a_partial_apply_removes_drained_backends_of_any_frontend_when_due() {
+        let mut w = MapWriter::new(MemoryMaps::default()).with_tcp_drain(Duration::from_millis(20));
+        let mut d = seed();
+        w.apply(&d, false).unwrap();
+        d.frontends[0].backends.pop();
+        let keys: BTreeSet<FrontendKey> = [d.frontends[0].key()].into();
+        w.apply_changed(&d, &keys).unwrap().expect("partial");
+        assert_eq!(w.maps().backends.len(), 4, "the removed TCP backend drains");
+        assert_eq!(master_of(w.maps(), "0.0.0.0", 30001).count, 1);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(w.drain_due(Instant::now()));
+        let out = w
+            .apply_changed(&d, &BTreeSet::new())
+            .unwrap()
+            .expect("partial");
+        assert_eq!(w.maps().backends.len(), 3);
+        assert_eq!(out.stats.deletes, 1);
+        assert!(!w.drain_due(Instant::now()));
+    }
+
+    #[test]
+    fn free_pool_hands_out_gaps_first_then_from_the_high_water_mark() {
+        let mut pool = FreePool::new();
+        pool.rebuild([2u32, 3, 5].into_iter());
+        let none = |_| false;
+        assert_eq!(pool.take(10, none), Some(1));
+        assert_eq!(pool.take(10, none), Some(4));
+        assert_eq!(pool.take(10, none), Some(6));
+        pool.release(3);
+        assert_eq!(pool.take(10, |v| v == 7), Some(3));
+        // 7 is claimed elsewhere: skipped.
+        assert_eq!(pool.take(10, |v| v == 7), Some(8));
+        assert_eq!(pool.take(9, none), Some(9));
+        assert_eq!(pool.take(9, none), None);
     }
 }
