@@ -10,6 +10,7 @@
 pub mod affinity;
 pub mod config;
 pub mod conntrack;
+pub mod crc32c;
 pub mod lb;
 pub mod lb6;
 pub mod maglev;

@@ -43,6 +43,9 @@ pub const SOCK6_REV: &str = "KP_SOCK6_REV_V1";
 pub const LB4_AFFINITY: &str = "KP_AFF4_V1";
 /// loadBalancerSourceRanges (LPM trie): [`crate::src_range::Lb4SrcRangeKey`] -> `u8` (1).
 pub const LB4_SRC_RANGE: &str = "KP_SRCR4_V1";
+/// SCTP's CRC32c factor by SCTP length (array, written once at load): `u32` length -> `u32`
+/// x^(8 * (length - 4)) modulo the CRC32c polynomial (see [`crate::crc32c`]); 0 = unwritten.
+pub const SCTP_CRC_SHIFT: &str = "KP_SCTP_CRC_V1";
 
 /// 10,000 Services x 10 endpoints need 110,000 entries (a master and a slot per backend).
 pub const LB4_SERVICES_MAX: u32 = 131_072;
@@ -68,9 +71,12 @@ pub const LB6_NODEPORT_ADDRS_MAX: u32 = 256;
 pub const SOCK6_REV_MAX: u32 = 262_144;
 pub const LB4_AFFINITY_MAX: u32 = 65_536;
 pub const LB4_SRC_RANGE_MAX: u32 = 16_384;
+/// One entry per possible SCTP length inside an IPv4 packet (at most 65,535 - 20 bytes), so
+/// every packet the parser accepts has its factor, GSO-sized ones included: 256 KiB.
+pub const SCTP_CRC_SHIFT_MAX: u32 = 65_536;
 
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -90,10 +96,11 @@ pub const ALL: [&str; 19] = [
     SOCK6_REV,
     LB4_AFFINITY,
     LB4_SRC_RANGE,
+    SCTP_CRC_SHIFT,
 ];
 
-/// Maps that hold one settings entry: an array that is always "full".
-pub const SETTINGS: [&str; 2] = [LB4_CONFIG, MAGLEV_CONFIG];
+/// Maps that hold settings written at load: arrays that are always "full".
+pub const SETTINGS: [&str; 3] = [LB4_CONFIG, MAGLEV_CONFIG, SCTP_CRC_SHIFT];
 
 /// Maps that are counters, not state: their fill level is not a capacity concern.
 pub const COUNTERS: [&str; 2] = [STATS, SVC_STATS];

@@ -15,6 +15,7 @@ mod lb6;
 mod maps;
 mod nodeport;
 mod parse;
+mod sctp;
 mod sock;
 mod sock6;
 mod src_range;

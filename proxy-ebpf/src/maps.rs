@@ -56,6 +56,7 @@ const _: () = assert!(name_is("KP_LB6_NPA_V1", names::LB6_NODEPORT_ADDRS));
 const _: () = assert!(name_is("KP_SOCK6_REV_V1", names::SOCK6_REV));
 const _: () = assert!(name_is("KP_AFF4_V1", names::LB4_AFFINITY));
 const _: () = assert!(name_is("KP_SRCR4_V1", names::LB4_SRC_RANGE));
+const _: () = assert!(name_is("KP_SCTP_CRC_V1", names::SCTP_CRC_SHIFT));
 
 #[map(name = "KP_LB4_SVC_V1")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
@@ -133,3 +134,8 @@ pub static LB4_AFFINITY: LruHashMap<Lb4AffinityKey, Lb4AffinityValue> =
 #[map(name = "KP_SRCR4_V1")]
 pub static LB4_SRC_RANGE: LpmTrie<Lb4SrcRangeKey, u8> =
     LpmTrie::pinned(names::LB4_SRC_RANGE_MAX, 0);
+
+/// SCTP length -> the CRC32c factor of a port rewrite (`proxy_common::crc32c`), written by
+/// the agent at load; 0 = not written.
+#[map(name = "KP_SCTP_CRC_V1")]
+pub static SCTP_CRC_SHIFT: Array<u32> = Array::pinned(names::SCTP_CRC_SHIFT_MAX, 0);
