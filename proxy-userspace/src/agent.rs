@@ -132,6 +132,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 crate::cli::LbAlgorithm::Random => None,
             },
             ct_max: args.ct_max,
+            lb_map_max: args.lb_map_max,
         },
         cluster_cidr: args.cluster_cidr,
     };
@@ -284,6 +285,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 for r in &stats.rejected {
                     tracing::error!("{r}");
                 }
+                status
+                    .frontends_rejected
+                    .store(stats.rejected.len() as u64, Ordering::Relaxed);
                 status.record_sync(took, &desired, health::no_local_endpoints(&model, &desired));
                 health_checks.update(&model, &ctx);
                 if !status.synced.swap(true, Ordering::Relaxed) {

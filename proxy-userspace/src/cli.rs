@@ -223,11 +223,19 @@ pub struct RunArgs {
     pub maglev_table_size: u32,
 
     /// Capacity of the device programs' conntrack and reverse-NAT maps (LRU: when full, the
-    /// least recently used flows are evicted). Applies when the maps are created (a new
-    /// --bpf-root, or after `kproxy cleanup`); pinned maps keep their size.
+    /// least recently used flows are evicted). Pinned maps of another size are rebuilt at
+    /// start with their flows copied over.
     #[arg(long, value_name = "ENTRIES", default_value_t = proxy_common::maps::CT4_MAX,
           value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
     pub ct_max: u32,
+
+    /// Capacity of the service and backend maps of each family (Cilium's
+    /// `--bpf-lb-map-max`). A frontend takes one entry plus one per backend. Frontends that
+    /// do not fit are not programmed and are logged by name (those already programmed keep
+    /// their place); pinned maps of another size are rebuilt at start.
+    #[arg(long, value_name = "ENTRIES", default_value_t = proxy_common::maps::LB4_SERVICES_MAX,
+          value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+    pub lb_map_max: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -133,6 +133,42 @@ impl Ipv4Cidr {
     }
 }
 
+/// An IPv6 network: `address` has no bits set beyond `prefix_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv6Cidr {
+    pub address: Ipv6Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv6Cidr {
+    /// The network of `address/prefix_len` (host bits cleared); `None` when `prefix_len > 128`.
+    pub fn new(address: Ipv6Addr, prefix_len: u8) -> Option<Ipv6Cidr> {
+        if prefix_len > 128 {
+            return None;
+        }
+        Some(Ipv6Cidr {
+            address: Ipv6Addr::from(u128::from(address) & Self::mask(prefix_len)),
+            prefix_len,
+        })
+    }
+
+    fn mask(prefix_len: u8) -> u128 {
+        u128::MAX
+            .checked_shl(128 - u32::from(prefix_len))
+            .unwrap_or(0)
+    }
+
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & Self::mask(self.prefix_len) == u128::from(self.address)
+    }
+}
+
+impl fmt::Display for Ipv6Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
 impl fmt::Display for Ipv4Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.address, self.prefix_len)
@@ -149,10 +185,7 @@ impl Frontend {
 /// An IPv6 backend.
 pub type Backend6 = Backend<Ipv6Addr>;
 
-/// One IPv6 address:port/protocol the node serves (the IPv6 twin of [`Frontend`]). Session
-/// affinity and source ranges are not carried for IPv6 yet: LoadBalancer and nodePort
-/// frontends of services with `loadBalancerSourceRanges` are left out rather than served
-/// unfiltered.
+/// One IPv6 address:port/protocol the node serves (the IPv6 twin of [`Frontend`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend6 {
     pub service: ServicePortName,
@@ -163,6 +196,11 @@ pub struct Frontend6 {
     pub protocol: Protocol,
     /// Sorted, deduplicated. Empty means "no endpoints": connections are refused.
     pub backends: Vec<Backend6>,
+    /// As [`Frontend::affinity_timeout`].
+    pub affinity_timeout: Option<u32>,
+    /// As [`Frontend::source_ranges`], with the service's IPv6 ranges (an empty list, e.g.
+    /// when all ranges are IPv4, allows no IPv6 source).
+    pub source_ranges: Option<Vec<Ipv6Cidr>>,
 }
 
 impl Frontend6 {
@@ -216,6 +254,33 @@ fn source_ranges(info: &ServicePortInfo) -> Option<Vec<Ipv4Cidr>> {
     Some(ranges)
 }
 
+/// The IPv6 `loadBalancerSourceRanges` of a LoadBalancer service port (`source_ranges`' twin).
+fn source_ranges6(info: &ServicePortInfo) -> Option<Vec<Ipv6Cidr>> {
+    if info.service_type != ServiceType::LoadBalancer || info.load_balancer_source_ranges.is_empty()
+    {
+        return None;
+    }
+    let mut ranges: Vec<Ipv6Cidr> = info
+        .load_balancer_source_ranges
+        .iter()
+        .filter_map(|c| match c.address {
+            std::net::IpAddr::V6(a) => Ipv6Cidr::new(a, c.prefix_len),
+            std::net::IpAddr::V4(_) => None,
+        })
+        .collect();
+    ranges.sort_unstable();
+    ranges.dedup();
+    Some(ranges)
+}
+
+/// `sessionAffinity: ClientIP`'s timeout, if set.
+fn affinity_timeout(info: &ServicePortInfo) -> Option<u32> {
+    match info.session_affinity {
+        SessionAffinity::None => None,
+        SessionAffinity::ClientIp { timeout_seconds } => Some(timeout_seconds),
+    }
+}
+
 /// Derives what the node serves from the service and endpoint maps, with Kubernetes'
 /// semantics. Pure and deterministic: frontends sorted by key, backends sorted and
 /// deduplicated.
@@ -244,10 +309,7 @@ pub fn build(
         let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
         let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
         let external = select_backends(eps, spn, info, node, info.external_policy_local());
-        let affinity_timeout = match info.session_affinity {
-            SessionAffinity::None => None,
-            SessionAffinity::ClientIp { timeout_seconds } => Some(timeout_seconds),
-        };
+        let affinity_timeout = affinity_timeout(info);
         let restricted = source_ranges(info);
         let mut add = |kind, address, port, backends: &Vec<Backend>| {
             let source_ranges = match kind {
@@ -312,6 +374,9 @@ pub fn build(
     }
 }
 
+/// Whether every dataplane enforces `Frontend6::source_ranges` (see `build6`).
+const IPV6_SOURCE_RANGES_ENFORCED: bool = false;
+
 /// `build`'s IPv6 twin: the IPv6 frontends of services that have the IPv6 family (an IPv6
 /// cluster IP), over their IPv6 endpoints, with the same semantics (traffic policies,
 /// terminating fallback, topology hints, first-wins conflicts). Fills `frontends6` and
@@ -330,15 +395,25 @@ pub fn build6(
         let eps = endpoints.get(&NamespacedName::new(&spn.namespace, &spn.name));
         let internal = select_backends(eps, spn, info, node, info.internal_policy_local());
         let external = select_backends(eps, spn, info, node, info.external_policy_local());
-        // Source ranges are not enforced for IPv6 yet: never serve the frontends they guard.
-        let restricted = source_ranges(info).is_some() || has_ipv6_source_ranges(info);
+        let affinity_timeout = affinity_timeout(info);
+        let restricted = source_ranges6(info);
         let mut add = |kind, address, port, backends: &Vec<Backend6>| {
-            if restricted && matches!(kind, FrontendKind::LoadBalancer | FrontendKind::NodePort) {
+            // Until every backend enforces IPv6 source ranges, the frontends they guard are
+            // left out rather than served unfiltered.
+            if !IPV6_SOURCE_RANGES_ENFORCED
+                && info.service_type == ServiceType::LoadBalancer
+                && !info.load_balancer_source_ranges.is_empty()
+                && matches!(kind, FrontendKind::LoadBalancer | FrontendKind::NodePort)
+            {
                 debug!(
                     "{spn}: IPv6 {kind:?} frontend left out: loadBalancerSourceRanges are not enforced for IPv6 yet"
                 );
                 return;
             }
+            let source_ranges = match kind {
+                FrontendKind::LoadBalancer | FrontendKind::NodePort => restricted.clone(),
+                FrontendKind::ClusterIp | FrontendKind::ExternalIp => None,
+            };
             let frontend = Frontend6 {
                 service: spn.clone(),
                 kind,
@@ -346,6 +421,8 @@ pub fn build6(
                 port,
                 protocol: spn.protocol,
                 backends: backends.clone(),
+                affinity_timeout,
+                source_ranges,
             };
             match frontends.entry(frontend.key()) {
                 Entry::Vacant(e) => {
@@ -385,15 +462,6 @@ pub fn build6(
     nodeport_addresses6.dedup();
     desired.frontends6 = frontends.into_values().collect();
     desired.nodeport_addresses6 = nodeport_addresses6;
-}
-
-/// Whether a LoadBalancer service lists IPv6 source ranges (which `source_ranges` drops).
-fn has_ipv6_source_ranges(info: &ServicePortInfo) -> bool {
-    info.service_type == ServiceType::LoadBalancer
-        && info
-            .load_balancer_source_ranges
-            .iter()
-            .any(|c| c.address.is_ipv6())
 }
 
 /// The port an endpoint serves a service port on, if any.

@@ -137,6 +137,8 @@ pub struct Status {
     /// The last full object set (sources that deliver whole sets), to count changes by kind.
     objects: Mutex<BTreeMap<ObjectKey, K8sObject>>,
     pub sync_errors: AtomicU64,
+    /// Frontends the last sync could not program (a map full, no free index).
+    pub frontends_rejected: AtomicU64,
     pub service_changes: AtomicU64,
     pub endpoint_changes: AtomicU64,
     pub frontends: AtomicU64,
@@ -161,6 +163,7 @@ impl Default for Status {
             failing_since: Mutex::default(),
             objects: Mutex::default(),
             sync_errors: AtomicU64::new(0),
+            frontends_rejected: AtomicU64::new(0),
             service_changes: AtomicU64::new(0),
             endpoint_changes: AtomicU64::new(0),
             frontends: AtomicU64::new(0),
@@ -354,6 +357,12 @@ impl Status {
             "counter",
             "Syncs that failed and were retried as full syncs",
             self.sync_errors.load(Ordering::Relaxed) as f64,
+        );
+        single(
+            "kproxy_frontends_rejected",
+            "gauge",
+            "Frontends the last sync could not program (a map full, no free index; each is logged by name)",
+            self.frontends_rejected.load(Ordering::Relaxed) as f64,
         );
         single(
             "kproxy_sync_failing_seconds",

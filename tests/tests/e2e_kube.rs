@@ -13,6 +13,10 @@
 //!    the history is compacted: the watches' resume gets 410 Gone, the agent relists, web2
 //!    stops being served and mysvc follows the new slice.
 //! 5. A compaction while watching, then a change: relist, converged.
+//!
+//! `api_away_for_minutes_keeps_serving`: the API server away for 150 s
+//! (`KPROXY_API_OUTAGE_SECS`) under continuous nodePort traffic: nothing fails, /healthz
+//! stays 200, and the change made meanwhile is served within seconds of the return.
 
 use std::{
     collections::BTreeSet,
@@ -453,4 +457,125 @@ fn agent_restarted_while_the_api_is_down_serves_the_pinned_state() {
         Some("pod-c:8081"),
         "web2 after the API came back: {r}"
     );
+}
+
+/// How long `api_away_for_minutes_keeps_serving` keeps the API server away
+/// (`KPROXY_API_OUTAGE_SECS`, default 150).
+fn outage_secs() -> u64 {
+    std::env::var("KPROXY_API_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150)
+}
+
+/// The API server away for minutes while a client keeps requesting the nodePort: no request
+/// fails, /healthz stays 200 (a liveness probe must not restart the agent for an outage it
+/// rides out), and a change made during the outage is served within seconds of the return
+/// (the reconnect delay is capped; kube-rs's default backoff would have grown to tens of
+/// seconds by then).
+#[test]
+fn api_away_for_minutes_keeps_serving() {
+    let outage = Duration::from_secs(outage_secs());
+    let mut c = fixtures::one_node(TESTPOD).expect("building the cluster");
+    let netns = format!("/var/run/netns/{}", c.node_netns(1));
+    let mut api = TestApiServer::in_netns(&netns).expect("starting the API server in node1");
+    let mut objects = c.node_objects();
+    objects.push(seed::mysvc().into());
+    objects.push(seed::mysvc_slice([c.endpoint("pod-a")]).into());
+    api.apply_yaml(&render(&objects)).unwrap();
+    let kubeconfig = c.tmp_dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let log = start_api_agent(&mut c, &kubeconfig);
+    let start = Instant::now();
+    while c.healthz(1) != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the agent did not become healthy\n{}",
+            log_tail(&log)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let client = c.client();
+    let np_url = format!("http://{}:{}/", c.node_ip(1), seed::MYSVC_NODEPORT);
+    wait_served_by(
+        &c,
+        &client,
+        &np_url,
+        &["pod-a"],
+        Duration::from_secs(10),
+        &log,
+    );
+
+    // ~20 requests a second for the outage and 15 s around it.
+    let count = (outage.as_secs() as u32 + 15) * 20;
+    let asker = c.nodeport_asker(count);
+    assert!(
+        asker
+            .wait_line(Duration::from_secs(5), |l| l.seq >= 10)
+            .is_some(),
+        "the client did not start"
+    );
+    let t_down = epoch_ms();
+    api.stop();
+    let down_since = Instant::now();
+    let mut changed = false;
+    let mut unhealthy = Vec::new();
+    while down_since.elapsed() < outage {
+        let status = c.healthz(1);
+        if status != 200 {
+            unhealthy.push((down_since.elapsed(), status));
+        }
+        if !changed && down_since.elapsed() > outage / 2 {
+            // Made while the agent cannot see it.
+            api.apply_yaml(&mysvc_slice(&c, &["pod-b"])).unwrap();
+            changed = true;
+        }
+        thread::sleep(Duration::from_secs(5));
+    }
+    let t_up = epoch_ms();
+    api.start().unwrap();
+    let lines = asker
+        .finish(outage + Duration::from_secs(120))
+        .expect("the client");
+    let timeline = show(&lines);
+    let failed: Vec<String> = lines
+        .iter()
+        .filter(|l| !l.is_ok())
+        .map(|l| l.to_string())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed around the outage ({t_down}..{t_up}): {failed:#?}\n{}",
+        log_tail(&log)
+    );
+    assert!(
+        unhealthy.is_empty(),
+        "/healthz was not 200 during the outage: {unhealthy:?}"
+    );
+    let served_before_down = lines.iter().filter(|l| l.ts_ms < t_down).count();
+    let served_during = lines
+        .iter()
+        .filter(|l| l.ts_ms >= t_down && l.ts_ms < t_up)
+        .count();
+    assert!(
+        served_before_down > 0 && served_during as u64 >= outage.as_secs() * 5,
+        "too few requests ran during the outage ({served_during})\n{timeline}"
+    );
+    let Some(first_b) = lines.iter().find(|l| l.pod() == Some("pod-b")) else {
+        panic!(
+            "the change made during the outage was never served\n{}",
+            log_tail(&log)
+        );
+    };
+    assert!(
+        first_b.ts_ms >= t_up,
+        "pod-b answered before the API server came back"
+    );
+    let latency = first_b.ts_ms - t_up;
+    println!(
+        "API away {} ms: {} requests ({served_during} during the outage), none failed, /healthz 200 throughout; the change made during the outage served {latency} ms after the return",
+        t_up - t_down,
+        lines.len()
+    );
+    assert!(latency <= 5000, "took {latency} ms\n{}", log_tail(&log));
 }

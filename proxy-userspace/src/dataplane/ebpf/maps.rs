@@ -137,7 +137,7 @@ fn dup_fd(ebpf: &Ebpf, name: &str) -> anyhow::Result<OwnedFd> {
 
 /// The `max_entries` the kernel map `name` was created with (an adopted pin keeps the size
 /// of the agent that created it).
-fn max_entries(ebpf: &Ebpf, name: &str) -> anyhow::Result<usize> {
+pub(super) fn max_entries(ebpf: &Ebpf, name: &str) -> anyhow::Result<usize> {
     let map = ebpf
         .map(name)
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;

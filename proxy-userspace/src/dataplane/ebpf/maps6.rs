@@ -68,6 +68,14 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 impl PinnedMaps6 {
+    /// The capacities of the service and backend maps as created.
+    pub fn capacity(ebpf: &Ebpf) -> anyhow::Result<(usize, usize)> {
+        Ok((
+            super::maps::max_entries(ebpf, names::LB6_SERVICES)?,
+            super::maps::max_entries(ebpf, names::LB6_BACKENDS)?,
+        ))
+    }
+
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         Ok(Self {
             services: take(ebpf, names::LB6_SERVICES)?,

@@ -41,8 +41,23 @@ pub struct EbpfSettings {
     pub device_ingress_xdp: bool,
     /// Maglev table size for traffic entering the node; None = random selection.
     pub maglev_table_size: Option<u32>,
-    /// max_entries of CT4 and NAT4_REV when they are created.
+    /// max_entries of CT4 and NAT4_REV.
     pub ct_max: u32,
+    /// max_entries of the service and backend maps of both families.
+    pub lb_map_max: u32,
+}
+
+/// The maps whose capacity is a setting, with the capacity asked for.
+fn sized_maps(settings: &EbpfSettings) -> [(&'static str, u32); 6] {
+    use proxy_common::maps as names;
+    [
+        (names::CT4, settings.ct_max),
+        (names::NAT4_REV, settings.ct_max),
+        (names::LB4_SERVICES, settings.lb_map_max),
+        (names::LB4_BACKENDS, settings.lb_map_max),
+        (names::LB6_SERVICES, settings.lb_map_max),
+        (names::LB6_BACKENDS, settings.lb_map_max),
+    ]
 }
 
 pub struct EbpfDataplane {
@@ -70,16 +85,21 @@ impl EbpfDataplane {
         // The conntrack maps are sized by --ct-max, not by the object: compare pins against
         // that, so a restart with the same --ct-max adopts them and a changed one rebuilds
         // them with the flows copied over.
-        for name in [proxy_common::maps::CT4, proxy_common::maps::NAT4_REV] {
-            if let Some(l) = layouts.get_mut(name) {
-                l.max_entries = settings.ct_max;
+        // Likewise the service and backend maps by --lb-map-max (rebuilt from the desired
+        // state by the first sync when it changed).
+        let sized = sized_maps(&settings);
+        for (name, entries) in &sized {
+            if let Some(l) = layouts.get_mut(*name) {
+                l.max_entries = *entries;
             }
         }
         let plan = layout::prepare(&settings.bpf_root, layouts)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&settings.bpf_root)
-            .map_max_entries(proxy_common::maps::CT4, settings.ct_max)
-            .map_max_entries(proxy_common::maps::NAT4_REV, settings.ct_max)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&settings.bpf_root);
+        for (name, entries) in &sized {
+            loader.map_max_entries(name, *entries);
+        }
+        let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .context("loading the eBPF object (maps and programs)")?;
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
@@ -105,7 +125,8 @@ impl EbpfDataplane {
         maps.set_maglev_config(settings.maglev_table_size.unwrap_or(0))?;
         let mut writer = MapWriter::with_capacity(maps, capacity).with_tcp_drain(tcp_drain());
         writer.set_maglev(settings.maglev_table_size);
-        let writer6 = MapWriter6::new(PinnedMaps6::take(&mut ebpf)?);
+        let capacity6 = PinnedMaps6::capacity(&ebpf)?;
+        let writer6 = MapWriter6::with_capacity(PinnedMaps6::take(&mut ebpf)?, capacity6);
         for dev in &settings.devices {
             set_accept_local(dev);
         }

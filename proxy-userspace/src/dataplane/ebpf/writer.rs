@@ -136,6 +136,14 @@ impl Building {
     }
 }
 
+/// The frontends already in the maps, then the new ones: when a map is full, a new frontend
+/// is the one refused, never one that is serving.
+pub(super) fn programmed_first<F>(frontends: &[F], programmed: impl Fn(&F) -> bool) -> Vec<&F> {
+    let (mut first, new): (Vec<&F>, Vec<&F>) = frontends.iter().partition(|f| programmed(f));
+    first.extend(new);
+    first
+}
+
 pub struct MapWriter<M> {
     maps: M,
     /// None after an error or before the first apply: re-read the maps.
@@ -316,7 +324,15 @@ impl<M: LbMaps> MapWriter<M> {
 
         let mut target = Building::default();
         let mut members = Vec::new();
-        for f in &desired.frontends {
+        let programmed = |f: &Frontend| {
+            index_of.contains_key(&Lb4Key::new(
+                be_addr(f.address),
+                f.port.to_be(),
+                f.protocol.number(),
+                0,
+            ))
+        };
+        for f in programmed_first(&desired.frontends, programmed) {
             let full = if target.services.len() + 1 + f.backends.len() > self.capacity.services {
                 Some((names::LB4_SERVICES, self.capacity.services))
             } else if target.backends.len() + f.backends.len() > self.capacity.backends {
@@ -527,12 +543,25 @@ impl<M: LbMaps> MapWriter<M> {
         // Computed before the masters are rewritten.
         outcome.affinity_released = affinity_released(&known.services, &target.services);
         // Every difference first, in one ordered pass per map (both sides are sorted by key).
-        let (services, stale_services) = diff(&target.services, &known.services);
-        let (backends, stale_backends) = diff(&target.backends, &known.backends);
+        let (services, mut stale_services) = diff(&target.services, &known.services);
+        let (backends, mut stale_backends) = diff(&target.backends, &known.backends);
         let (rev_nats, stale_rev_nats) = diff(&target.rev_nat, &known.rev_nat);
         let (rows, stale_rows) = diff(&target.maglev, &known.maglev);
         let (slots, masters): (Vec<_>, Vec<_>) =
             services.into_iter().partition(|(k, _)| k.backend_slot != 0);
+        let capacity = self.capacity;
+        let added = (services_added(&slots, &masters, known), backends.len());
+        let freed_backends = make_room(
+            maps,
+            known,
+            target,
+            added,
+            capacity,
+            (&mut stale_services, &mut stale_backends),
+            stats,
+        )?;
+        self.draining
+            .retain(|id, _| known.backends.contains_key(id));
 
         maps.put_backends(&backends)?;
         stats.writes += record(&mut known.backends, backends);
@@ -588,15 +617,16 @@ impl<M: LbMaps> MapWriter<M> {
             stats.deletes += 1;
         }
         // Built only when a backend goes (a scan of every backend).
-        let still_used: BTreeSet<(u32, u16, u8)> = if stale_backends.is_empty() {
-            BTreeSet::new()
-        } else {
-            target
-                .backends
-                .values()
-                .map(|b| (b.address, b.port, b.proto))
-                .collect()
-        };
+        let still_used: BTreeSet<(u32, u16, u8)> =
+            if stale_backends.is_empty() && freed_backends.is_empty() {
+                BTreeSet::new()
+            } else {
+                target
+                    .backends
+                    .values()
+                    .map(|b| (b.address, b.port, b.proto))
+                    .collect()
+            };
         let mut removed = BTreeSet::new();
         for id in stale_backends {
             let Some(&b) = known.backends.get(&id) else {
@@ -616,13 +646,12 @@ impl<M: LbMaps> MapWriter<M> {
             }
             stats.deletes += 1;
             if !still_used.contains(&(b.address, b.port, b.proto)) {
-                if let Some(protocol) = protocol_from_number(b.proto) {
-                    removed.insert(RemovedBackend {
-                        address: addr_from_be(b.address),
-                        port: u16::from_be(b.port),
-                        protocol,
-                    });
-                }
+                removed.extend(removed_backend(&b));
+            }
+        }
+        for b in freed_backends {
+            if !still_used.contains(&(b.address, b.port, b.proto)) {
+                removed.extend(removed_backend(&b));
             }
         }
         outcome.removed_backends = removed.into_iter().collect();
@@ -650,6 +679,86 @@ impl<M: LbMaps> MapWriter<M> {
 /// The entries of `target` that `known` lacks or holds with another value, and the keys of
 /// `known` that `target` lacks: one merge pass over the two ordered maps (no lookups).
 #[allow(clippy::type_complexity)]
+/// The address, port and protocol of a backend that left the maps.
+fn removed_backend(b: &Lb4Backend) -> Option<RemovedBackend> {
+    Some(RemovedBackend {
+        address: addr_from_be(b.address),
+        port: u16::from_be(b.port),
+        protocol: protocol_from_number(b.proto)?,
+    })
+}
+
+/// How many of `slots` and `masters` are keys the services map does not hold yet.
+fn services_added(
+    slots: &[(Lb4Key, Lb4Service)],
+    masters: &[(Lb4Key, Lb4Service)],
+    known: &Contents,
+) -> usize {
+    slots
+        .iter()
+        .chain(masters)
+        .filter(|(k, _)| !known.services.contains_key(k))
+        .count()
+}
+
+/// The writer adds before it deletes (so nothing in use disappears first). When the maps
+/// are full that fails: the additions would not fit beside what they replace. Then the
+/// frontends that are going away entirely are deleted first (master, then slots, then their
+/// backends, draining or not), since after this sync they serve nothing anyway. Removes what
+/// it deleted from the stale lists; returns the backends it deleted.
+#[allow(clippy::too_many_arguments)]
+fn make_room(
+    maps: &mut impl LbMaps,
+    known: &mut Contents,
+    target: &Contents,
+    (services_added, backends_added): (usize, usize),
+    capacity: Capacity,
+    (stale_services, stale_backends): (&mut Vec<Lb4Key>, &mut Vec<u32>),
+    stats: &mut ApplyStats,
+) -> anyhow::Result<Vec<Lb4Backend>> {
+    let services_tight = known.services.len() + services_added > capacity.services;
+    let backends_tight = known.backends.len() + backends_added > capacity.backends;
+    let mut freed = Vec::new();
+    if !services_tight && !backends_tight {
+        return Ok(freed);
+    }
+    let gone = |k: &Lb4Key| {
+        !target.services.contains_key(&Lb4Key {
+            backend_slot: 0,
+            ..*k
+        })
+    };
+    let (mut early, late): (Vec<Lb4Key>, Vec<Lb4Key>) =
+        stale_services.iter().partition(|k| gone(k));
+    *stale_services = late;
+    let gone_indexes: BTreeSet<u16> = early
+        .iter()
+        .filter_map(|k| known.services.get(k).map(|v| v.rev_nat_index))
+        .collect();
+    // Masters first: the frontend stops being served before its slots go.
+    early.sort_by_key(|k| k.backend_slot != 0);
+    for k in early {
+        maps.del_service(k)?;
+        known.services.remove(&k);
+        stats.deletes += 1;
+    }
+    if backends_tight {
+        let (early, late): (Vec<u32>, Vec<u32>) = stale_backends.iter().partition(|id| {
+            known
+                .backends
+                .get(id)
+                .is_some_and(|b| gone_indexes.contains(&b.rev_nat_index))
+        });
+        *stale_backends = late;
+        for id in early {
+            maps.del_backend(id)?;
+            freed.extend(known.backends.remove(&id));
+            stats.deletes += 1;
+        }
+    }
+    Ok(freed)
+}
+
 fn diff<K: Ord + Copy, V: PartialEq + Clone>(
     target: &BTreeMap<K, V>,
     known: &BTreeMap<K, V>,
@@ -1082,6 +1191,68 @@ mod tests {
         );
         assert!(out.stats.rejected[0].contains("KP_LB4_SVC_V1"));
         assert_eq!(master_of(w.maps(), "0.0.0.0", 30001).count, 2);
+    }
+
+    #[test]
+    fn a_full_map_refuses_the_new_frontend_not_one_that_is_serving() {
+        let capacity = Capacity {
+            services: 5,
+            backends: 100,
+            ..Capacity::default()
+        };
+        let mut w = MapWriter::with_capacity(MemoryMaps::default(), capacity);
+        // 10.96.100.208:8080 (3 entries) is serving.
+        let serving = frontend(
+            "10.96.100.208",
+            8080,
+            Protocol::Tcp,
+            &[("10.244.1.10", 80), ("10.244.1.11", 80)],
+        );
+        w.apply(&state(vec![serving.clone()]), false).unwrap();
+        // Two new frontends of 3 and 2 entries; the first sorts before the serving one and
+        // would take its room if frontends were placed in key order.
+        let mut newcomer = frontend(
+            "10.96.0.5",
+            80,
+            Protocol::Tcp,
+            &[("10.244.1.20", 80), ("10.244.1.21", 80)],
+        );
+        newcomer.service.name = "newcomer".into();
+        let small = frontend("10.96.200.1", 80, Protocol::Tcp, &[("10.244.1.30", 80)]);
+        let out = w
+            .apply(&state(vec![newcomer, serving, small]), false)
+            .unwrap();
+        assert_eq!(master_of(w.maps(), "10.96.100.208", 8080).count, 2);
+        assert_eq!(out.stats.rejected.len(), 1, "{:?}", out.stats.rejected);
+        assert!(
+            out.stats.rejected[0].contains("default/newcomer"),
+            "{:?}",
+            out.stats.rejected
+        );
+        assert_eq!(master_of(w.maps(), "10.96.200.1", 80).count, 1);
+        // A full sync (maps re-read) keeps the same choice.
+        let again = w
+            .apply(
+                &state(vec![
+                    frontend(
+                        "10.96.0.5",
+                        80,
+                        Protocol::Tcp,
+                        &[("10.244.1.20", 80), ("10.244.1.21", 80)],
+                    ),
+                    frontend(
+                        "10.96.100.208",
+                        8080,
+                        Protocol::Tcp,
+                        &[("10.244.1.10", 80), ("10.244.1.11", 80)],
+                    ),
+                    frontend("10.96.200.1", 80, Protocol::Tcp, &[("10.244.1.30", 80)]),
+                ]),
+                true,
+            )
+            .unwrap();
+        assert_eq!(again.stats.rejected.len(), 1, "{:?}", again.stats.rejected);
+        assert!(again.stats.rejected[0].contains("10.96.0.5:80"));
     }
 
     #[test]

@@ -70,11 +70,22 @@ pub struct MapWriter6<M> {
 
 impl<M: Lb6Maps> MapWriter6<M> {
     pub fn new(maps: M) -> Self {
+        Self::with_capacity(
+            maps,
+            (
+                names::LB6_SERVICES_MAX as usize,
+                names::LB6_BACKENDS_MAX as usize,
+            ),
+        )
+    }
+
+    /// A writer for maps of (services, backends) entries.
+    pub fn with_capacity(maps: M, (services, backends): (usize, usize)) -> Self {
         Self {
             maps,
             known: None,
-            capacity_services: names::LB6_SERVICES_MAX as usize,
-            capacity_backends: names::LB6_BACKENDS_MAX as usize,
+            capacity_services: services,
+            capacity_backends: backends,
         }
     }
 
@@ -91,7 +102,8 @@ impl<M: Lb6Maps> MapWriter6<M> {
         };
         let mut outcome = ApplyOutcome6::default();
         let target = self.target(desired, &known, &mut outcome.stats.rejected);
-        let result = write(&mut self.maps, &target, &mut known, &mut outcome);
+        let capacity = (self.capacity_services, self.capacity_backends);
+        let result = write(&mut self.maps, &target, &mut known, capacity, &mut outcome);
         if result.is_ok() {
             self.known = Some(known);
         }
@@ -124,7 +136,8 @@ impl<M: Lb6Maps> MapWriter6<M> {
         let mut ids = Allocator::new(used_ids, u32::MAX);
 
         let mut target = Contents6::default();
-        for f in &desired.frontends6 {
+        let programmed = |f: &Frontend6| index_of.contains_key(&master_key(f));
+        for f in super::writer::programmed_first(&desired.frontends6, programmed) {
             let full = if target.services.len() + 1 + f.backends.len() > self.capacity_services {
                 Some((names::LB6_SERVICES, self.capacity_services))
             } else if target.backends.len() + f.backends.len() > self.capacity_backends {
@@ -142,8 +155,7 @@ impl<M: Lb6Maps> MapWriter6<M> {
                 ));
                 continue;
             }
-            let master_key =
-                Lb6Key::new(be_words(f.address), f.port.to_be(), f.protocol.number(), 0);
+            let master_key = master_key(f);
             let Some(index) = index_of
                 .get(&master_key)
                 .copied()
@@ -164,6 +176,11 @@ impl<M: Lb6Maps> MapWriter6<M> {
             .collect();
         target
     }
+}
+
+/// The frontend's master entry key (slot 0).
+fn master_key(f: &Frontend6) -> Lb6Key {
+    Lb6Key::new(be_words(f.address), f.port.to_be(), f.protocol.number(), 0)
 }
 
 fn target_frontend(
@@ -228,13 +245,74 @@ fn target_frontend(
     );
 }
 
+/// As the IPv4 writer's `make_room`: when the additions would not fit beside what they
+/// replace, the frontends going away entirely are deleted first (masters, slots, then their
+/// backends). Returns the backends it deleted.
+fn make_room(
+    maps: &mut impl Lb6Maps,
+    target: &Contents6,
+    known: &mut Contents6,
+    (services_max, backends_max): (usize, usize),
+    stats: &mut ApplyStats,
+) -> anyhow::Result<Vec<Lb6Backend>> {
+    let services_added = target
+        .services
+        .keys()
+        .filter(|k| !known.services.contains_key(k))
+        .count();
+    let backends_added = target
+        .backends
+        .keys()
+        .filter(|id| !known.backends.contains_key(id))
+        .count();
+    let mut freed = Vec::new();
+    if known.services.len() + services_added <= services_max
+        && known.backends.len() + backends_added <= backends_max
+    {
+        return Ok(freed);
+    }
+    let gone = |k: &Lb6Key| {
+        !target.services.contains_key(&Lb6Key {
+            backend_slot: 0,
+            ..*k
+        })
+    };
+    let mut early: Vec<Lb6Key> = known.services.keys().filter(|k| gone(k)).copied().collect();
+    let gone_indexes: BTreeSet<u16> = early
+        .iter()
+        .filter_map(|k| known.services.get(k).map(|v| v.rev_nat_index))
+        .collect();
+    early.sort_by_key(|k| k.backend_slot != 0);
+    for k in early {
+        maps.del_service(k)?;
+        known.services.remove(&k);
+        stats.deletes += 1;
+    }
+    let early: Vec<u32> = known
+        .backends
+        .iter()
+        .filter(|(id, b)| {
+            !target.backends.contains_key(id) && gone_indexes.contains(&b.rev_nat_index)
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    for id in early {
+        maps.del_backend(id)?;
+        freed.extend(known.backends.remove(&id));
+        stats.deletes += 1;
+    }
+    Ok(freed)
+}
+
 fn write(
     maps: &mut impl Lb6Maps,
     target: &Contents6,
     known: &mut Contents6,
+    capacity: (usize, usize),
     outcome: &mut ApplyOutcome6,
 ) -> anyhow::Result<()> {
     let stats = &mut outcome.stats;
+    let freed = make_room(maps, target, known, capacity, stats)?;
     for (id, b) in &target.backends {
         if known.backends.get(id) != Some(b) {
             maps.put_backend(*id, *b)?;
@@ -295,11 +373,13 @@ fn write(
         .filter(|(id, _)| !target.backends.contains_key(id))
         .map(|(id, b)| (*id, *b))
         .collect();
-    let mut removed = BTreeSet::new();
-    for (id, b) in stale {
-        maps.del_backend(id)?;
-        known.backends.remove(&id);
+    for (id, _) in &stale {
+        maps.del_backend(*id)?;
+        known.backends.remove(id);
         stats.deletes += 1;
+    }
+    let mut removed = BTreeSet::new();
+    for b in stale.into_iter().map(|(_, b)| b).chain(freed) {
         if !still_used.contains(&(b.address, b.port, b.proto)) {
             if let Some(protocol) = protocol_from_number(b.proto) {
                 removed.insert(RemovedBackend6 {
@@ -359,6 +439,8 @@ mod tests {
                     is_local: true,
                 })
                 .collect(),
+            affinity_timeout: None,
+            source_ranges: None,
         }
     }
 
@@ -376,6 +458,41 @@ mod tests {
         let w = be_words(a);
         assert_eq!(w[0].to_ne_bytes(), [0xfd, 0x00, 0x00, 0x10]);
         assert_eq!(addr_from_words(w), a);
+    }
+
+    #[test]
+    fn a_full_map_frees_the_room_of_removed_frontends_before_adding() {
+        let mut w = MapWriter6::with_capacity(MemoryMaps6::default(), (4, 2));
+        let old = state(vec![fe(
+            "fd00:10:96::a",
+            80,
+            &[("fd00:10:244:1::5", 8080), ("fd00:10:244:1::6", 8080)],
+        )]);
+        w.apply(&old, false).unwrap();
+        let done = w.maps().ops.len();
+        let new = state(vec![fe(
+            "fd00:10:96::b",
+            80,
+            &[("fd00:10:244:1::7", 8080), ("fd00:10:244:1::8", 8080)],
+        )]);
+        let out = w.apply(&new, false).unwrap();
+        assert!(out.stats.rejected.is_empty(), "{:?}", out.stats.rejected);
+        let ops = &w.maps().ops[done..];
+        let first_put = ops
+            .iter()
+            .position(|op| matches!(op, Op6::PutService(..) | Op6::PutBackend(..)))
+            .unwrap();
+        let deletes_before: Vec<&Op6> = ops[..first_put].iter().collect();
+        // The old master, its two slots and its two backends go before anything is added.
+        assert_eq!(deletes_before.len(), 5, "{ops:?}");
+        assert!(matches!(deletes_before[0], Op6::DelService(k) if k.backend_slot == 0));
+        assert_eq!(out.removed_backends.len(), 2);
+        // Not tight: the usual order (add, then delete).
+        let mut roomy = MapWriter6::new(MemoryMaps6::default());
+        roomy.apply(&old, false).unwrap();
+        let done = roomy.maps().ops.len();
+        roomy.apply(&new, false).unwrap();
+        assert!(matches!(roomy.maps().ops[done], Op6::PutBackend(..)));
     }
 
     #[test]

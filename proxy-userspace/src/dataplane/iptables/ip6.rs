@@ -318,6 +318,8 @@ mod tests {
             port,
             protocol: Protocol::Tcp,
             backends,
+            affinity_timeout: None,
+            source_ranges: None,
         };
         let d = DesiredState {
             frontends6: vec![

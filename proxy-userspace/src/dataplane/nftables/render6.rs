@@ -277,6 +277,8 @@ mod tests {
             port,
             protocol: Protocol::Tcp,
             backends,
+            affinity_timeout: None,
+            source_ranges: None,
         };
         DesiredState {
             frontends6: vec![
