@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use proxy_common::{
     config::{Lb4Config, SNAT_PORT_MAX, SNAT_PORT_MIN},
@@ -37,16 +37,51 @@ pub fn ct4_key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Ct4
     }
 }
 
+/// CLOCK_MONOTONIC at tick resolution: every timeout it is compared with is in seconds, and
+/// the coarse clock costs a fraction of reading the TSC on every packet (measured: ~20 % of
+/// an established flow's XDP cost on this VM).
 #[inline(always)]
 pub fn ct4_now() -> u64 {
     // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
 pub fn ct4_lookup(key: &Ct4Key) -> Option<Ct4Entry> {
     // SAFETY: the value is copied out at once.
     unsafe { CT4.get(key).copied() }
+}
+
+/// The flow's CT4 entry in place, to refresh an established flow without a map update.
+#[inline(always)]
+pub fn ct4_lookup_ptr(key: &Ct4Key) -> Option<*mut Ct4Entry> {
+    CT4.get_ptr_mut(key)
+}
+
+/// Whether two entries send the flow the same way (backend and SNAT), so an established
+/// entry only needs its flags and last use refreshed.
+#[inline(always)]
+pub fn ct4_same_path(a: &Ct4Entry, b: &Ct4Entry) -> bool {
+    a.backend_id == b.backend_id
+        && a.backend_addr == b.backend_addr
+        && a.backend_port == b.backend_port
+        && a.rev_nat_index == b.rev_nat_index
+        && a.nat_saddr == b.nat_saddr
+        && a.nat_sport == b.nat_sport
+}
+
+/// Refreshes an entry in place: a map update would allocate a new LRU element on every
+/// packet of an established flow (Cilium refreshes in place too). The flags are stored only
+/// when they change, so a steady flow writes one field.
+#[inline(always)]
+pub fn ct4_refresh(ptr: *mut Ct4Entry, flags: u16, now: u64) {
+    // SAFETY: `ptr` points into the map value (see `nat4_rev_lookup`): plain field stores.
+    unsafe {
+        if (*ptr).flags != flags {
+            (*ptr).flags = flags;
+        }
+        (*ptr).last_seen_ns = now;
+    }
 }
 
 /// Writes the entry; `false` if the kernel refused (an LRU insert only fails under memory
@@ -175,6 +210,14 @@ fn snat4_range(cfg: &Lb4Config) -> (u16, u16) {
     } else {
         (cfg.snat_port_min, cfg.snat_port_max)
     }
+}
+
+/// Whether `port` (be) is one of the SNAT ports of `cfg`.
+#[inline(always)]
+pub fn snat4_port_in_range(cfg: &Lb4Config, port: u16) -> bool {
+    let (min, max) = snat4_range(cfg);
+    let port = u16::from_be(port);
+    port >= min && port <= max
 }
 
 /// Finds a SNAT source port (be) for a flow to `backend:bport` from `node_addr`, claiming its

@@ -24,8 +24,9 @@ use proxy_common::{
 use crate::{
     affinity::{lb4_affinity_select_by_addr, lb4_affinity_timeout_ns},
     ct::{
-        ct4_flags_fwd, ct4_key, ct4_lookup, ct4_note_reply, ct4_now, ct4_update, nat4_rev_claim,
-        nat4_rev_force, nat4_rev_lookup, snat4_alloc_port, tcp_is_syn,
+        ct4_flags_fwd, ct4_key, ct4_lookup_ptr, ct4_note_reply, ct4_now, ct4_refresh,
+        ct4_same_path, ct4_update, nat4_rev_claim, nat4_rev_force, nat4_rev_lookup,
+        snat4_alloc_port, snat4_port_in_range, tcp_is_syn,
     },
     ctx::{NetCtx, PktErr},
     icmp::icmp4_err_xlate,
@@ -74,7 +75,11 @@ pub fn nodeport_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
         }
     };
     let now = ct4_now();
-    if nat4_rev_xlate(ctx, &mut pkt, now)? {
+    // On ingress, only replies SNATed to this node (to one of its SNAT ports) need the
+    // reverse lookup: a local backend's replies are translated on the egress of the device
+    // they leave by. Every other packet skips that lookup (a hash miss that cost a quarter
+    // of an established flow's XDP time).
+    if snat4_port_in_range(&cfg, pkt.dport) && nat4_rev_xlate(ctx, &mut pkt, now)? {
         return nodeport_forward(ctx, &cfg, &pkt);
     }
     match lb4_xlate_ingress(ctx, &cfg, &mut pkt, now)? {
@@ -317,7 +322,9 @@ fn lb4_flow_get(
     now: u64,
 ) -> Result<Ct4Entry, u32> {
     let ct_key = ct4_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
-    let ct = ct4_lookup(&ct_key);
+    let ct_ptr = ct4_lookup_ptr(&ct_key);
+    // SAFETY: `ct_ptr` points into the map value; copied out at once.
+    let ct = ct_ptr.map(|p| unsafe { *p });
     if ct.is_none() && pkt.proto == IPPROTO_TCP && !tcp_is_syn(pkt.tcp_flags) {
         // Mid-flow packet without state: evicted (map full) or expired.
         stat_inc(STAT_CT_LOST_MIDFLOW);
@@ -389,10 +396,17 @@ fn lb4_flow_get(
         flags: ct4_flags_fwd(ct.map(|c| c.flags), pkt.proto, pkt.tcp_flags),
         last_seen_ns: now,
     };
-    if !ct4_update(&ct_key, &entry) {
-        stat_inc(STAT_CT_INSERT_FAILED);
-    } else if ct.is_none() {
-        stat_inc(STAT_CT_CREATED);
+    match (ct_ptr, &ct) {
+        (Some(ptr), Some(old)) if ct4_same_path(old, &entry) => {
+            ct4_refresh(ptr, entry.flags, now);
+        }
+        _ => {
+            if !ct4_update(&ct_key, &entry) {
+                stat_inc(STAT_CT_INSERT_FAILED);
+            } else if ct.is_none() {
+                stat_inc(STAT_CT_CREATED);
+            }
+        }
     }
     Ok(entry)
 }

@@ -218,7 +218,15 @@ fn filler_yaml(n: usize, eps: usize, bump: bool) -> String {
     let mut objects: Vec<Object> = Vec::with_capacity(2 * n);
     for i in 0..n {
         let name = format!("fill-{i}");
-        let ip = Ipv4Addr::from(0x0a64_0000 + i as u32 + 1);
+        // Half the fillers sort before the measured Service (WEB_IP) and half after: a
+        // rule list in address order (iptables' KPROXY-SERVICES) is then walked halfway to
+        // it, as on average in kube-proxy, whose order is random.
+        let half = (i / 2) as u32 + 1;
+        let ip = Ipv4Addr::from(if i % 2 == 0 {
+            0x0a60_0000 + half // 10.96.0.0/16 up to 10.96.19.x: before 10.96.50.1
+        } else {
+            0x0a64_0000 + half
+        });
         objects.push(
             Service::cluster_ip(&name, &ip.to_string())
                 .port("http", Protocol::Tcp, 80, 8080, None)
