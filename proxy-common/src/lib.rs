@@ -11,6 +11,7 @@ pub mod affinity;
 pub mod config;
 pub mod conntrack;
 pub mod conntrack6;
+pub mod crc32c;
 pub mod lb;
 pub mod lb6;
 pub mod maglev;

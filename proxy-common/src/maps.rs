@@ -54,6 +54,9 @@ pub const NAT6_REV: &str = "KP_NAT6_REV_V1";
 pub const LB6_AFFINITY: &str = "KP_AFF6_V1";
 /// IPv6 loadBalancerSourceRanges (LPM trie): [`crate::src_range::Lb6SrcRangeKey`] -> `u8`.
 pub const LB6_SRC_RANGE: &str = "KP_SRCR6_V1";
+/// SCTP's CRC32c factor by SCTP length (array, written once at load): `u32` length -> `u32`
+/// x^(8 * (length - 4)) modulo the CRC32c polynomial (see [`crate::crc32c`]); 0 = unwritten.
+pub const SCTP_CRC_SHIFT: &str = "KP_SCTP_CRC_V1";
 
 /// 10,000 Services x 10 endpoints need 110,000 entries (a master and a slot per backend).
 pub const LB4_SERVICES_MAX: u32 = 131_072;
@@ -84,8 +87,12 @@ pub const NAT6_REV_MAX: u32 = 131_072;
 pub const LB6_AFFINITY_MAX: u32 = 65_536;
 pub const LB6_SRC_RANGE_MAX: u32 = 16_384;
 
+/// One entry per possible SCTP length inside an IPv4 packet (at most 65,535 - 20 bytes), so
+/// every packet the parser accepts has its factor, GSO-sized ones included: 256 KiB.
+pub const SCTP_CRC_SHIFT_MAX: u32 = 65_536;
+
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 24] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -109,10 +116,11 @@ pub const ALL: [&str; 23] = [
     NAT6_REV,
     LB6_AFFINITY,
     LB6_SRC_RANGE,
+    SCTP_CRC_SHIFT,
 ];
 
-/// Maps that hold one settings entry: an array that is always "full".
-pub const SETTINGS: [&str; 2] = [LB4_CONFIG, MAGLEV_CONFIG];
+/// Maps that hold settings written at load: arrays that are always "full".
+pub const SETTINGS: [&str; 3] = [LB4_CONFIG, MAGLEV_CONFIG, SCTP_CRC_SHIFT];
 
 /// Maps that are counters, not state: their fill level is not a capacity concern.
 pub const COUNTERS: [&str; 2] = [STATS, SVC_STATS];

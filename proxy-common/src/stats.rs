@@ -70,12 +70,18 @@ pub const STAT_CT_INSERT_FAILED: u32 = 26;
 /// evicted (map full) or expired, and a backend was selected again.
 pub const STAT_CT_LOST_MIDFLOW: u32 = 27;
 
-/// Ingress: an SCTP packet whose translation would change a port (nodePort != targetPort,
-/// or a SNAT port): SCTP's CRC32c covers the ports, so it is passed untranslated.
-pub const STAT_PASS_SCTP_PORT_REWRITE: u32 = 28;
+/// Ingress: an SCTP packet whose translation changes a port (nodePort != targetPort, or a
+/// SNAT port) found no CRC32c factor for its length in `maps::SCTP_CRC_SHIFT` (the agent
+/// writes every length at load, so only a map left unwritten): passed untranslated, since
+/// SCTP's CRC32c covers the ports.
+pub const STAT_PASS_SCTP_NO_CRC_FACTOR: u32 = 28;
+
+/// Ingress: an IPv6 SCTP packet whose translation would change a port: passed untranslated
+/// (the IPv6 device path translates SCTP by address only).
+pub const STAT_PASS_SCTP6_PORT_REWRITE: u32 = 29;
 
 /// Number of reasons defined (indexes `0..STAT_REASONS`).
-pub const STAT_REASONS: usize = 29;
+pub const STAT_REASONS: usize = 30;
 
 /// The `reason` label of each index, for userspace.
 pub const STAT_NAMES: [&str; STAT_REASONS] = [
@@ -107,7 +113,8 @@ pub const STAT_NAMES: [&str; STAT_REASONS] = [
     "conntrack_created",
     "conntrack_insert_failed",
     "conntrack_lost_midflow",
-    "pass_sctp_port_rewrite",
+    "pass_sctp_no_crc_factor",
+    "pass_sctp6_port_rewrite",
 ];
 
 /// Traffic of one frontend (one reverse-NAT index), per CPU.
@@ -129,4 +136,4 @@ unsafe impl aya::Pod for SvcStats {}
 
 const _: () = assert!(core::mem::size_of::<SvcStats>() == 24);
 const _: () = assert!(STAT_REASONS as u32 <= crate::maps::STATS_MAX);
-const _: () = assert!(STAT_PASS_SCTP_PORT_REWRITE as usize + 1 == STAT_REASONS);
+const _: () = assert!(STAT_PASS_SCTP6_PORT_REWRITE as usize + 1 == STAT_REASONS);

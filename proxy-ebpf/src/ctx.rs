@@ -8,7 +8,10 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
+        xdp_action,
+    },
     helpers::generated::bpf_redirect,
     programs::{TcContext, XdpContext},
 };
@@ -24,7 +27,7 @@ pub struct L4Csum {
     /// Absolute offset of the checksum field in the packet.
     pub off: usize,
     /// IPPROTO_*; UDP's checksum 0 means "none" and is kept; SCTP's CRC32c does not cover the
-    /// addresses (its port changes are handled by the caller).
+    /// addresses (its port changes are handled by `sctp::sctp4_store_ports`).
     pub proto: u8,
 }
 
@@ -87,6 +90,11 @@ pub trait NetCtx {
 
     /// Writes `v` at `off` as is; the caller keeps every checksum right.
     fn store_raw<T: Copy>(&self, off: usize, v: T) -> Result<(), PktErr>;
+
+    /// Writes `v` at `off` where no one's complement checksum compensates the change (SCTP's
+    /// ports and CRC32c): tc also updates `skb->csum` (`BPF_F_RECOMPUTE_CSUM`), which a
+    /// CHECKSUM_COMPLETE skb carries over the whole packet; XDP has no such sum.
+    fn store_rcsum<T: Copy>(&self, off: usize, v: T) -> Result<(), PktErr>;
 
     /// Replaces the 16-bit port at `off` and fixes the L4 checksum (TCP/UDP only).
     fn store_port(&self, off: usize, l4: L4Csum, old: u16, new: u16) -> Result<(), PktErr>;
@@ -205,6 +213,11 @@ impl NetCtx for XdpContext {
 
     #[inline(always)]
     fn store_raw<T: Copy>(&self, off: usize, v: T) -> Result<(), PktErr> {
+        xdp_store(self, off, v)
+    }
+
+    #[inline(always)]
+    fn store_rcsum<T: Copy>(&self, off: usize, v: T) -> Result<(), PktErr> {
         xdp_store(self, off, v)
     }
 
@@ -352,6 +365,12 @@ impl NetCtx for TcContext {
     #[inline(always)]
     fn store_raw<T: Copy>(&self, off: usize, v: T) -> Result<(), PktErr> {
         self.store(off, &v, 0).map_err(|_| PktErr)
+    }
+
+    #[inline(always)]
+    fn store_rcsum<T: Copy>(&self, off: usize, v: T) -> Result<(), PktErr> {
+        self.store(off, &v, u64::from(BPF_F_RECOMPUTE_CSUM))
+            .map_err(|_| PktErr)
     }
 
     #[inline(always)]

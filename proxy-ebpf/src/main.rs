@@ -19,6 +19,7 @@ mod nodeport;
 mod nodeport6;
 mod parse;
 mod parse6;
+mod sctp;
 mod sock;
 mod sock6;
 mod src_range;

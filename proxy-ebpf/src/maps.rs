@@ -61,6 +61,7 @@ const _: () = assert!(name_is("KP_CT6_V1", names::CT6));
 const _: () = assert!(name_is("KP_NAT6_REV_V1", names::NAT6_REV));
 const _: () = assert!(name_is("KP_AFF6_V1", names::LB6_AFFINITY));
 const _: () = assert!(name_is("KP_SRCR6_V1", names::LB6_SRC_RANGE));
+const _: () = assert!(name_is("KP_SCTP_CRC_V1", names::SCTP_CRC_SHIFT));
 
 #[map(name = "KP_LB4_SVC_V1")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
@@ -154,3 +155,7 @@ pub static LB6_AFFINITY: LruHashMap<Lb6AffinityKey, Lb6AffinityValue> =
 #[map(name = "KP_SRCR6_V1")]
 pub static LB6_SRC_RANGE: LpmTrie<Lb6SrcRangeKey, u8> =
     LpmTrie::pinned(names::LB6_SRC_RANGE_MAX, 0);
+/// SCTP length -> the CRC32c factor of a port rewrite (`proxy_common::crc32c`), written by
+/// the agent at load; 0 = not written.
+#[map(name = "KP_SCTP_CRC_V1")]
+pub static SCTP_CRC_SHIFT: Array<u32> = Array::pinned(names::SCTP_CRC_SHIFT_MAX, 0);

@@ -17,7 +17,7 @@ use proxy_common::{
         STAT_DROP_SOURCE_RANGE, STAT_FIB_FALLBACK, STAT_FIB_FORWARD, STAT_FWD_XLATE,
         STAT_ICMP_ERROR_XLATE, STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS,
         STAT_PASS_NOT_READY, STAT_PASS_NOT_SERVICE, STAT_PASS_OTHER_PROTO,
-        STAT_PASS_SCTP_PORT_REWRITE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED, STAT_XLATE_ERROR,
+        STAT_PASS_SCTP_NO_CRC_FACTOR, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED, STAT_XLATE_ERROR,
     },
 };
 
@@ -40,6 +40,7 @@ use crate::{
         Ip4, L4_OFF_DPORT, L4_OFF_SPORT, Pkt4, ip4_parse, l4_parse,
     },
     parse6::eth_is_ip6,
+    sctp::{sctp4_crc_shift, sctp4_store_ports},
     src_range::lb4_src_range_ok,
     stats::{stat_inc, svc_stat_add},
 };
@@ -179,9 +180,12 @@ fn nat4_rewrite<C: NetCtx>(
     daddr: u32,
     dport: u16,
 ) -> Result<(), PktErr> {
-    if !sctp4_ports_kept(pkt, sport, dport) {
-        return Err(PktErr);
-    }
+    // Before any write: an SCTP port change needs its CRC32c factor.
+    let sctp_shift = if sctp4_ports_change(pkt, sport, dport) {
+        Some(sctp4_crc_shift(pkt).ok_or(PktErr)?)
+    } else {
+        None
+    };
     let csum = pkt.l3_csum_off();
     if saddr != pkt.saddr {
         ctx.store_addr(
@@ -203,6 +207,9 @@ fn nat4_rewrite<C: NetCtx>(
         )?;
         pkt.daddr = daddr;
     }
+    if let Some(shift) = sctp_shift {
+        return sctp4_store_ports(ctx, pkt, sport, dport, shift);
+    }
     if sport != pkt.sport {
         ctx.store_port(pkt.l4_off + L4_OFF_SPORT, pkt.l4_csum, pkt.sport, sport)?;
         pkt.sport = sport;
@@ -214,13 +221,19 @@ fn nat4_rewrite<C: NetCtx>(
     Ok(())
 }
 
-/// SCTP is translated only when its ports stay: its CRC32c does not cover the addresses
-/// (an address rewrite needs no checksum change) but does cover the ports, and updating it
-/// for a port rewrite (a CRC over the whole packet, or an incremental GF(2) update) was too
-/// costly for the verifier. Cilium decides the same (SCTP services need port == targetPort).
+/// Whether `pkt` is SCTP and a port changes: its CRC32c covers the ports (not the
+/// addresses), so the rewrite updates it ([`sctp4_store_ports`]).
 #[inline(always)]
-fn sctp4_ports_kept(pkt: &Pkt4, sport: u16, dport: u16) -> bool {
-    pkt.proto != IPPROTO_SCTP || (sport == pkt.sport && dport == pkt.dport)
+fn sctp4_ports_change(pkt: &Pkt4, sport: u16, dport: u16) -> bool {
+    pkt.proto == IPPROTO_SCTP && (sport != pkt.sport || dport != pkt.dport)
+}
+
+/// Whether [`nat4_rewrite`] can change the ports of `pkt` to `sport`/`dport`: always, but an
+/// SCTP port change needs its length's CRC32c factor (missing only if the agent never wrote
+/// the table).
+#[inline(always)]
+fn sctp4_ports_ready(pkt: &Pkt4, sport: u16, dport: u16) -> bool {
+    !sctp4_ports_change(pkt, sport, dport) || sctp4_crc_shift(pkt).is_some()
 }
 
 /// Translates a packet to an external frontend (nodePort, externalIP, LB ingress). Cluster
@@ -240,8 +253,8 @@ fn lb4_xlate_ingress<C: NetCtx>(
             } else {
                 (pkt.saddr, pkt.sport)
             };
-            if !sctp4_ports_kept(pkt, sport, flow.backend_port) {
-                stat_inc(STAT_PASS_SCTP_PORT_REWRITE);
+            if !sctp4_ports_ready(pkt, sport, flow.backend_port) {
+                stat_inc(STAT_PASS_SCTP_NO_CRC_FACTOR);
                 return Ok(Ingress::Pass);
             }
             // A failed store is counted by the entry point, as a translation error.

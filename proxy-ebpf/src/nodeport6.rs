@@ -27,7 +27,7 @@ use proxy_common::{
         STAT_BACKEND_RESELECTED, STAT_CT_CREATED, STAT_CT_INSERT_FAILED, STAT_CT_LOST_MIDFLOW,
         STAT_DROP_SOURCE_RANGE, STAT_FIB_FALLBACK, STAT_FIB_FORWARD, STAT_FWD_XLATE,
         STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS, STAT_PASS_NOT_READY,
-        STAT_PASS_NOT_SERVICE, STAT_PASS_SCTP_PORT_REWRITE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED,
+        STAT_PASS_NOT_SERVICE, STAT_PASS_SCTP6_PORT_REWRITE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED,
         STAT_XLATE_ERROR,
     },
 };
@@ -162,7 +162,7 @@ fn nat6_rev_find(pkt: &Pkt6, now: u64, to: &mut Tuple6) -> bool {
 }
 
 /// The tuple a forward packet of `flow` gets (SNAT source if any, the backend as
-/// destination) into `to`: STAT_FWD_XLATE, or STAT_PASS_SCTP_PORT_REWRITE for an SCTP packet
+/// destination) into `to`: STAT_FWD_XLATE, or STAT_PASS_SCTP6_PORT_REWRITE for an SCTP packet
 /// whose ports would change (its CRC covers them, see `sctp4_ports_kept`). Not inlined.
 #[inline(never)]
 fn lb6_flow_target(pkt: &Pkt6, flow: &Ct6Entry, to: &mut Tuple6) -> u32 {
@@ -176,7 +176,7 @@ fn lb6_flow_target(pkt: &Pkt6, flow: &Ct6Entry, to: &mut Tuple6) -> u32 {
     to.daddr = flow.backend_addr;
     to.dport = flow.backend_port;
     if !sctp6_ports_kept(pkt, to.sport, to.dport) {
-        return STAT_PASS_SCTP_PORT_REWRITE;
+        return STAT_PASS_SCTP6_PORT_REWRITE;
     }
     STAT_FWD_XLATE
 }

@@ -636,6 +636,13 @@ impl Fixture {
             .unwrap();
     }
 
+    /// Overwrites the SCTP CRC32c factor of the SCTP length `len` (0 = as never written).
+    pub fn set_sctp_crc_shift(&mut self, len: u32, shift: u32) {
+        let mut m: Array<&mut MapData, u32> =
+            Array::try_from(self.map(maps::SCTP_CRC_SHIFT)).unwrap();
+        m.set(len, shift, 0).unwrap();
+    }
+
     /// Forgets every flow the programs tracked (CT4), as a node that never saw them.
     pub fn ct_clear(&mut self) {
         let mut m: HashMap<&mut MapData, Ct4Key, Ct4Entry> =
@@ -751,6 +758,9 @@ pub fn load_all_from(pin_dir: &Path, object: &[u8]) -> Ebpf {
         .default_map_pin_directory(pin_dir)
         .load(object)
         .unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
+    // As the agent does before attaching: SCTP port rewrites need it.
+    kproxy::dataplane::ebpf::sctp_crc::write_sctp_crc_shifts(&mut ebpf)
+        .unwrap_or_else(|e| panic!("writing the SCTP CRC32c factors: {e:#}"));
     let xdp: &mut Xdp = ebpf.program_mut(PROG_XDP).unwrap().try_into().unwrap();
     xdp.load()
         .unwrap_or_else(|e| panic!("{PROG_XDP} rejected: {e:?}"));

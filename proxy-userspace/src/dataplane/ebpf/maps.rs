@@ -155,7 +155,7 @@ const BATCH_MAX: usize = 1024;
 
 /// Writes `entries` with BPF_MAP_UPDATE_BATCH. `Ok(false)` when the kernel does not support
 /// batches for this map (nothing written: the caller writes one by one).
-fn update_batch<K: Pod, V: Pod>(
+pub(super) fn update_batch<K: Pod, V: Pod>(
     fd: &OwnedFd,
     entries: &[(K, V)],
     name: &str,

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod maglev;
 pub mod maps;
 pub mod maps6;
+pub mod sctp_crc;
 pub mod sock_destroy;
 pub mod writer;
 pub mod writer6;
@@ -109,6 +110,7 @@ impl EbpfDataplane {
             tracing::debug!("kernel-side logging not enabled: {e}");
         }
         layout::migrate(&settings.bpf_root, &plan);
+        sctp_crc::write_sctp_crc_shifts(&mut ebpf)?;
         attach::load_all(&mut ebpf)?;
         let swap_later = !plan.fresh.is_empty() && attach::links_pinned(&settings.bpf_root);
         let (attachments, pending_swap) = if swap_later {
