@@ -369,6 +369,68 @@ mod tests {
     }
 
     #[test]
+    fn batches_only_jump_to_chains_already_written() {
+        let mut d = sample_desired();
+        let template = d.frontends[0].clone();
+        for i in 0..300u32 {
+            let mut f = template.clone();
+            f.address = std::net::Ipv4Addr::from(0x0a64_0000 + i).into();
+            f.service.name = format!("fill-{i}");
+            d.frontends.push(f);
+        }
+        let next = render::render(&d, &opts());
+        let plan = render::restore_plan(None, &next, &Rendering::default(), Some(50));
+        assert!(plan.before.len() > 10, "{}", plan.before.len());
+        let mut declared = std::collections::BTreeSet::new();
+        for step in plan.steps() {
+            let here: Vec<&str> = step
+                .lines()
+                .filter_map(|l| l.strip_prefix(':'))
+                .map(|l| l.split(' ').next().unwrap())
+                .collect();
+            declared.extend(here.iter().map(|s| s.to_string()));
+            for target in step.lines().filter_map(|l| l.split(" -j ").nth(1)) {
+                if target.starts_with(render::PREFIX) {
+                    assert!(declared.contains(target), "{target} before it exists");
+                }
+            }
+        }
+        let all: std::collections::BTreeSet<String> =
+            next.nat.keys().chain(next.filter.keys()).cloned().collect();
+        assert_eq!(declared, all);
+        // The top-level chains come last, in one transaction per table.
+        assert!(!plan.text.contains(":KPROXY-SEP-"), "{}", plan.text);
+        assert!(plan.text.contains(":KPROXY-SERVICES"));
+        // Unbatched, the same chains in one transaction per table.
+        let one = render::restore_input(None, &next, &Rendering::default());
+        assert!(one.before.is_empty() && one.after.is_empty());
+        assert_eq!(one.written, plan.written);
+        // Everything gone: deleted in batches, jumping chains first.
+        let gone = render::restore_plan(
+            Some(&next),
+            &Rendering::default(),
+            &Rendering::default(),
+            Some(50),
+        );
+        let deleted: Vec<&str> = gone
+            .steps()
+            .flat_map(|s| s.lines())
+            .filter_map(|l| l.strip_prefix("-X "))
+            .collect();
+        assert_eq!(deleted.len(), next.nat.len() + next.filter.len());
+        let first_sep = deleted
+            .iter()
+            .position(|c| c.starts_with("KPROXY-SEP-"))
+            .unwrap();
+        let last_svc = deleted
+            .iter()
+            .rposition(|c| c.starts_with("KPROXY-SVC-"))
+            .unwrap();
+        assert!(last_svc < first_sep);
+        assert_eq!(deleted.last(), Some(&render::MARK_MASQ));
+    }
+
+    #[test]
     fn chain_names_are_stable() {
         let d = sample_desired();
         let f = d
