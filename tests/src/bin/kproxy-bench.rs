@@ -64,6 +64,8 @@ fn main() -> Result<()> {
             }
             return Ok(());
         }
+        // One mode's programming time at one size, alone: `scale <mode> <services>`.
+        Some("scale") => return scale_main(&args[1..]),
         _ => {}
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -210,6 +212,40 @@ fn modes() -> Result<Vec<String>> {
         modes.push("userspace".into());
     }
     Ok(modes)
+}
+
+/// `kproxy-bench scale <mode> <services>...`: program_scale for one mode at each size, on a
+/// fresh cluster, printing each result (for profiling one mode without the full bench).
+fn scale_main(args: &[String]) -> Result<()> {
+    let (Some(mode), sizes) = (args.first(), &args[args.len().min(1)..]) else {
+        bail!("usage: kproxy-bench scale <mode> <services>...");
+    };
+    let sizes: Vec<usize> = sizes
+        .iter()
+        .map(|n| n.parse().with_context(|| format!("services: {n:?}")))
+        .collect::<Result<_>>()?;
+    let settings = Settings {
+        quick: true,
+        out: PathBuf::from("bench-results"),
+        benchmarks_md: None,
+        flood_secs: 0,
+        iperf_secs: 0,
+        connect_secs: 0,
+        latency_samples: 200,
+        latency_scale: 0,
+        scales: sizes.clone(),
+        prog_run_repeat: 0,
+        rounds: 1,
+    };
+    let mut c = build_cluster()?;
+    write_base(&c)?;
+    for n in sizes {
+        match program_scale(&mut c, &settings, mode, n) {
+            Ok(r) => println!("{r:?}"),
+            Err(e) => eprintln!("bench: {mode} at {n} services: {e:#}\n{}", c.agent_log(1)),
+        }
+    }
+    Ok(())
 }
 
 fn build_cluster() -> Result<Cluster> {

@@ -1,6 +1,8 @@
 //! The iptables dataplane: kube-proxy's iptables layout under the `KPROXY-` prefix (never
-//! `KUBE-`, so it does not fight a kube-proxy still installed), applied atomically with
-//! `iptables-restore -w --noflush`. Syncs are partial: only the per-frontend and
+//! `KUBE-`, so it does not fight a kube-proxy still installed), applied with one
+//! `iptables-restore -w --noflush`: one transaction per table, or, with the nf_tables backend
+//! and many chains, the per-Service chains in transactions of their own before the top-level
+//! ones that jump to them (see [`render::restore_plan`]). Syncs are partial: only the per-frontend and
 //! per-endpoint chains that changed since the last successful apply are rewritten (plus the
 //! few top-level chains), chains that are gone are deleted. A full sync (on start, when asked,
 //! and after any error) also ensures the jumps from the built-in chains and deletes every
@@ -26,6 +28,10 @@ use crate::desired::DesiredState;
 /// The `-w` (xtables lock wait) seconds.
 const LOCK_WAIT: &str = "5";
 
+/// With the nf_tables backend, about the most chain names one restore transaction refers
+/// to (see [`render::restore_plan`] why).
+const NFT_BACKEND_BATCH: usize = 500;
+
 /// How the iptables dataplane is set up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IptablesSettings {
@@ -39,6 +45,9 @@ pub struct IptablesDataplane {
     /// The state `applied` came from, for the stale UDP conntrack flush.
     previous: DesiredState,
     ip6: ip6::Ip6Rules,
+    /// About the most chain names per restore transaction (None: the legacy backend, one
+    /// transaction per table and sync).
+    batch: Option<usize>,
 }
 
 impl IptablesDataplane {
@@ -50,6 +59,7 @@ impl IptablesDataplane {
             applied: None,
             previous: DesiredState::default(),
             ip6: ip6::Ip6Rules::default(),
+            batch: restore_batch(),
         })
     }
 
@@ -61,7 +71,7 @@ impl IptablesDataplane {
     pub fn plan(&self, desired: &DesiredState, full: bool) -> render::RestoreInput {
         let next = render::render(desired, &self.settings.render);
         let previous = if full { None } else { self.applied.as_ref() };
-        render::restore_input(previous, &next, &Rendering::default())
+        render::restore_plan(previous, &next, &Rendering::default(), self.batch)
     }
 
     fn full_sync_preparation(&self) -> anyhow::Result<Rendering> {
@@ -81,12 +91,32 @@ fn iptables(args: &[&str]) -> anyhow::Result<std::process::Output> {
         .context("running iptables")
 }
 
+/// `iptables-save -t "$1"` with the stack limit raised: iptables-save 1.8.9 (nf_tables)
+/// overflows the default 8 MiB stack on a table of 110,000 chains (segfault, no output).
+const SAVE_WITH_STACK: &str = "ulimit -s unlimited 2>/dev/null || ulimit -s \"$(ulimit -H -s)\"; exec iptables-save -t \"$1\"";
+
 fn iptables_save() -> anyhow::Result<String> {
     let mut out = String::new();
     for table in ["nat", "filter"] {
-        out.push_str(&run_with_stdin("iptables-save", &["-t", table], "")?);
+        let save = run_with_stdin("sh", &["-c", SAVE_WITH_STACK, "sh", table], "")
+            .with_context(|| format!("iptables-save -t {table}"))?;
+        out.push_str(&save);
     }
     Ok(out)
+}
+
+/// How many chain names one restore transaction may refer to: batches with the nf_tables
+/// backend (`iptables-restore --version` says "nf_tables"), no limit with the legacy one
+/// (which replaces the whole table at each commit: batches would multiply that).
+fn restore_batch() -> Option<usize> {
+    let version = run_with_stdin("iptables-restore", &["--version"], "").unwrap_or_default();
+    version.contains("nf_tables").then_some(NFT_BACKEND_BATCH)
+}
+
+/// Applies the transactions of `plan` in order, in one `iptables-restore`.
+fn restore_steps(plan: &render::RestoreInput) -> anyhow::Result<()> {
+    let input: String = plan.steps().map(String::as_str).collect();
+    restore(&input)
 }
 
 fn restore(input: &str) -> anyhow::Result<()> {
@@ -155,21 +185,21 @@ pub fn cleanup() -> anyhow::Result<usize> {
     if chains.nat.is_empty() && chains.filter.is_empty() && jumps.is_empty() {
         return Ok(cleanup6_logged());
     }
+    // The jumps from the built-in chains first: then nothing outside ours refers to them.
     let mut text = String::new();
-    for (table, map) in [("filter", &chains.filter), ("nat", &chains.nat)] {
+    for table in ["filter", "nat"] {
         text.push_str(&format!("*{table}\n"));
-        for (t, rule) in jumps.iter().filter(|(t, _)| t == table) {
-            debug_assert_eq!(t, table);
+        for (_, rule) in jumps.iter().filter(|(t, _)| t == table) {
             text.push_str(&rule.replacen("-A ", "-D ", 1));
             text.push('\n');
         }
-        for name in map.keys() {
-            text.push_str(&format!(":{name} - [0:0]\n"));
-        }
-        for name in map.keys() {
-            text.push_str(&format!("-X {name}\n"));
-        }
         text.push_str("COMMIT\n");
+    }
+    let batch = restore_batch();
+    for (table, map) in [("filter", &chains.filter), ("nat", &chains.nat)] {
+        if !map.is_empty() {
+            text.extend(render::deletion(table, map, batch));
+        }
     }
     restore(&text).context("removing the KPROXY- chains")?;
     Ok(chains.nat.len() + chains.filter.len() + cleanup6_logged())
@@ -209,12 +239,12 @@ impl IptablesDataplane {
         let previous = self.applied.take();
         let input = if full {
             let in_kernel = self.full_sync_preparation()?;
-            render::restore_input(None, &next, &in_kernel)
+            render::restore_plan(None, &next, &in_kernel, self.batch)
         } else {
-            render::restore_input(previous.as_ref(), &next, &Rendering::default())
+            render::restore_plan(previous.as_ref(), &next, &Rendering::default(), self.batch)
         };
         // On error `applied` stays None: the next apply is a full sync.
-        restore(&input.text).context("iptables-restore")?;
+        restore_steps(&input).context("iptables-restore")?;
         self.applied = Some(next);
         let stale = conntrack_flush::StaleUdp::between(&self.previous, desired);
         conntrack_flush::flush_and_log(&stale, "iptables");
@@ -336,6 +366,68 @@ mod tests {
         );
         want.sort();
         assert_eq!(deleted, want);
+    }
+
+    #[test]
+    fn batches_only_jump_to_chains_already_written() {
+        let mut d = sample_desired();
+        let template = d.frontends[0].clone();
+        for i in 0..300u32 {
+            let mut f = template.clone();
+            f.address = std::net::Ipv4Addr::from(0x0a64_0000 + i).into();
+            f.service.name = format!("fill-{i}");
+            d.frontends.push(f);
+        }
+        let next = render::render(&d, &opts());
+        let plan = render::restore_plan(None, &next, &Rendering::default(), Some(50));
+        assert!(plan.before.len() > 10, "{}", plan.before.len());
+        let mut declared = std::collections::BTreeSet::new();
+        for step in plan.steps() {
+            let here: Vec<&str> = step
+                .lines()
+                .filter_map(|l| l.strip_prefix(':'))
+                .map(|l| l.split(' ').next().unwrap())
+                .collect();
+            declared.extend(here.iter().map(|s| s.to_string()));
+            for target in step.lines().filter_map(|l| l.split(" -j ").nth(1)) {
+                if target.starts_with(render::PREFIX) {
+                    assert!(declared.contains(target), "{target} before it exists");
+                }
+            }
+        }
+        let all: std::collections::BTreeSet<String> =
+            next.nat.keys().chain(next.filter.keys()).cloned().collect();
+        assert_eq!(declared, all);
+        // The top-level chains come last, in one transaction per table.
+        assert!(!plan.text.contains(":KPROXY-SEP-"), "{}", plan.text);
+        assert!(plan.text.contains(":KPROXY-SERVICES"));
+        // Unbatched, the same chains in one transaction per table.
+        let one = render::restore_input(None, &next, &Rendering::default());
+        assert!(one.before.is_empty() && one.after.is_empty());
+        assert_eq!(one.written, plan.written);
+        // Everything gone: deleted in batches, jumping chains first.
+        let gone = render::restore_plan(
+            Some(&next),
+            &Rendering::default(),
+            &Rendering::default(),
+            Some(50),
+        );
+        let deleted: Vec<&str> = gone
+            .steps()
+            .flat_map(|s| s.lines())
+            .filter_map(|l| l.strip_prefix("-X "))
+            .collect();
+        assert_eq!(deleted.len(), next.nat.len() + next.filter.len());
+        let first_sep = deleted
+            .iter()
+            .position(|c| c.starts_with("KPROXY-SEP-"))
+            .unwrap();
+        let last_svc = deleted
+            .iter()
+            .rposition(|c| c.starts_with("KPROXY-SVC-"))
+            .unwrap();
+        assert!(last_svc < first_sep);
+        assert_eq!(deleted.last(), Some(&render::MARK_MASQ));
     }
 
     #[test]

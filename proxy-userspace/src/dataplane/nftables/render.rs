@@ -6,7 +6,9 @@
 //!   set `nodeport-ips` that are local (`fib daddr type local`) one lookup of
 //!   `meta l4proto . th dport` in `service-nodeports`: the cost of a first packet does not
 //!   grow with the number of Services.
-//! - `svc-<hash>-<name>` per frontend: `numgen random mod N vmap { i : goto ep-... }`.
+//! - `svc-<hash>-<name>` per frontend: for the i-th of N endpoints
+//!   `numgen random mod (N-i) == 0 goto ep-...`, the last one `goto ep-...` (each taken with
+//!   probability 1/N; no anonymous map per Service: see [`balancing_rules`] why).
 //! - `ep-<hash>-<name>` per endpoint of a frontend: the masquerade mark for hairpin (source
 //!   is the endpoint) and for traffic from outside the cluster CIDR to an endpoint on another
 //!   node, then `dnat to`.
@@ -131,12 +133,15 @@ pub(crate) fn firewall_allowed(
     allowed
 }
 
-fn firewall_rule(allowed: &[String]) -> String {
-    if allowed.is_empty() {
-        "drop".to_string()
-    } else {
-        format!("ip saddr != {{ {} }} drop", allowed.join(", "))
-    }
+/// The rules of a `firewall-` chain: allowed sources return (on to DNAT), the rest drop.
+/// One rule per allowed range rather than `ip saddr != { ... } drop`: that anonymous set
+/// would cost a walk of the whole transaction when bound (see [`balancing_rules`]).
+fn firewall_rules(allowed: &[String]) -> Vec<String> {
+    allowed
+        .iter()
+        .map(|a| format!("ip saddr {a} return"))
+        .chain(std::iter::once("drop".to_string()))
+        .collect()
 }
 
 pub(crate) fn network(c: &Ipv4Cidr) -> String {
@@ -317,17 +322,7 @@ fn model_frontend(m: &mut Model, f: &Frontend, outside: Option<&str>) {
             service_rules.push(format!("ip saddr @{set} goto {}", endpoint_chain(f, b)));
         }
     }
-    let targets: Vec<String> = f
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("{i} : goto {}", endpoint_chain(f, b)))
-        .collect();
-    service_rules.push(format!(
-        "numgen random mod {} vmap {{ {} }}",
-        f.backends.len(),
-        targets.join(", ")
-    ));
+    service_rules.extend(balancing_rules(f));
     m.chains.insert(service_chain(f), service_rules);
     for b in &f.backends {
         let mut rules = vec![format!("ip saddr {} jump mark-for-masquerade", b.address)];
@@ -350,6 +345,27 @@ fn model_frontend(m: &mut Model, f: &Frontend, outside: Option<&str>) {
     }
 }
 
+/// The rules that pick an endpoint at random: the i-th of n endpoints is taken with
+/// probability 1/(n-i) when the rules before it were not (iptables' `statistic` cascade),
+/// so each is taken with probability 1/n; the last one unconditionally.
+///
+/// Not kube-proxy's `numgen random mod n vmap { 0 : goto ..., ... }`: that anonymous map
+/// is a set of its own, and the kernel, binding an anonymous set to its rule, walks the
+/// whole transaction so far (`__nft_set_trans_bind`): quadratic in the size of a full
+/// sync (10,000 Services x 10 endpoints took 300 s to program, with these rules ~10 s).
+/// The cost of a first packet grows with the number of endpoints of its Service only.
+fn balancing_rules(f: &Frontend) -> impl Iterator<Item = String> + '_ {
+    let n = f.backends.len();
+    f.backends.iter().enumerate().map(move |(i, b)| {
+        let target = endpoint_chain(f, b);
+        if i + 1 < n {
+            format!("numgen random mod {} == 0 goto {target}", n - i)
+        } else {
+            format!("goto {target}")
+        }
+    })
+}
+
 /// The firewall chain and map element of a frontend with loadBalancerSourceRanges.
 fn model_firewall(m: &mut Model, f: &Frontend, node: &[Ipv4Addr]) {
     let Some(ranges) = &f.source_ranges else {
@@ -358,7 +374,7 @@ fn model_firewall(m: &mut Model, f: &Frontend, node: &[Ipv4Addr]) {
     let chain = firewall_chain(f);
     m.chains.insert(
         chain.clone(),
-        vec![firewall_rule(&firewall_allowed(f, ranges, node))],
+        firewall_rules(&firewall_allowed(f, ranges, node)),
     );
     let (map, key) = match f.kind {
         FrontendKind::NodePort => (
@@ -572,7 +588,7 @@ pub fn render_probe() -> String {
          add rule {t} ep meta l4proto tcp dnat to 10.0.0.1:80\n\
          add chain {t} svc\n\
          add rule {t} svc ip saddr @aff goto ep\n\
-         add rule {t} svc numgen random mod 1 vmap {{ 0 : goto ep }}\n\
+         add rule {t} svc numgen random mod 2 == 0 goto ep\n\
          add chain {t} fw\n\
          add rule {t} fw ip saddr != {{ 192.0.2.0/24, 198.51.100.1 }} drop\n\
          add chain {t} pre {{ type nat hook prerouting priority -100 ; policy accept ; }}\n\
