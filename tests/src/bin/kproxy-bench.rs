@@ -236,6 +236,7 @@ fn scale_main(args: &[String]) -> Result<()> {
         scales: sizes.clone(),
         prog_run_repeat: 0,
         rounds: 1,
+        change_latency: (0, 0),
     };
     let mut c = build_cluster()?;
     write_base(&c)?;

@@ -374,7 +374,7 @@ mod tests {
         let template = d.frontends[0].clone();
         for i in 0..300u32 {
             let mut f = template.clone();
-            f.address = std::net::Ipv4Addr::from(0x0a64_0000 + i).into();
+            f.address = std::net::Ipv4Addr::from(0x0a64_0000 + i);
             f.service.name = format!("fill-{i}");
             d.frontends.push(f);
         }
