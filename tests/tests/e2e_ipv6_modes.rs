@@ -1,12 +1,12 @@
-//! IPv6 `sessionAffinity: ClientIP` and `loadBalancerSourceRanges` in the modes outside the
-//! eBPF device path (`nftables`, `iptables`, `userspace`), one dual-stack node per mode with
+//! IPv6 `sessionAffinity: ClientIP` and `loadBalancerSourceRanges` in every mode (`ebpf`:
+//! socket hooks and the XDP path; `nftables`, `iptables`, `userspace`), one dual-stack node per mode with
 //! three pods behind three dual-stack Services (IPv6 endpoint slices):
 //! - `sticky6` (NodePort, ClientIP affinity): every IPv6 client address sticks to one pod,
 //!   over the nodePort and the IPv6 cluster IP; different addresses spread;
 //! - `plain6` (NodePort, no affinity): one client address spreads over the pods;
 //! - `guarded6` (LoadBalancer with an IPv6 ingress IP and IPv6 source ranges): a client
-//!   address inside reaches the LoadBalancer IP and the nodePort, one outside does not (the
-//!   rule modes drop; the relay closes), the cluster IP stays open; in-node connections to
+//!   address inside reaches the LoadBalancer IP and the nodePort, one outside does not (XDP
+//!   and the rule modes drop; the relay closes), the cluster IP stays open; in-node connections to
 //!   the LoadBalancer IP follow kube-proxy's rule (allowed only when a node address is in
 //!   range); widening the ranges lets the second client in.
 //!
@@ -516,4 +516,11 @@ fn kproxy_list_and_trace_show_ipv6_services() {
     }
     let none = kproxy_json(&c, &["trace", &client, &format!("[{}]:81/tcp", PLAIN.2)]);
     assert_eq!(none["verdict"], "not-a-service", "{none:#}");
+}
+
+/// The eBPF mode: affinity by network namespace at socket level and by client address on
+/// the XDP path; source ranges dropped by XDP and refused at socket level for the node.
+#[test]
+fn ipv6_affinity_and_source_ranges_ebpf() {
+    scenario("ebpf");
 }
