@@ -13,15 +13,16 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::LpmTrie},
 };
 use proxy_common::{
-    affinity::{Lb4AffinityKey, Lb4AffinityValue},
+    affinity::{Lb4AffinityKey, Lb4AffinityValue, Lb6AffinityKey, Lb6AffinityValue},
     config::Lb4Config,
     conntrack::{Ct4Entry, Ct4Key, Nat4RevEntry},
+    conntrack6::{Ct6Entry, Ct6Key, Nat6RevEntry},
     lb::{Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service},
     lb6::{Lb6Backend, Lb6Key, Lb6RevNat, Lb6Service},
     maps as names,
     sock::{Sock4RevKey, Sock4RevValue},
     sock6::{Sock6RevKey, Sock6RevValue},
-    src_range::Lb4SrcRangeKey,
+    src_range::{Lb4SrcRangeKey, Lb6SrcRangeKey},
     stats::{STAT_NAMES, SvcStats},
 };
 use serde::Serialize;
@@ -196,8 +197,15 @@ fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
         names::LB6_REVERSE_NAT => count_keys::<u16, Lb6RevNat>(map),
         names::LB6_NODEPORT_ADDRS => count_keys::<[u32; 4], u32>(map),
         names::SOCK6_REV => count_keys::<Sock6RevKey, Sock6RevValue>(map),
+        names::CT6 => count_keys::<Ct6Key, Ct6Entry>(map),
+        names::NAT6_REV => count_keys::<Ct6Key, Nat6RevEntry>(map),
+        names::LB6_AFFINITY => count_keys::<Lb6AffinityKey, Lb6AffinityValue>(map),
+        names::LB6_SRC_RANGE => count_lpm_keys::<Lb6SrcRangeKey, u8>(map),
         // An array always holds max_entries elements.
-        _ => Ok(u64::from(info.max_entries())),
+        _ if matches!(map, Map::Array(_) | Map::PerCpuArray(_)) => {
+            Ok(u64::from(info.max_entries()))
+        }
+        _ => bail!("no entry counter for map {name}"),
     }
     .with_context(|| format!("counting the entries of {name}"))?;
     Ok(MapFill {
