@@ -271,6 +271,10 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
+        // Everything still in the test's own cgroup was started by the test: a forked child
+        // (e.g. socat's per-connection process) outlives its killed parent and would keep
+        // the cgroup (cgroup.kill takes the whole subtree, kernel >= 5.14).
+        let _ = fs::write(self.path.join("cgroup.kill"), "1");
         for _ in 0..50 {
             match fs::remove_dir(&self.path) {
                 Ok(()) => return,
