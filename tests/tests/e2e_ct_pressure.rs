@@ -22,27 +22,7 @@ const ECHO_NODE_PORT: u16 = 30700;
 
 /// `/metrics` of node1's agent as `series -> value`.
 fn scrape(c: &Cluster) -> BTreeMap<String, f64> {
-    let out = c
-        .node(1)
-        .output_timeout(
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:10249/metrics",
-            ],
-            Duration::from_secs(10),
-        )
-        .expect("curl metrics");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
+    c.metrics(1)
 }
 
 fn get(c: &Cluster, m: &BTreeMap<String, f64>, series: &str) -> f64 {

@@ -62,27 +62,7 @@ fn answer(c: &Cluster, ip: &str) -> Option<String> {
 }
 
 fn scrape(c: &Cluster) -> BTreeMap<String, f64> {
-    let out = c
-        .node(1)
-        .output_timeout(
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:10249/metrics",
-            ],
-            Duration::from_secs(10),
-        )
-        .expect("curl metrics");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
+    c.metrics(1)
 }
 
 fn rejected(c: &Cluster) -> Option<f64> {

@@ -25,25 +25,11 @@ const UPLOAD_BYTES: usize = 600 * 1024;
 
 /// `kproxy_datapath_events_total{reason}` from node1's agent.
 fn event_count(c: &Cluster, reason: &str) -> f64 {
-    let out = c
-        .node(1)
-        .output_timeout(
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:10249/metrics",
-            ],
-            Duration::from_secs(10),
-        )
-        .expect("curl metrics");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let series = format!("kproxy_datapath_events_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| c.fail(format!("{series}missing from /metrics")))
+    let series = format!("kproxy_datapath_events_total{{reason=\"{reason}\"}}");
+    c.metrics(1)
+        .get(&series)
+        .copied()
+        .unwrap_or_else(|| c.fail(format!("{series} missing from /metrics")))
 }
 
 #[test]

@@ -170,25 +170,11 @@ fn wait_denied(
 
 /// `kproxy_datapath_events_total{reason="drop_source_range"}` of node1's agent.
 fn drop_count(c: &Cluster) -> f64 {
-    let out = c
-        .node(1)
-        .output_timeout(
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:10249/metrics",
-            ],
-            Duration::from_secs(10),
-        )
-        .expect("curl metrics");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let series = "kproxy_datapath_events_total{reason=\"drop_source_range\"} ";
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series}in the metrics:\n{text}"))
+    let series = "kproxy_datapath_events_total{reason=\"drop_source_range\"}";
+    c.metrics(1)
+        .get(series)
+        .copied()
+        .unwrap_or_else(|| panic!("no {series} in the metrics"))
 }
 
 fn scenario(mode: &str) {

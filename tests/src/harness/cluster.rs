@@ -993,6 +993,31 @@ impl Cluster {
 
     /// The HTTP status of `GET http://<node ip>:10256/healthz`, asked from inside node `n`
     /// (0 when nothing answered).
+    /// `/metrics` of node `n`'s agent (on its default 127.0.0.1:10249) as `series -> value`;
+    /// empty when it cannot be scraped.
+    pub fn metrics(&self, n: u8) -> std::collections::BTreeMap<String, f64> {
+        let Ok(out) = self.node(n).output_timeout(
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:10249/metrics",
+            ],
+            Duration::from_secs(10),
+        ) else {
+            return Default::default();
+        };
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                Some((series.to_string(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
     pub fn healthz(&self, n: u8) -> u16 {
         let url = format!("http://{}:{HEALTHZ_PORT}/healthz", node_ip(n));
         self.node(n)
