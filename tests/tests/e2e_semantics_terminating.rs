@@ -77,8 +77,18 @@ fn terminating_endpoints_are_a_fallback() {
         });
     }
 
-    // One ready endpoint: the terminating one gets no new connections.
+    // One ready endpoint: the terminating one gets no new connections. Wait for the sync that
+    // applies it: a first answer from pod-a alone can be a pick made before it.
+    let syncs = |c: &Cluster| c.agent_log(1).matches(" synced").count();
+    let before = syncs(&c);
     set(&c, ready, terminating);
+    let applied = (0..500).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        syncs(&c) > before
+    });
+    c.check(applied, || {
+        "no sync after the change to one ready endpoint".to_string()
+    });
     for (place, url) in [(&pod_z, cip), (&client, np)] {
         wait_served(&c, place, url, "ready preferred", |r| {
             r.pod() == Some("pod-a")
