@@ -76,6 +76,20 @@ fn start_api_agent_idx(c: &mut Cluster, kubeconfig: &Path) -> (usize, std::path:
     (idx, c.tmp_dir().join(format!("extra-{idx}.log")))
 }
 
+/// Waits (30 s at most) for node1's agent to answer /healthz with 200; how long it took.
+fn wait_agent_healthy(c: &Cluster, log: &Path) -> Duration {
+    let start = Instant::now();
+    while c.healthz(1) != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the agent did not become healthy\n{}",
+            log_tail(log)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
 fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -131,16 +145,7 @@ fn api_source_end_to_end() {
     println!("API server {} in {netns}", api.url());
 
     let log = start_api_agent(&mut c, &kubeconfig);
-    let start = Instant::now();
-    while c.healthz(1) != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the agent did not become healthy\n{}",
-            log_tail(&log)
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-    println!("healthy after {:?}", start.elapsed());
+    println!("healthy after {:?}", wait_agent_healthy(&c, &log));
 
     // 1. Initial list served.
     let client = c.client();
@@ -356,15 +361,7 @@ fn agent_restarted_while_the_api_is_down_serves_the_pinned_state() {
     api.write_kubeconfig(&kubeconfig).unwrap();
 
     let (first, log1) = start_api_agent_idx(&mut c, &kubeconfig);
-    let start = Instant::now();
-    while c.healthz(1) != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the agent did not become healthy\n{}",
-            log_tail(&log1)
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_agent_healthy(&c, &log1);
     let client = c.client();
     let pod_z = c.pod("pod-z");
     let np_url = format!("http://{}:{}/", c.node_ip(1), seed::MYSVC_NODEPORT);
@@ -486,15 +483,7 @@ fn api_away_for_minutes_keeps_serving() {
     let kubeconfig = c.tmp_dir().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
     let log = start_api_agent(&mut c, &kubeconfig);
-    let start = Instant::now();
-    while c.healthz(1) != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the agent did not become healthy\n{}",
-            log_tail(&log)
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_agent_healthy(&c, &log);
     let client = c.client();
     let np_url = format!("http://{}:{}/", c.node_ip(1), seed::MYSVC_NODEPORT);
     wait_served_by(
