@@ -145,20 +145,7 @@ fn parse_err6(p: &[u8], what: &str) -> Err6 {
         upper_csum6(p, ICMP6_CSUM_OFF),
         "{what}: ICMPv6 checksum differs from a recomputation"
     );
-    let icmp = ETH_HLEN + IP6_HLEN;
-    let q = icmp + 8;
-    let ql4 = q + IP6_HLEN;
-    Err6 {
-        saddr: addr_at(p, ETH_HLEN + 8),
-        daddr: addr_at(p, ETH_HLEN + 24),
-        field: u32::from_be_bytes(p[icmp + 4..icmp + 8].try_into().unwrap()),
-        quoted: (
-            addr_at(p, q + 8),
-            port_at(p, ql4),
-            addr_at(p, q + 24),
-            port_at(p, ql4 + 2),
-        ),
-    }
+    parse_err6_unchecked(p)
 }
 
 /// The tuple of a TCP/UDP frame without extension headers.
@@ -546,4 +533,174 @@ fn truncated_errors_are_never_translated() {
         assert_eq!(out, short, "quote of {quote} bytes: changed");
     }
     assert_eq!(icmp_events(&mut fx).0, 0, "nothing translated");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mutations
+
+/// Ethernet and the outer IPv6 header: mutations keep them (the kernel's test run needs
+/// them).
+const HDRS: usize = ETH_HLEN + IP6_HLEN;
+
+/// xorshift64*, seeded: a failure names its seed and iteration.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Whether the ICMPv6 checksum of `p` verifies (over the payload length the header claims,
+/// as a receiver checks it).
+fn icmp6_csum_ok(p: &[u8]) -> bool {
+    let len = usize::from(port_at(p, ETH_HLEN + 4));
+    let end = (ETH_HLEN + IP6_HLEN + len).min(p.len());
+    let body = &p[ETH_HLEN + IP6_HLEN..end];
+    let mut sum = csum_add(0, &p[ETH_HLEN + 8..ETH_HLEN + IP6_HLEN]);
+    sum += body.len() as u32 + u32::from(IPPROTO_ICMPV6);
+    csum_finish(csum_add(sum, body)) == 0
+}
+
+/// Byte ranges a translation may change: the outer addresses, the ICMPv6 checksum, the
+/// quoted addresses and ports.
+fn may_change(i: usize) -> bool {
+    let icmp = ETH_HLEN + IP6_HLEN;
+    let q = icmp + 8;
+    (ETH_HLEN + 8..icmp).contains(&i)
+        || (icmp + 2..icmp + 4).contains(&i)
+        || (q + 8..q + IP6_HLEN + 4).contains(&i)
+}
+
+/// Errors about the fixture's flows, mutated at random (cut short, bytes overwritten, the
+/// payload length, the quoted next header, the ICMPv6 type changed), through every
+/// program: each output is the input unchanged or a correct rewrite (only addresses, ports
+/// and the checksum changed, the quote now client -> [node]:nodePort and the error to the
+/// client, the checksum exactly as valid as it was). `KPROXY_FUZZ_SEED`/`KPROXY_FUZZ_ITERS`
+/// as in `prog_run_fuzz`.
+#[test]
+fn mutated_errors_are_untouched_or_correctly_rewritten() {
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(default)
+    };
+    let seed = env("KPROXY_FUZZ_SEED", 0x1c6_6e44);
+    let iters = env("KPROXY_FUZZ_ITERS", 5_000);
+    let mut fx = node6(IPPROTO_UDP, LOCAL_BE, true);
+    let (_, dnat) = translate(&mut fx, IPPROTO_UDP);
+    let bases = [
+        icmp6_error(
+            LOCAL_BE,
+            CLIENT,
+            ICMP6_DEST_UNREACH,
+            CODE_PORT_UNREACH,
+            0,
+            &dnat,
+            MAX_QUOTE,
+        ),
+        icmp6_error(
+            NODE,
+            CLIENT,
+            ICMP6_PKT_TOO_BIG,
+            0,
+            PATH_MTU,
+            &dnat,
+            IP6_HLEN + 8,
+        ),
+        icmp6_error(
+            ROUTER,
+            CLIENT,
+            ICMP6_TIME_EXCEEDED,
+            0,
+            0,
+            &dnat,
+            IP6_HLEN + 64,
+        ),
+    ];
+    let mut rng = Rng(seed | 1);
+    let (mut rewritten, mut untouched) = (0u64, 0u64);
+    for it in 0..iters {
+        let mut p = bases[rng.below(bases.len())].clone();
+        for _ in 0..=rng.below(3) {
+            match rng.below(6) {
+                0 if p.len() > HDRS => p.truncate(HDRS + rng.below(p.len() - HDRS)),
+                1 => {
+                    let i = ETH_HLEN + rng.below(p.len() - ETH_HLEN);
+                    p[i] = rng.next() as u8;
+                }
+                2 => {
+                    let len = (rng.next() as u16).to_be_bytes();
+                    p[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&len);
+                }
+                // The quoted next header.
+                3 if p.len() > HDRS + 8 + 6 => {
+                    p[HDRS + 8 + 6] = [0, 6, 17, 44, 58, 132][rng.below(6)];
+                }
+                // The ICMPv6 type.
+                4 if p.len() > HDRS => p[HDRS] = [1, 2, 3, 4, 128, 135][rng.below(6)],
+                // A bit of the quoted addresses.
+                _ => {
+                    let i = HDRS + 8 + 8 + rng.below(32);
+                    if i < p.len() {
+                        p[i] ^= 1 << rng.below(8);
+                    }
+                }
+            }
+        }
+        for prog in [PROG_XDP, PROG_TC_INGRESS, PROG_TC_EGRESS] {
+            let what = format!("seed {seed:#x} iteration {it} {prog}");
+            let out = run_pass6(&fx, prog, &p, &what);
+            if out == p {
+                untouched += 1;
+                continue;
+            }
+            rewritten += 1;
+            for (i, (a, b)) in p.iter().zip(&out).enumerate() {
+                assert!(a == b || may_change(i), "{what}: byte {i} changed");
+            }
+            let e = parse_err6_unchecked(&out);
+            assert_eq!(e.daddr, CLIENT, "{what}: not sent to the client");
+            assert_eq!(
+                e.quoted,
+                (CLIENT, CLIENT_PORT, NODE, NODE_PORT),
+                "{what}: quotes a packet the client never sent"
+            );
+            assert_eq!(
+                icmp6_csum_ok(&out),
+                icmp6_csum_ok(&p),
+                "{what}: checksum validity changed"
+            );
+        }
+    }
+    println!("{iters} mutated errors x 3 programs: {rewritten} rewritten, {untouched} untouched");
+    assert!(
+        rewritten > 0 && untouched > 0,
+        "the mutations never / always hit"
+    );
+}
+
+/// [`parse_err6`] without the checksum check.
+fn parse_err6_unchecked(p: &[u8]) -> Err6 {
+    let icmp = ETH_HLEN + IP6_HLEN;
+    let q = icmp + 8;
+    let ql4 = q + IP6_HLEN;
+    Err6 {
+        saddr: addr_at(p, ETH_HLEN + 8),
+        daddr: addr_at(p, ETH_HLEN + 24),
+        field: u32::from_be_bytes(p[icmp + 4..icmp + 8].try_into().unwrap()),
+        quoted: (
+            addr_at(p, q + 8),
+            port_at(p, ql4),
+            addr_at(p, q + 24),
+            port_at(p, ql4 + 2),
+        ),
+    }
 }
