@@ -123,8 +123,8 @@ pub fn nodeport6_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     }
 }
 
-/// [`pkt6_parse`]'s answer for an ICMPv6 packet (not a `STAT_*` reason): its addresses and
-/// payload length are in `pkt` (ports and protocol not), for [`icmp6_err_xlate`].
+/// [`pkt6_parse`]'s answer for an ICMPv6 packet (not a `STAT_*` reason): its addresses,
+/// payload length and protocol are in `pkt` (its ports are not), for [`icmp6_err_xlate`].
 const PARSED6_ICMP6: u32 = u32::MAX;
 
 /// Parses an IPv6 TCP/UDP/SCTP packet into `pkt`: 0, [`PARSED6_ICMP6`], or the
