@@ -12,6 +12,7 @@ mod ct;
 mod ct6;
 mod ctx;
 mod icmp;
+mod icmp6;
 mod lb;
 mod lb6;
 mod maps;
