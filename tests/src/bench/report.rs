@@ -43,6 +43,9 @@ pub struct ModeResult {
     pub latency_small_us: Option<(f64, f64)>,
     pub latency_scale_services: usize,
     pub latency_scale_us: Option<(f64, f64)>,
+    /// New TCP connections/s to the cluster IP with `latency_scale_services` programmed
+    /// (iptables' rule walk runs for every new connection).
+    pub conn_per_sec_scale: Option<f64>,
     pub scale: Vec<ScaleResult>,
 }
 
@@ -115,8 +118,15 @@ pub fn table(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<20} {:>12} {:>12} {:>9} {:>10} {:>14} {:>16}",
-        "mode", "UDP pkt/s", "CPU ns/pkt", "TCP Gb/s", "conn/s", "lat small us", "lat scale us"
+        "{:<20} {:>12} {:>12} {:>9} {:>10} {:>14} {:>16} {:>12}",
+        "mode",
+        "UDP pkt/s",
+        "CPU ns/pkt",
+        "TCP Gb/s",
+        "conn/s",
+        "lat small us",
+        "lat scale us",
+        "conn/s scale"
     );
     for m in rows(r) {
         if let Some(e) = &m.error {
@@ -125,7 +135,7 @@ pub fn table(r: &Report) -> String {
         }
         let _ = writeln!(
             s,
-            "{:<20} {:>12} {:>12} {:>9} {:>10} {:>14} {:>16}",
+            "{:<20} {:>12} {:>12} {:>9} {:>10} {:>14} {:>16} {:>12}",
             m.mode,
             opt(m.udp_pps, 0),
             opt(m.cpu_ns_per_pkt, 0),
@@ -133,6 +143,7 @@ pub fn table(r: &Report) -> String {
             opt(m.conn_per_sec, 0),
             lat(m.latency_small_us),
             lat(m.latency_scale_us),
+            opt(m.conn_per_sec_scale, 0),
         );
     }
     for m in &r.modes {
@@ -183,7 +194,7 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(s, "### Ratios\n");
     let _ = writeln!(s, "| comparison | ratio |\n|---|---|");
-    let pairs: [(&str, &str, &str, Metric); 6] = [
+    let pairs: [(&str, &str, &str, Metric); 7] = [
         (
             "UDP nodePort rate, ebpf / iptables",
             "ebpf",
@@ -207,6 +218,12 @@ pub fn markdown(r: &Report) -> String {
             "ebpf",
             "iptables",
             |m| m.conn_per_sec,
+        ),
+        (
+            "new connections/s to a cluster IP with N Services (see below), ebpf / iptables",
+            "ebpf",
+            "iptables",
+            |m| m.conn_per_sec_scale,
         ),
         ("CPU per packet, iptables / ebpf", "iptables", "ebpf", |m| {
             m.cpu_ns_per_pkt
@@ -256,13 +273,13 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "\n### Data path per mode\n");
     let _ = writeln!(
         s,
-        "| mode | UDP nodePort delivered pkt/s | CPU ns per delivered pkt (whole machine) | TCP nodePort Gbit/s (iperf3) | new TCP conn/s to a cluster IP | connect() to a cluster IP, ~10 Services, median / p99 µs | same with N Services | N |\n|---|---|---|---|---|---|---|---|"
+        "| mode | UDP nodePort delivered pkt/s | CPU ns per delivered pkt (whole machine) | TCP nodePort Gbit/s (iperf3) | new TCP conn/s to a cluster IP | connect() to a cluster IP, ~10 Services, median / p99 µs | same with N Services | new TCP conn/s with N Services | N |\n|---|---|---|---|---|---|---|---|---|"
     );
     for m in rows(r) {
         if let Some(e) = &m.error {
             let _ = writeln!(
                 s,
-                "| {} | failed: {} | | | | | | |",
+                "| {} | failed: {} | | | | | | | |",
                 m.mode,
                 e.replace('|', "/")
             );
@@ -270,7 +287,7 @@ pub fn markdown(r: &Report) -> String {
         }
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             m.mode,
             opt(m.udp_pps, 0),
             opt(m.cpu_ns_per_pkt, 0),
@@ -278,6 +295,7 @@ pub fn markdown(r: &Report) -> String {
             opt(m.conn_per_sec, 0),
             lat(m.latency_small_us),
             lat(m.latency_scale_us),
+            opt(m.conn_per_sec_scale, 0),
             m.latency_scale_services
         );
     }

@@ -405,6 +405,9 @@ fn run_mode(c: &mut Cluster, s: &Settings, mode: &str) -> Result<ModeResult> {
     wait_sync_after(c, syncs, Duration::from_secs(300))?;
     r.latency_scale_services = s.latency_scale;
     r.latency_scale_us = connect_latency(c, s.latency_samples).ok();
+    r.conn_per_sec_scale = best(s.rounds, || connect_rate(c, s.connect_secs))
+        .map_err(|e| eprintln!("bench: connect rate at scale via {mode}: {e:#}"))
+        .ok();
     let _ = c.stop_agent(1);
     let _ = c.agent_cleanup(1);
     // The control plane of ebpf-tc is ebpf's: measured once.
