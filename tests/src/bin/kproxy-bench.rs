@@ -197,14 +197,15 @@ fn change_latency_main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// ebpf (XDP), ebpf-tc (the same with `--device-ingress tc`), nftables, iptables, and
-/// userspace when the built kproxy has it.
+/// ebpf (XDP), ebpf-tc (the same with `--device-ingress tc`), ebpf-tc-nopeer (tc without the
+/// `bpf_redirect_peer` fast path into local pods), nftables, iptables, and userspace when the
+/// built kproxy has it.
 fn modes() -> Result<Vec<String>> {
     let help = std::process::Command::new(kproxy_bin()?)
         .args(["run", "--help"])
         .output()?;
     let help = String::from_utf8_lossy(&help.stdout);
-    let mut modes: Vec<String> = ["ebpf", "ebpf-tc", "nftables", "iptables"]
+    let mut modes: Vec<String> = ["ebpf", "ebpf-tc", "ebpf-tc-nopeer", "nftables", "iptables"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -371,6 +372,10 @@ fn run_baseline(c: &mut Cluster, s: &Settings) -> Result<ModeResult> {
 fn agent_mode(mode: &str) -> (&str, &'static [&'static str]) {
     match mode {
         "ebpf-tc" => ("ebpf", &["--device-ingress", "tc"]),
+        "ebpf-tc-nopeer" => (
+            "ebpf",
+            &["--device-ingress", "tc", "--tc-redirect-peer", "false"],
+        ),
         other => (other, &[]),
     }
 }
@@ -408,7 +413,11 @@ fn run_mode(c: &mut Cluster, s: &Settings, mode: &str) -> Result<ModeResult> {
     let _ = c.stop_agent(1);
     let _ = c.agent_cleanup(1);
     // The control plane of ebpf-tc is ebpf's: measured once.
-    let scales: &[usize] = if mode == "ebpf-tc" { &[] } else { &s.scales };
+    let scales: &[usize] = if mode.starts_with("ebpf-tc") {
+        &[]
+    } else {
+        &s.scales
+    };
     for &n in scales {
         match program_scale(c, s, mode, n) {
             Ok(sr) => r.scale.push(sr),
