@@ -545,12 +545,14 @@ fn udp_rate(c: &mut Cluster, dst: Ipv4Addr, port: u16, secs: u64) -> Result<(f64
     let sink = pod.spawn_piped("udp-sink", &[&me, "udp-sink", &sink_addr, &sink_secs])?;
     std::thread::sleep(Duration::from_millis(300));
     let cpu0 = sys_stats::cpu_busy_seconds();
+    let softirq0 = sys_stats::ksoftirqd_cpu_seconds();
     let target = format!("{dst}:{port}");
     let out = c.client().output_timeout(
         &[&me, "udp-flood", &target, &secs.to_string()],
         Duration::from_secs(secs + 20),
     )?;
     let cpu1 = sys_stats::cpu_busy_seconds();
+    let softirq = sys_stats::ksoftirqd_cpu_seconds() - softirq0;
     let sent: u64 = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
@@ -560,7 +562,16 @@ fn udp_rate(c: &mut Cluster, dst: Ipv4Addr, port: u16, secs: u64) -> Result<(f64
         .trim()
         .parse()
         .context("udp-sink printed no count")?;
-    eprintln!("bench:   UDP to {target}: sent {sent}, delivered {got}");
+    // The packet path's own cost, unaffected by other load on the machine (see
+    // `load::self_cpu_seconds`), with the softirq work deferred to ksoftirqd meanwhile.
+    let own = load::printed_cpu_seconds(&out.stderr)
+        .zip(load::printed_cpu_seconds(&sink_out.stderr))
+        .filter(|_| got > 0)
+        .map(|(a, b)| format!("{:.0}", (a + b + softirq) * 1e9 / got as f64))
+        .unwrap_or_else(|| "?".into());
+    eprintln!(
+        "bench:   UDP to {target}: sent {sent}, delivered {got}, sender+sink+ksoftirqd CPU ns/pkt {own}"
+    );
     let rate = got as f64 / secs as f64;
     let cpu = match (cpu0, cpu1) {
         (Some(a), Some(b)) if got > 0 => Some((b - a) * 1e9 / got as f64),
