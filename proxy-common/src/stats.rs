@@ -58,8 +58,9 @@ pub const STAT_SOCK_SOURCE_RANGE_DENIED: u32 = 22;
 /// A new flow or socket went to the backend its client's session affinity names.
 pub const STAT_AFFINITY_HIT: u32 = 23;
 
-/// An ICMP error (destination unreachable, fragmentation needed, time exceeded) quoting a
-/// translated packet was rewritten to quote what the client sent (ingress or egress).
+/// An ICMP error (destination unreachable, fragmentation needed, time exceeded) or ICMPv6
+/// error (destination unreachable, packet too big, time exceeded) quoting a translated packet
+/// was rewritten to quote what its addressee sent (ingress or egress).
 pub const STAT_ICMP_ERROR_XLATE: u32 = 24;
 /// A new CT4 entry was written (a new flow, or one whose entry was evicted or expired).
 pub const STAT_CT_CREATED: u32 = 25;

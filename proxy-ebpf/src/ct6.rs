@@ -70,6 +70,13 @@ pub fn ct6_note_reply(rev: &Nat6RevEntry, proto: u8, tcp_flags: u8) {
     }
 }
 
+/// The reverse entry for `key`, without refreshing it (an ICMPv6 error is no sign of life).
+#[inline(always)]
+pub fn nat6_rev_peek(key: &Ct6Key) -> Option<Nat6RevEntry> {
+    // SAFETY: the value is copied out at once.
+    unsafe { NAT6_REV.get(key).copied() }
+}
+
 /// The reverse entry for `key`, with its `last_seen_ns` refreshed.
 #[inline(always)]
 pub fn nat6_rev_lookup(key: &Ct6Key, now: u64) -> Option<Nat6RevEntry> {

@@ -13,6 +13,7 @@ mod ct6;
 mod ctx;
 mod fwd;
 mod icmp;
+mod icmp6;
 mod lb;
 mod lb6;
 mod maps;

@@ -475,7 +475,8 @@ fn nodeport_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt4) -> Result<i
 }
 
 /// Headers the tc programs read and write: Ethernet, IPv4 with options, TCP; or for an ICMP
-/// error, the ICMP header, the quoted IPv4 header with options and 8 bytes of its L4 header.
+/// error, the ICMP header, the quoted IPv4 header with options and 8 bytes of its L4 header
+/// (an ICMPv6 error's fixed headers up to the quoted ports, 110 bytes, fit in this too).
 const TC_PULL_LEN: u32 = (ETH_HLEN + 60 + 8 + 60 + 8) as u32;
 
 /// Makes the headers linear for direct access (a GRO or paged skb may hold only part of

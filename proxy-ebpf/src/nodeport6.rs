@@ -4,10 +4,14 @@
 //! frontend (source ranges, conntrack, session affinity, SNAT to the frontend address for a
 //! remote backend), optional FIB forwarding.
 //!
+//! ICMPv6 errors about translated flows (Packet Too Big, destination unreachable, time
+//! exceeded) are rewritten on ingress and egress as IPv4's ICMP errors are (`icmp6.rs`),
+//! counted as STAT_ICMP_ERROR_XLATE; other ICMPv6 passes (counted as another protocol on
+//! ingress).
+//!
 //! Differences from IPv4, on purpose: backends are chosen at random (the Maglev tables are
 //! keyed by the IPv4 reverse-NAT index space, which IPv6 indexes would collide with);
-//! per-frontend traffic counters are not kept (same reason); ICMPv6 errors are passed
-//! untranslated (counted as another protocol).
+//! per-frontend traffic counters are not kept (same reason).
 
 use core::mem::{size_of, zeroed};
 
@@ -26,9 +30,9 @@ use proxy_common::{
     stats::{
         STAT_BACKEND_RESELECTED, STAT_CT_CREATED, STAT_CT_INSERT_FAILED, STAT_CT_LOST_MIDFLOW,
         STAT_DROP_SOURCE_RANGE, STAT_FIB_FALLBACK, STAT_FIB_FORWARD, STAT_FWD_XLATE,
-        STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS, STAT_PASS_NOT_READY,
-        STAT_PASS_NOT_SERVICE, STAT_PASS_SCTP6_PORT_REWRITE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED,
-        STAT_XLATE_ERROR,
+        STAT_ICMP_ERROR_XLATE, STAT_PASS_INTERNAL, STAT_PASS_NO_BACKEND, STAT_PASS_NO_ENDPOINTS,
+        STAT_PASS_NOT_READY, STAT_PASS_NOT_SERVICE, STAT_PASS_OTHER_PROTO,
+        STAT_PASS_SCTP6_PORT_REWRITE, STAT_REV_XLATE, STAT_SNAT_EXHAUSTED, STAT_XLATE_ERROR,
     },
 };
 
@@ -41,6 +45,7 @@ use crate::{
     },
     ctx::{NetCtx, PktErr},
     fwd::fwd_to_device,
+    icmp6::{IPPROTO_ICMPV6, Icmp6Scratch, icmp6_err_xlate},
     lb::lb4_config,
     lb6::{lb6_lookup_backend, lb6_lookup_service},
     parse::{IPPROTO_SCTP, IPPROTO_TCP, L4_OFF_DPORT, L4_OFF_SPORT},
@@ -62,6 +67,7 @@ pub struct Scratch6 {
     flow: Ct6Entry,
     pick: Flow6Pick,
     to: Tuple6,
+    icmp: Icmp6Scratch,
 }
 
 /// One per CPU; a program runs to completion on its CPU, so the value is never shared.
@@ -83,6 +89,13 @@ pub fn nodeport6_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     // SAFETY: the per-CPU value is valid for the program's run and used by this run only.
     let s = unsafe { &mut *s };
     let reason = pkt6_parse(ctx, &mut s.pkt);
+    if reason == PARSED6_ICMP6 {
+        // Errors from a remote backend or a router about a SNATed flow (to the node's
+        // address), or about a reply (to the frontend); the stack forwards the rewritten
+        // error.
+        icmp6_err_xlate_counted(ctx, s, true)?;
+        return Ok(C::PASS);
+    }
     if reason != 0 {
         stat_inc(reason);
         return Ok(C::PASS);
@@ -111,17 +124,49 @@ pub fn nodeport6_ingress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     }
 }
 
-/// Parses an IPv6 TCP/UDP/SCTP packet into `pkt`: 0, or the `STAT_PASS_*` reason it is not
-/// one we translate. Not inlined (see `Scratch6`).
+/// [`pkt6_parse`]'s answer for an ICMPv6 packet (not a `STAT_*` reason): its addresses,
+/// payload length and protocol are in `pkt` (its ports are not), for [`icmp6_err_xlate`].
+const PARSED6_ICMP6: u32 = u32::MAX;
+
+/// Parses an IPv6 TCP/UDP/SCTP packet into `pkt`: 0, [`PARSED6_ICMP6`], or the
+/// `STAT_PASS_*` reason it is not one we translate. Not inlined (see `Scratch6`).
 #[inline(never)]
 fn pkt6_parse<C: NetCtx>(ctx: &C, pkt: &mut Pkt6) -> u32 {
-    match ip6_parse(ctx).and_then(|ip| ip6_l4_parse(ctx, &ip)) {
+    let ip = match ip6_parse(ctx) {
+        Ok(ip) => ip,
+        Err(reason) => return reason,
+    };
+    if ip.proto == IPPROTO_ICMPV6 {
+        pkt.saddr = ip.saddr;
+        pkt.daddr = ip.daddr;
+        pkt.payload_len = ip.payload_len;
+        pkt.proto = ip.proto;
+        return PARSED6_ICMP6;
+    }
+    match ip6_l4_parse(ctx, &ip) {
         Ok(p) => {
             *pkt = p;
             0
         }
         Err(reason) => reason,
     }
+}
+
+/// [`icmp6_err_xlate`] on the ICMPv6 packet in `s.pkt`, counted when it translated; other
+/// ICMPv6 is counted as another protocol when `count_pass` (ingress counts every packet,
+/// egress only translations).
+#[inline(always)]
+fn icmp6_err_xlate_counted<C: NetCtx>(
+    ctx: &C,
+    s: &mut Scratch6,
+    count_pass: bool,
+) -> Result<(), PktErr> {
+    if icmp6_err_xlate(ctx, &s.pkt, &mut s.icmp)? {
+        stat_inc(STAT_ICMP_ERROR_XLATE);
+    } else if count_pass {
+        stat_inc(STAT_PASS_OTHER_PROTO);
+    }
+    Ok(())
 }
 
 /// Egress of an external device, IPv6 frames: reverse NAT of replies from local backends.
@@ -136,7 +181,13 @@ pub fn nodeport6_egress<C: NetCtx>(ctx: &C) -> Result<i32, PktErr> {
     };
     // SAFETY: see `nodeport6_ingress`.
     let s = unsafe { &mut *s };
-    if pkt6_parse(ctx, &mut s.pkt) != 0 {
+    let reason = pkt6_parse(ctx, &mut s.pkt);
+    if reason == PARSED6_ICMP6 {
+        // Errors this node's stack or a local backend sends about a translated flow.
+        icmp6_err_xlate_counted(ctx, s, false)?;
+        return Ok(C::PASS);
+    }
+    if reason != 0 {
         return Ok(C::PASS);
     }
     if nat6_rev_find(&s.pkt, ct4_now(), &mut s.to) {

@@ -76,6 +76,18 @@ fn check_cgroup2_dir(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Large allocations (an API list page being read, a whole sync's scratch vectors) come
+/// from `mmap` and go back to the kernel when freed. glibc otherwise raises its mmap
+/// threshold to the largest block freed so far, and later large blocks are carved from the
+/// heap, where they leave holes between long-lived small objects that no trim can return.
+pub fn fix_malloc_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes a tuning parameter of the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Returns the heap freed after building everything (the first and other whole syncs peak
 /// far above what is kept) to the kernel, instead of holding it as resident memory.
 fn release_free_heap() {

@@ -556,11 +556,11 @@ impl TopologyFilter {
     fn admits<A>(self, ep: &EndpointInfo<A>, node: &NodeContext) -> bool {
         match self {
             TopologyFilter::None => true,
-            TopologyFilter::SameNode => ep.node_hints.contains(&node.node_name),
+            TopologyFilter::SameNode => ep.node_hints().contains(&node.node_name),
             TopologyFilter::SameZone => node
                 .zone
                 .as_ref()
-                .is_some_and(|z| ep.zone_hints.contains(z)),
+                .is_some_and(|z| ep.zone_hints().contains(z)),
         }
     }
 }
@@ -578,17 +578,17 @@ fn topology_from_hints<'a, A: 'a>(
     let mut any_ready = false;
     for ep in eps.filter(|ep| ep.ready) {
         any_ready = true;
-        if ep.node_hints.is_empty() {
+        if ep.node_hints().is_empty() {
             all_node_hints = false;
-        } else if ep.node_hints.contains(&node.node_name) {
+        } else if ep.node_hints().contains(&node.node_name) {
             for_this_node = true;
         }
-        if ep.zone_hints.is_empty() {
+        if ep.zone_hints().is_empty() {
             all_zone_hints = false;
         } else if node
             .zone
             .as_ref()
-            .is_some_and(|z| ep.zone_hints.contains(z))
+            .is_some_and(|z| ep.zone_hints().contains(z))
         {
             for_this_zone = true;
         }
@@ -678,14 +678,14 @@ mod tests {
     ) -> DesiredState {
         let mut st = ServiceChangeTracker::new();
         let mut et = EndpointsChangeTracker::new();
+        let mut sm = ServicePortMap::new();
+        let mut em = EndpointsMap::new();
         for s in services {
-            st.update(None, Some(s));
+            st.update(&sm, crate::model::service::service_name(s), Some(s));
         }
         for s in slices {
             et.update(None, Some(s));
         }
-        let mut sm = ServicePortMap::new();
-        let mut em = EndpointsMap::new();
         sm.apply(&mut st);
         em.apply(&mut et);
         build(

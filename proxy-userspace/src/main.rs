@@ -12,12 +12,15 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(kproxy::agent::run(args))),
+        Command::Run(args) => {
+            kproxy::agent::fix_malloc_mmap_threshold();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(kproxy::agent::run(args)))
+        }
         Command::Cleanup(args) => kproxy::mode::cleanup_all(&args.bpf_root),
         Command::List(cmd) => kproxy::inspect::list(&cmd),
         Command::Status(args) => kproxy::inspect::status(&args),

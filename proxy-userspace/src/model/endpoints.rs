@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use super::{
     Change, NamespacedName,
     service::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, parse_protocol, valid_port},
+    small_map::SmallMap,
 };
 use crate::desired::Protocol;
 
@@ -39,26 +40,48 @@ pub struct EndpointInfo<A = Ipv4Addr> {
     /// Port name -> port, from the slice's `ports`. `None` when the slice had no ports list:
     /// the service port's numeric targetPort applies. Shared by the endpoints of a slice
     /// (one map per slice, not per endpoint: 100,000 endpoints would each hold a copy).
-    pub ports: Option<Arc<BTreeMap<String, EndpointPort>>>,
+    pub ports: Option<Arc<SmallMap<String, EndpointPort>>>,
     /// `conditions.ready`; unset counts as true.
     pub ready: bool,
     /// `conditions.serving`; unset counts as true.
     pub serving: bool,
     /// `conditions.terminating`; unset counts as false.
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    /// Shared by the endpoints of a slice on the same node.
+    pub node_name: Option<Arc<str>>,
+    /// Shared by the endpoints of a slice in the same zone.
+    pub zone: Option<Arc<str>>,
+    /// Topology hints, boxed: most endpoints have none, and 100,000 endpoints each holding
+    /// two empty sets inline would cost ~5 MiB.
+    pub hints: Option<Box<EndpointHints>>,
+}
+
+/// An endpoint's `hints`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointHints {
     /// `hints.forZones[].name`: the zones whose nodes should use this endpoint (set by the
     /// EndpointSlice controller for `trafficDistribution: PreferClose` / topology-aware hints).
-    pub zone_hints: BTreeSet<String>,
+    pub zones: BTreeSet<String>,
     /// `hints.forNodes[].name` (`trafficDistribution: PreferSameNode`).
-    pub node_hints: BTreeSet<String>,
+    pub nodes: BTreeSet<String>,
 }
+
+static NO_HINTS: BTreeSet<String> = BTreeSet::new();
 
 impl<A> EndpointInfo<A> {
     /// Whether the endpoint runs on the node named `node`.
     pub fn is_local(&self, node: &str) -> bool {
         self.node_name.as_deref() == Some(node)
+    }
+
+    /// `hints.forZones[].name` (empty without hints).
+    pub fn zone_hints(&self) -> &BTreeSet<String> {
+        self.hints.as_ref().map_or(&NO_HINTS, |h| &h.zones)
+    }
+
+    /// `hints.forNodes[].name` (empty without hints).
+    pub fn node_hints(&self) -> &BTreeSet<String> {
+        self.hints.as_ref().map_or(&NO_HINTS, |h| &h.nodes)
     }
 }
 
@@ -66,8 +89,15 @@ impl<A> EndpointInfo<A> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceInfo<A = Ipv4Addr> {
     pub service: NamespacedName,
-    pub endpoints: Vec<EndpointInfo<A>>,
+    /// Sorted by address (stably: an address listed twice keeps the slice's order). Shared
+    /// with the service's merged list when the slice is the service's only one and lists
+    /// each address once: the usual case, where a second copy of every endpoint would
+    /// double the model's memory.
+    pub endpoints: Endpoints<A>,
 }
+
+/// A list of endpoints, shared between the slice cache and the endpoints map.
+pub type Endpoints<A = Ipv4Addr> = Arc<[EndpointInfo<A>]>;
 
 /// What an EndpointSlice means to the proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,7 +161,7 @@ pub fn convert_slice_as<A: IpFamilyAddr>(slice: &EndpointSlice) -> SliceConversi
         None => None,
         Some(list) if list.is_empty() => None,
         Some(list) => {
-            let mut ports = BTreeMap::new();
+            let mut ports = SmallMap::new();
             for (i, p) in list.iter().enumerate() {
                 let protocol = parse_protocol(p.protocol.as_deref())
                     .ok_or_else(|| format!("ports[{i}].protocol {:?} is unknown", p.protocol));
@@ -156,10 +186,12 @@ pub fn convert_slice_as<A: IpFamilyAddr>(slice: &EndpointSlice) -> SliceConversi
                     ));
                 }
             }
+            ports.shrink_to_fit();
             Some(Arc::new(ports))
         }
     };
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    let (mut nodes, mut zones): (Vec<Arc<str>>, Vec<Arc<str>>) = (Vec::new(), Vec::new());
     for (i, ep) in slice.endpoints.iter().enumerate() {
         // Kubernetes uses the first address only (the others are reserved for the future).
         let Some(addr) = ep.addresses.first() else {
@@ -178,25 +210,65 @@ pub fn convert_slice_as<A: IpFamilyAddr>(slice: &EndpointSlice) -> SliceConversi
             ready: cond.and_then(|c| c.ready).unwrap_or(true),
             serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: ep.node_name.clone().filter(|s| !s.is_empty()),
-            zone: ep.zone.clone().filter(|s| !s.is_empty()),
-            zone_hints: ep
-                .hints
-                .iter()
-                .flat_map(|h| h.for_zones.iter().flatten())
-                .map(|z| z.name.clone())
-                .filter(|n| !n.is_empty())
-                .collect(),
-            node_hints: ep
-                .hints
-                .iter()
-                .flat_map(|h| h.for_nodes.iter().flatten())
-                .map(|n| n.name.clone())
-                .filter(|n| !n.is_empty())
-                .collect(),
+            node_name: ep
+                .node_name
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(|n| shared_name(&mut nodes, n)),
+            zone: ep
+                .zone
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(|z| shared_name(&mut zones, z)),
+            hints: endpoint_hints(ep.hints.as_ref()),
         });
     }
-    SliceConversion::Serve(SliceInfo { service, endpoints })
+    endpoints.sort_by_key(|e| e.address);
+    SliceConversion::Serve(SliceInfo {
+        service,
+        endpoints: endpoints.into(),
+    })
+}
+
+/// An endpoint's hints, without empty names; `None` when there are none.
+fn endpoint_hints(
+    hints: Option<&k8s_openapi::api::discovery::v1::EndpointHints>,
+) -> Option<Box<EndpointHints>> {
+    let h = hints?;
+    let names = |list: Option<Vec<String>>| -> BTreeSet<String> {
+        list.into_iter()
+            .flatten()
+            .filter(|n| !n.is_empty())
+            .collect()
+    };
+    let out = EndpointHints {
+        zones: names(
+            h.for_zones
+                .as_ref()
+                .map(|z| z.iter().map(|z| z.name.clone()).collect()),
+        ),
+        nodes: names(
+            h.for_nodes
+                .as_ref()
+                .map(|n| n.iter().map(|n| n.name.clone()).collect()),
+        ),
+    };
+    (!out.zones.is_empty() || !out.nodes.is_empty()).then(|| Box::new(out))
+}
+
+/// One `Arc<str>` per distinct name in a slice (a slice's endpoints sit on a few nodes).
+fn shared_name(seen: &mut Vec<Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(n) = seen.iter().find(|n| &***n == name) {
+        return n.clone();
+    }
+    let n: Arc<str> = name.into();
+    seen.push(n.clone());
+    n
+}
+
+/// Whether a slice's endpoints are already what `merge_slices` makes of it alone.
+fn in_merged_form<A: Ord>(endpoints: &[EndpointInfo<A>]) -> bool {
+    endpoints.windows(2).all(|w| w[0].address < w[1].address)
 }
 
 /// Merges a service's slices (in slice name order) into one endpoint list, sorted and
@@ -205,10 +277,23 @@ pub fn convert_slice_as<A: IpFamilyAddr>(slice: &EndpointSlice) -> SliceConversi
 /// both entries are combined, the kept entry's winning on a name clash.
 pub fn merge_slices<'a, A: IpFamilyAddr>(
     slices: impl IntoIterator<Item = &'a SliceInfo<A>>,
-) -> Vec<EndpointInfo<A>> {
+) -> Endpoints<A> {
+    let mut slices = slices.into_iter().peekable();
+    if let Some(first) = slices.next() {
+        if slices.peek().is_none() && in_merged_form(&first.endpoints) {
+            return first.endpoints.clone();
+        }
+        return merge_many(std::iter::once(first).chain(slices));
+    }
+    Endpoints::from([])
+}
+
+fn merge_many<'a, A: IpFamilyAddr>(
+    slices: impl IntoIterator<Item = &'a SliceInfo<A>>,
+) -> Endpoints<A> {
     let mut merged: BTreeMap<A, EndpointInfo<A>> = BTreeMap::new();
     for slice in slices {
-        for ep in &slice.endpoints {
+        for ep in slice.endpoints.iter() {
             match merged.entry(ep.address) {
                 Entry::Vacant(e) => {
                     e.insert(ep.clone());
@@ -226,7 +311,7 @@ pub fn merge_slices<'a, A: IpFamilyAddr>(
                         (Some(mut k), Some(o)) => {
                             let combined = Arc::make_mut(&mut k);
                             for (name, port) in o.iter() {
-                                combined.entry(name.clone()).or_insert(*port);
+                                combined.get_or_insert(name.clone(), *port);
                             }
                             Some(k)
                         }
@@ -246,10 +331,10 @@ pub fn merge_slices<'a, A: IpFamilyAddr>(
 #[derive(Debug)]
 pub struct EndpointsChangeTracker<A = Ipv4Addr> {
     /// Service -> slice name -> content, as of the latest update.
-    slices: BTreeMap<NamespacedName, BTreeMap<String, SliceInfo<A>>>,
+    slices: BTreeMap<NamespacedName, SmallMap<String, SliceInfo<A>>>,
     /// Slice namespace/name -> the service it is filed under.
     owners: BTreeMap<NamespacedName, NamespacedName>,
-    items: BTreeMap<NamespacedName, Change<Vec<EndpointInfo<A>>>>,
+    items: BTreeMap<NamespacedName, Change<Endpoints<A>>>,
 }
 
 impl<A> Default for EndpointsChangeTracker<A> {
@@ -313,7 +398,7 @@ impl<A: IpFamilyAddr> EndpointsChangeTracker<A> {
     fn modify(
         &mut self,
         service: &NamespacedName,
-        f: impl FnOnce(&mut BTreeMap<String, SliceInfo<A>>),
+        f: impl FnOnce(&mut SmallMap<String, SliceInfo<A>>),
     ) {
         let slices = self.slices.entry(service.clone()).or_default();
         let before = merge_slices(slices.values());
@@ -345,13 +430,11 @@ impl<A: IpFamilyAddr> EndpointsChangeTracker<A> {
     }
 
     /// The pending changes, in service name order.
-    pub fn pending(
-        &self,
-    ) -> impl Iterator<Item = (&NamespacedName, &Change<Vec<EndpointInfo<A>>>)> {
+    pub fn pending(&self) -> impl Iterator<Item = (&NamespacedName, &Change<Endpoints<A>>)> {
         self.items.iter()
     }
 
-    fn take(&mut self) -> BTreeMap<NamespacedName, Change<Vec<EndpointInfo<A>>>> {
+    fn take(&mut self) -> BTreeMap<NamespacedName, Change<Endpoints<A>>> {
         std::mem::take(&mut self.items)
     }
 }
@@ -361,7 +444,7 @@ impl<A: IpFamilyAddr> EndpointsChangeTracker<A> {
 /// One per IP family (`A`, IPv4 unless named).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointsMap<A = Ipv4Addr> {
-    services: BTreeMap<NamespacedName, Vec<EndpointInfo<A>>>,
+    services: BTreeMap<NamespacedName, Endpoints<A>>,
 }
 
 impl<A> Default for EndpointsMap<A> {
@@ -397,11 +480,11 @@ impl<A: IpFamilyAddr> EndpointsMap<A> {
 
     /// A service's endpoints, sorted by address; empty when it has none.
     pub fn get(&self, service: &NamespacedName) -> &[EndpointInfo<A>] {
-        self.services.get(service).map_or(&[], Vec::as_slice)
+        self.services.get(service).map_or(&[], |e| e)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&NamespacedName, &[EndpointInfo<A>])> {
-        self.services.iter().map(|(k, v)| (k, v.as_slice()))
+        self.services.iter().map(|(k, v)| (k, &**v))
     }
 
     pub fn len(&self) -> usize {
@@ -485,7 +568,7 @@ mod tests {
         assert!(tracker.update(None, Some(&v2)));
         let (_, change) = tracker.pending().next().expect("change");
         assert_eq!(change.previous.len(), 1);
-        let port = |eps: &Vec<EndpointInfo>| {
+        let port = |eps: &Endpoints| {
             eps[0]
                 .ports
                 .as_ref()

@@ -7,6 +7,7 @@
 pub mod endpoints;
 pub mod family;
 pub mod service;
+pub mod small_map;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -109,8 +110,8 @@ pub struct Model {
     endpoint_changes6: EndpointsChangeTracker<Ipv6Addr>,
     nodes: BTreeMap<String, Node>,
     node_changes: BTreeSet<String>,
-    /// The last full set given to `replace_all`.
-    objects: BTreeMap<ObjectKey, K8sObject>,
+    /// The last full set given to `replace_all`: a digest per object.
+    objects: BTreeMap<ObjectKey, u64>,
 }
 
 impl Model {
@@ -120,22 +121,28 @@ impl Model {
 
     /// For sources that deliver the whole set each time (manifest files): feeds the trackers
     /// with the difference from the previous set (by kind/namespace/name), then applies it.
-    /// Duplicate keys: the first object wins.
+    /// Duplicate keys: the first object wins. Only a digest of each object is kept between
+    /// calls (the trackers keep what they need of it).
     pub fn replace_all(&mut self, objects: impl IntoIterator<Item = K8sObject>) -> ModelChanges {
-        let mut next: BTreeMap<ObjectKey, K8sObject> = BTreeMap::new();
+        let mut next: BTreeMap<ObjectKey, u64> = BTreeMap::new();
         for obj in objects {
-            next.entry(obj.key()).or_insert(obj);
+            let std::collections::btree_map::Entry::Vacant(slot) = next.entry(obj.key()) else {
+                continue;
+            };
+            let digest = obj.digest();
+            if self.objects.get(slot.key()) != Some(&digest) {
+                let old = self
+                    .objects
+                    .contains_key(slot.key())
+                    .then(|| slot.key().tombstone());
+                self.on_object(old.as_ref(), Some(&obj));
+            }
+            slot.insert(digest);
         }
         let previous = std::mem::take(&mut self.objects);
-        for (key, old) in &previous {
+        for key in previous.keys() {
             if !next.contains_key(key) {
-                self.on_object(Some(old), None);
-            }
-        }
-        for (key, new) in &next {
-            let old = previous.get(key);
-            if old != Some(new) {
-                self.on_object(old, Some(new));
+                self.on_object(Some(&key.tombstone()), None);
             }
         }
         self.objects = next;
@@ -178,8 +185,12 @@ impl Model {
 
     /// A Service was added (`None, Some`), updated or deleted (`Some, None`). Returns whether
     /// changes are pending (apply them with `apply_pending`).
+    /// Only the name of `old` is read: the ports it had are those last applied.
     pub fn on_service(&mut self, old: Option<&Service>, new: Option<&Service>) -> bool {
-        self.service_changes.update(old, new)
+        let Some(name) = new.or(old).map(|s| NamespacedName::of(&s.metadata)) else {
+            return self.has_pending();
+        };
+        self.service_changes.update(&self.services, name, new)
     }
 
     /// An EndpointSlice was added, updated or deleted. Returns whether changes are pending.

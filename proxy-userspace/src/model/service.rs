@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::util::intstr::IntOrString};
 use tracing::{debug, info, warn};
 
-use super::{Change, NamespacedName};
+use super::{Change, NamespacedName, small_map::SmallMap};
 use crate::desired::{Protocol, ServicePortName};
 
 /// Services carrying this label are handled by another proxy (KEP-2447, e2e "should implement
@@ -147,7 +147,7 @@ impl ServicePortInfo {
 }
 
 /// The ports of one service, in `ServicePortName` order.
-pub type ServicePorts = BTreeMap<ServicePortName, ServicePortInfo>;
+pub type ServicePorts = SmallMap<ServicePortName, ServicePortInfo>;
 
 /// What a Service means to the proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -445,6 +445,7 @@ fn convert(service: &Service) -> Conversion {
             return Err(format!("{at}.name {port_name:?} is used twice"));
         }
     }
+    out.shrink_to_fit();
     Ok(Ok(out))
 }
 
@@ -602,13 +603,16 @@ impl ServiceChangeTracker {
         Self::default()
     }
 
-    /// Records an add (`None, Some`), update (`Some, Some`) or delete (`Some, None`).
-    /// Returns whether any change is pending.
-    pub fn update(&mut self, previous: Option<&Service>, current: Option<&Service>) -> bool {
-        let Some(svc) = current.or(previous) else {
-            return !self.items.is_empty();
-        };
-        let name = service_name(svc);
+    /// Records the Service `name` becoming `current` (`None`: deleted). The ports it had
+    /// before are those `applied` holds for it (what the map was last given, served or not),
+    /// so neither the caller nor a source has to keep the old object. Returns whether any
+    /// change is pending.
+    pub fn update(
+        &mut self,
+        applied: &ServicePortMap,
+        name: NamespacedName,
+        current: Option<&Service>,
+    ) -> bool {
         let current_ports = to_ports(current, true);
         match self.items.entry(name) {
             Entry::Occupied(mut e) => {
@@ -618,8 +622,7 @@ impl ServiceChangeTracker {
                 }
             }
             Entry::Vacant(e) => {
-                // Converted quietly: its problems were reported when it was current.
-                let previous_ports = to_ports(previous, false);
+                let previous_ports = applied.ports_of(e.key()).cloned().unwrap_or_default();
                 if previous_ports != current_ports {
                     e.insert(Change {
                         previous: previous_ports,
@@ -714,6 +717,11 @@ impl ServicePortMap {
             return None;
         }
         self.services.get(&svc)?.get(name)
+    }
+
+    /// The ports last applied for a service, whether it is served or rejected.
+    fn ports_of(&self, name: &NamespacedName) -> Option<&ServicePorts> {
+        self.services.get(name)
     }
 
     /// The ports of a served service.
@@ -994,9 +1002,9 @@ mod tests {
         let mut tracker = ServiceChangeTracker::new();
         let mut map = ServicePortMap::new();
         // Added in reverse order: the name order decides, not arrival.
-        tracker.update(None, Some(&np_service("b", 30000)));
-        tracker.update(None, Some(&np_service("a", 30000)));
-        tracker.update(None, Some(&np_service("c", 30001)));
+        for (name, port) in [("b", 30000), ("a", 30000), ("c", 30001)] {
+            tracker.update(&map, named(name), Some(&np_service(name, port)));
+        }
         let changed = map.apply(&mut tracker);
         assert_eq!(changed.len(), 3);
         let b = NamespacedName::new("default", "b");
@@ -1007,7 +1015,7 @@ mod tests {
         assert!(map.service(&b).is_none());
         assert_eq!(map.len(), 2);
         // a goes away: b is served, and reported as changed.
-        tracker.update(Some(&np_service("a", 30000)), None);
+        tracker.update(&map, named("a"), None);
         let changed = map.apply(&mut tracker);
         assert!(changed.contains(&b));
         assert!(map.service(&b).is_some());
@@ -1017,10 +1025,10 @@ mod tests {
     fn a_served_node_port_is_not_taken_by_a_newcomer() {
         let mut tracker = ServiceChangeTracker::new();
         let mut map = ServicePortMap::new();
-        tracker.update(None, Some(&np_service("z-old", 30000)));
+        tracker.update(&map, named("z-old"), Some(&np_service("z-old", 30000)));
         map.apply(&mut tracker);
         // "a-new" sorts first but arrives later: the served one keeps the nodePort.
-        tracker.update(None, Some(&np_service("a-new", 30000)));
+        tracker.update(&map, named("a-new"), Some(&np_service("a-new", 30000)));
         let changed = map.apply(&mut tracker);
         let newcomer = NamespacedName::new("default", "a-new");
         let old = NamespacedName::new("default", "z-old");
@@ -1039,26 +1047,33 @@ mod tests {
         let v2 = np_service("a", 30001);
         let v3 = np_service("a", 30002);
         let mut tracker = ServiceChangeTracker::new();
-        assert!(tracker.update(Some(&v1), Some(&v2)));
-        assert!(tracker.update(Some(&v2), Some(&v3)));
+        let mut map = ServicePortMap::new();
+        tracker.update(&map, named("a"), Some(&v1));
+        map.apply(&mut tracker);
+        // The previous ports come from what the map holds, not from an old object.
+        assert!(tracker.update(&map, named("a"), Some(&v2)));
+        assert!(tracker.update(&map, named("a"), Some(&v3)));
         let (_, change) = tracker.pending().next().expect("one change");
         let np = |ports: &ServicePorts| ports.values().next().and_then(|p| p.node_port);
         assert_eq!(np(&change.previous), Some(30000));
         assert_eq!(np(&change.current), Some(30002));
-        // Back to the first version: the change cancels out.
-        assert!(!tracker.update(Some(&v3), Some(&v1)));
+        // Back to the applied version: the change cancels out.
+        assert!(!tracker.update(&map, named("a"), Some(&v1)));
         assert!(tracker.is_empty());
+        // The same object again (a relist, a resync): no change.
+        assert!(!tracker.update(&map, named("a"), Some(&v1)));
         // Add then delete: nothing.
         let b = np_service("b", 30005);
-        assert!(tracker.update(None, Some(&b)));
-        assert!(!tracker.update(Some(&b), None));
+        assert!(tracker.update(&map, named("b"), Some(&b)));
+        assert!(!tracker.update(&map, named("b"), None));
         // An invalid update of a served service is a removal.
-        let mut map = ServicePortMap::new();
-        tracker.update(None, Some(&v1));
-        map.apply(&mut tracker);
         let bad = service("metadata: {name: a}\nspec: {type: NodePort, ports: [{port: 80}]}\n");
-        assert!(tracker.update(Some(&v1), Some(&bad)));
+        assert!(tracker.update(&map, named("a"), Some(&bad)));
         map.apply(&mut tracker);
         assert!(map.is_empty());
+    }
+
+    fn named(name: &str) -> NamespacedName {
+        NamespacedName::new("default", name)
     }
 }

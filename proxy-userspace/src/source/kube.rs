@@ -1,9 +1,10 @@
 //! The Kubernetes API source: kube-rs watchers on v1 Services, discovery.k8s.io/v1
 //! EndpointSlices and this node's v1 Node, fed into the model's `on_*` handlers.
 //!
-//! - Each kind keeps its own store (namespace/name -> object), so the model gets the right
-//!   `old` with every change, and a relist (`Init`, `InitApply`..., `InitDone`, after a start,
-//!   a 410 Gone or an interrupted list) is applied as a diff: objects known before and not
+//! - Each kind keeps the resourceVersion of every object it knows (not the object: the
+//!   model's trackers keep what they need), so unchanged objects are not handed on. A relist
+//!   (`Init`, `InitApply`..., `InitDone`, after a start, a 410 Gone or an interrupted list)
+//!   hands on each listed object as it comes; at `InitDone` the objects known before and not
 //!   re-listed are deleted, as kube-rs's watcher docs ask ("should be assumed to have been
 //!   Deleted").
 //! - `initial_sync_done` turns true once Services and EndpointSlices have both completed a
@@ -17,8 +18,9 @@
 //!   and the recovery once.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
+    marker::PhantomData,
     path::Path,
     pin::Pin,
     time::{Duration, Instant},
@@ -185,21 +187,54 @@ impl DropUnused for Node {
     }
 }
 
-/// One watched kind: the objects as last known, the relist in progress, sync state.
+/// What the source remembers of an object between events: its `resourceVersion`, which the
+/// API server changes with every write. Not the object itself: the model's trackers keep
+/// what they need of it, and a second copy of 10,000 Services and their EndpointSlices
+/// would be most of the agent's memory. Objects without one always count as changed (the
+/// trackers drop no-op changes).
+type Fingerprint = Option<String>;
+
+fn fingerprint<K: kube::Resource>(obj: &K) -> Fingerprint {
+    obj.meta().resource_version.clone()
+}
+
+/// An object standing for a deleted one: its name and namespace only, which is all the
+/// model reads of a deleted object.
+fn tombstone<K: kube::Resource + Default>(key: &NamespacedName, cluster_scoped: bool) -> K {
+    let mut obj = K::default();
+    let meta = obj.meta_mut();
+    meta.name = Some(key.name.clone());
+    if !cluster_scoped {
+        meta.namespace = Some(key.namespace.clone());
+    }
+    obj
+}
+
+/// A list in progress: the keys it listed so far (whatever is known and not listed by
+/// `InitDone` was deleted), and whether it changed anything yet.
+#[derive(Default)]
+struct Relist {
+    listed: BTreeSet<NamespacedName>,
+    changed: bool,
+}
+
+/// One watched kind: what is known of its objects, the relist in progress, sync state.
 struct Tracked<K> {
     kind: ObjectKind,
-    known: BTreeMap<NamespacedName, K>,
-    /// Objects of a list in progress (`Init` .. `InitDone`).
-    relist: Option<BTreeMap<NamespacedName, K>>,
+    known: BTreeMap<NamespacedName, Fingerprint>,
+    /// The list in progress (`Init` .. `InitDone`).
+    relist: Option<Relist>,
     /// A list completed at least once.
     synced: bool,
     relists: u64,
     log: FailureLog,
+    /// The kind's Rust type (only objects of it pass through, none is kept).
+    object: PhantomData<fn(K)>,
 }
 
 impl<K> Tracked<K>
 where
-    K: kube::Resource + Clone + PartialEq + DropUnused,
+    K: kube::Resource + Clone + Default + DropUnused,
 {
     fn new(kind: ObjectKind) -> Self {
         Self {
@@ -209,11 +244,24 @@ where
             synced: false,
             relists: 0,
             log: FailureLog::new(WARN_EVERY),
+            object: PhantomData,
         }
     }
 
     fn key(obj: &K) -> NamespacedName {
         NamespacedName::of(obj.meta())
+    }
+
+    fn tombstone(&self, key: &NamespacedName) -> K {
+        tombstone(key, self.kind == ObjectKind::Node)
+    }
+
+    /// Whether `obj` differs from what is known under its key.
+    fn changed(&self, key: &NamespacedName, obj: &K) -> bool {
+        match (self.known.get(key), fingerprint(obj)) {
+            (Some(Some(known)), Some(new)) => *known != new,
+            _ => true,
+        }
     }
 
     /// Drops what the proxy never reads and a real cluster makes large (kube-rs's
@@ -227,8 +275,9 @@ where
         }
     }
 
-    /// Applies one watcher event to the store, reporting each change as `(old, new)` to
-    /// `on_change`. Returns whether anything was reported or the kind became synced.
+    /// Applies one watcher event, reporting each change as `(old, new)` to `on_change`
+    /// (`old` of a deleted object is a tombstone carrying its name). Returns whether anything
+    /// was reported or the kind became synced.
     fn handle(
         &mut self,
         event: Result<Event<K>, watcher::Error>,
@@ -254,34 +303,48 @@ where
                 if self.relist.is_some() {
                     debug!(kind = self.kind.as_str(), "list restarted");
                 }
-                self.relist = Some(BTreeMap::new());
+                self.relist = Some(Relist::default());
                 false
             }
             Event::InitApply(mut obj) => {
-                Self::strip(&mut obj);
-                self.relist
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(Self::key(&obj), obj);
+                // Handed on at once, not buffered until `InitDone`: 10,000 buffered objects
+                // were the agent's peak memory, and their release left the heap in holes.
+                // The agent programs nothing before the first list is done; during a later
+                // relist each object is at its old or its new version, as during a watch.
+                let key = Self::key(&obj);
+                let relist = self.relist.get_or_insert_with(Relist::default);
+                relist.listed.insert(key.clone());
+                if self.changed(&key, &obj) {
+                    Self::strip(&mut obj);
+                    let old = self
+                        .known
+                        .insert(key.clone(), fingerprint(&obj))
+                        .map(|_| self.tombstone(&key));
+                    on_change(old.as_ref(), Some(&obj));
+                    if let Some(r) = self.relist.as_mut() {
+                        r.changed = true;
+                    }
+                }
+                // The caller is woken once, at `InitDone`.
                 false
             }
             Event::InitDone => {
-                let listed = self.relist.take().unwrap_or_default();
-                let mut changed = false;
-                for (key, old) in &self.known {
-                    if !listed.contains_key(key) {
-                        debug!(kind = self.kind.as_str(), %key, "gone in the relist");
-                        on_change(Some(old), None);
-                        changed = true;
-                    }
+                let Relist {
+                    listed,
+                    mut changed,
+                } = self.relist.take().unwrap_or_default();
+                let gone: Vec<NamespacedName> = self
+                    .known
+                    .keys()
+                    .filter(|key| !listed.contains(*key))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    debug!(kind = self.kind.as_str(), %key, "gone in the relist");
+                    self.known.remove(&key);
+                    on_change(Some(&self.tombstone(&key)), None);
+                    changed = true;
                 }
-                for (key, new) in &listed {
-                    let old = self.known.get(key);
-                    if old != Some(new) {
-                        on_change(old, Some(new));
-                        changed = true;
-                    }
-                }
-                self.known = listed;
                 self.relists += 1;
                 let first = !self.synced;
                 self.synced = true;
@@ -302,22 +365,28 @@ where
                 changed || first
             }
             Event::Apply(mut obj) => {
-                Self::strip(&mut obj);
                 let key = Self::key(&obj);
-                if self.known.get(&key) == Some(&obj) {
+                if !self.changed(&key, &obj) {
                     return false;
                 }
-                let old = self.known.insert(key, obj.clone());
+                Self::strip(&mut obj);
+                let old = self
+                    .known
+                    .insert(key.clone(), fingerprint(&obj))
+                    .map(|_| self.tombstone(&key));
                 on_change(old.as_ref(), Some(&obj));
                 true
             }
-            Event::Delete(obj) => match self.known.remove(&Self::key(&obj)) {
-                Some(old) => {
-                    on_change(Some(&old), None);
-                    true
+            Event::Delete(obj) => {
+                let key = Self::key(&obj);
+                match self.known.remove(&key) {
+                    Some(_) => {
+                        on_change(Some(&self.tombstone(&key)), None);
+                        true
+                    }
+                    None => false,
                 }
-                None => false,
-            },
+            }
         }
     }
 
@@ -563,10 +632,10 @@ mod tests {
             &mut model,
             Ok(Event::InitApply(b.clone()))
         ));
-        assert!(!t.synced);
+        assert!(!t.synced, "not synced before InitDone");
         assert!(
-            !model.has_pending(),
-            "nothing reaches the model before InitDone"
+            model.has_pending(),
+            "listed objects reach the model as they come"
         );
         assert!(svc_handle(&mut t, &mut model, Ok(Event::InitDone)));
         assert!(t.synced);
@@ -585,7 +654,7 @@ mod tests {
         assert_eq!(d.frontends[0].port, 81);
 
         // The same relist again: nothing to report.
-        let a2 = t.known.values().next().cloned().unwrap();
+        let a2 = with_rv(simple_service("a", "10.96.0.1", 81, "80"), "7");
         svc_handle(&mut t, &mut model, Ok(Event::Init));
         svc_handle(&mut t, &mut model, Ok(Event::InitApply(a2)));
         assert!(!svc_handle(&mut t, &mut model, Ok(Event::InitDone)));
@@ -611,7 +680,7 @@ mod tests {
     }
 
     #[test]
-    fn apply_and_delete_carry_old_objects() {
+    fn apply_and_delete_by_name() {
         let mut t = Tracked::<Service>::new(ObjectKind::Service);
         let mut model = Model::new();
         svc_handle(&mut t, &mut model, Ok(Event::Init));
@@ -621,7 +690,7 @@ mod tests {
         assert!(!svc_handle(&mut t, &mut model, Ok(Event::Apply(a.clone()))));
         model.apply_pending();
         assert_eq!(model.services().len(), 1);
-        // A delete of an unknown object is ignored; of a known one, uses the stored object.
+        // A delete of an unknown object is ignored; of a known one, is reported by name.
         let mut other = a.clone();
         other.metadata = ObjectMeta {
             name: Some("zzz".into()),

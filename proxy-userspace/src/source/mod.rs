@@ -5,11 +5,17 @@
 pub mod kube;
 pub mod manifests;
 
-use std::fmt;
+use std::{
+    fmt,
+    hash::{Hash, Hasher},
+};
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 pub use self::manifests::{Diagnostic, Level, ManifestWatcher, Origin, Parsed, parse_manifest};
@@ -41,6 +47,32 @@ pub struct ObjectKey {
     pub name: String,
 }
 
+impl ObjectKey {
+    /// An object standing for the deleted object of this key: its name and namespace only,
+    /// which is all the model reads of a deleted object.
+    pub fn tombstone(&self) -> K8sObject {
+        let meta = ObjectMeta {
+            name: Some(self.name.clone()),
+            namespace: (!self.namespace.is_empty()).then(|| self.namespace.clone()),
+            ..ObjectMeta::default()
+        };
+        match self.kind {
+            ObjectKind::Service => K8sObject::Service(Box::new(Service {
+                metadata: meta,
+                ..Service::default()
+            })),
+            ObjectKind::EndpointSlice => K8sObject::EndpointSlice(Box::new(EndpointSlice {
+                metadata: meta,
+                ..EndpointSlice::default()
+            })),
+            ObjectKind::Node => K8sObject::Node(Box::new(Node {
+                metadata: meta,
+                ..Node::default()
+            })),
+        }
+    }
+}
+
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.namespace.is_empty() {
@@ -60,6 +92,21 @@ pub enum K8sObject {
 }
 
 impl K8sObject {
+    /// A digest of the whole object, to tell a changed object from an unchanged one without
+    /// keeping a copy.
+    pub fn digest(&self) -> u64 {
+        let json = match self {
+            K8sObject::Service(o) => serde_json::to_vec(o),
+            K8sObject::EndpointSlice(o) => serde_json::to_vec(o),
+            K8sObject::Node(o) => serde_json::to_vec(o),
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        // Serializing these plain data types does not fail; if it did, the object would
+        // count as changed every time, which is safe.
+        json.unwrap_or_default().hash(&mut h);
+        h.finish()
+    }
+
     pub fn kind(&self) -> ObjectKind {
         match self {
             K8sObject::Service(_) => ObjectKind::Service,

@@ -12,6 +12,7 @@ use tokio::{
 
 use super::{
     Shared,
+    pages::ExpiredToken,
     store::{Change, Key, Resource, field_selector_matches, label_selector_matches},
 };
 
@@ -281,19 +282,49 @@ async fn handle(shared: &Arc<Shared>, stream: &mut TcpStream, req: Request) -> b
             if watch {
                 watch_stream(shared, stream, &req, resource, namespace, &filter).await
             } else {
-                let (rv, items) = {
-                    let store = shared.store.lock().unwrap();
-                    (
-                        store.resource_version(),
-                        store.list(resource, namespace.as_deref(), &filter),
-                    )
+                let limit = req
+                    .query
+                    .get("limit")
+                    .and_then(|l| l.parse::<usize>().ok())
+                    .filter(|l| *l > 0);
+                // The lock is not held across an await (the guard is not `Send`).
+                let continued = req
+                    .query
+                    .get("continue")
+                    .filter(|t| !t.is_empty())
+                    .map(|token| shared.pages.lock().unwrap().next(token, limit));
+                let page = match continued {
+                    Some(next) => match next {
+                        Ok(page) => page,
+                        Err(ExpiredToken) => {
+                            shared.count_expired();
+                            let msg = "The provided continue parameter is too old to display a \
+                                       consistent list result. You can start a new list without \
+                                       the continue parameter.";
+                            return respond(stream, 410, &status(410, "Expired", msg)).await;
+                        }
+                    },
+                    None => {
+                        let (rv, items) = {
+                            let store = shared.store.lock().unwrap();
+                            (
+                                store.resource_version(),
+                                store.list(resource, namespace.as_deref(), &filter),
+                            )
+                        };
+                        shared.count_list(resource);
+                        shared.pages.lock().unwrap().first(rv, items, limit)
+                    }
                 };
-                shared.count_list(resource);
+                let mut metadata = json!({"resourceVersion": page.resource_version.to_string()});
+                if let Some(token) = page.continue_token {
+                    metadata["continue"] = json!(token);
+                }
                 let body = json!({
                     "kind": format!("{}List", resource.kind()),
                     "apiVersion": resource.api_version(),
-                    "metadata": {"resourceVersion": rv.to_string()},
-                    "items": items,
+                    "metadata": metadata,
+                    "items": page.items,
                 });
                 respond(stream, 200, &body).await
             }

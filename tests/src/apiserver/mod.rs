@@ -11,7 +11,8 @@
 //!   `allowWatchBookmarks=true`, until `timeoutSeconds`. A version older than the history gets
 //!   an `ERROR` event with a 410 `Expired` Status (what a real server sends, and what makes
 //!   kube-rs's watcher relist). `sendInitialEvents=true` (streaming lists) is supported;
-//!   `resourceVersionMatch`, `limit` and `continue` are accepted and ignored (one page).
+//!   `limit` and `continue` page a list from a snapshot taken by its first page (see
+//!   `pages`); `resourceVersionMatch` is accepted and ignored.
 //! - The test drives it: [`TestApiServer::apply`] / [`TestApiServer::delete`] change objects,
 //!   [`TestApiServer::stop`] drops the listener and every connection (the API server going
 //!   away), [`TestApiServer::start`] serves again on the same address with the same objects
@@ -23,6 +24,7 @@
 //! `#[test]`s and from async tests; all methods are synchronous.
 
 mod http;
+mod pages;
 pub mod store;
 
 use std::{
@@ -115,6 +117,8 @@ struct Shared {
     counters: Counters,
     /// Resources whose requests are answered 500 (see `TestApiServer::set_failing`).
     failing: Mutex<Vec<Resource>>,
+    /// Paged lists in progress.
+    pages: Mutex<pages::ListPages>,
 }
 
 impl Shared {
@@ -188,6 +192,7 @@ impl Builder {
             bookmark_interval: self.bookmark_interval,
             counters: Counters::default(),
             failing: Mutex::new(Vec::new()),
+            pages: Mutex::new(pages::ListPages::default()),
         });
         let (handle_tx, handle_rx) = mpsc::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
