@@ -12,6 +12,7 @@ pub mod config;
 pub mod conntrack;
 pub mod conntrack6;
 pub mod crc32c;
+pub mod devices;
 pub mod lb;
 pub mod lb6;
 pub mod maglev;

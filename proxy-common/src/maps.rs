@@ -57,6 +57,10 @@ pub const LB6_SRC_RANGE: &str = "KP_SRCR6_V1";
 /// SCTP's CRC32c factor by SCTP length (array, written once at load): `u32` length -> `u32`
 /// x^(8 * (length - 4)) modulo the CRC32c polynomial (see [`crate::crc32c`]); 0 = unwritten.
 pub const SCTP_CRC_SHIFT: &str = "KP_SCTP_CRC_V1";
+/// This node's pod devices that have a peer in another namespace (veth, netkit), written by
+/// the agent from the node's links: `u32` ifindex -> `u32` `crate::devices::POD_DEV_*` flags.
+/// A device without an entry is forwarded to as before (`bpf_redirect`).
+pub const POD_DEVICES: &str = "KP_PODDEV_V1";
 
 /// 10,000 Services x 10 endpoints need 110,000 entries (a master and a slot per backend).
 pub const LB4_SERVICES_MAX: u32 = 131_072;
@@ -91,8 +95,11 @@ pub const LB6_SRC_RANGE_MAX: u32 = 16_384;
 /// every packet the parser accepts has its factor, GSO-sized ones included: 256 KiB.
 pub const SCTP_CRC_SHIFT_MAX: u32 = 65_536;
 
+/// Pod devices of one node (kubelet's max-pods is 110 by default, at most a few hundred).
+pub const POD_DEVICES_MAX: u32 = 4_096;
+
 /// Every map the agent pins, in the order a clean-up may remove them.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 25] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_REVERSE_NAT,
@@ -117,6 +124,7 @@ pub const ALL: [&str; 24] = [
     LB6_AFFINITY,
     LB6_SRC_RANGE,
     SCTP_CRC_SHIFT,
+    POD_DEVICES,
 ];
 
 /// Maps that hold settings written at load: arrays that are always "full".

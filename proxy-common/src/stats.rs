@@ -81,8 +81,13 @@ pub const STAT_PASS_SCTP_NO_CRC_FACTOR: u32 = 28;
 /// (the IPv6 device path translates SCTP by address only).
 pub const STAT_PASS_SCTP6_PORT_REWRITE: u32 = 29;
 
+/// tc ingress: a FIB-forwarded packet went to a pod device the agent marked
+/// (`crate::devices::POD_DEV_PEER`) and was delivered straight into the pod's namespace with
+/// `bpf_redirect_peer` (also counted as [`STAT_FIB_FORWARD`]).
+pub const STAT_FWD_REDIRECT_PEER: u32 = 30;
+
 /// Number of reasons defined (indexes `0..STAT_REASONS`).
-pub const STAT_REASONS: usize = 30;
+pub const STAT_REASONS: usize = 31;
 
 /// The `reason` label of each index, for userspace.
 pub const STAT_NAMES: [&str; STAT_REASONS] = [
@@ -116,6 +121,7 @@ pub const STAT_NAMES: [&str; STAT_REASONS] = [
     "conntrack_lost_midflow",
     "pass_sctp_no_crc_factor",
     "pass_sctp6_port_rewrite",
+    "fib_redirect_peer",
 ];
 
 /// Traffic of one frontend (one reverse-NAT index), per CPU.
@@ -137,4 +143,4 @@ unsafe impl aya::Pod for SvcStats {}
 
 const _: () = assert!(core::mem::size_of::<SvcStats>() == 24);
 const _: () = assert!(STAT_REASONS as u32 <= crate::maps::STATS_MAX);
-const _: () = assert!(STAT_PASS_SCTP6_PORT_REWRITE as usize + 1 == STAT_REASONS);
+const _: () = assert!(STAT_FWD_REDIRECT_PEER as usize + 1 == STAT_REASONS);

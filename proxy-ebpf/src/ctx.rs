@@ -12,7 +12,7 @@ use aya_ebpf::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
         xdp_action,
     },
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_redirect, bpf_redirect_peer},
     programs::{TcContext, XdpContext},
 };
 
@@ -113,6 +113,13 @@ pub trait NetCtx {
 
     /// Sends the packet out of `ifindex` (after a successful FIB lookup).
     fn forward(&self, ifindex: u32) -> i32;
+
+    /// Whether [`NetCtx::redirect_peer`] is available (tc ingress; XDP has no such helper).
+    const CAN_REDIRECT_PEER: bool;
+
+    /// Delivers the packet into the ingress of `ifindex`'s peer device (in another network
+    /// namespace). Only for a device that has one: the kernel drops the packet otherwise.
+    fn redirect_peer(&self, ifindex: u32) -> i32;
 }
 
 impl NetCtx for XdpContext {
@@ -259,6 +266,13 @@ impl NetCtx for XdpContext {
             // SAFETY: plain helper call; returns XDP_REDIRECT or XDP_ABORTED.
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
+    }
+
+    const CAN_REDIRECT_PEER: bool = false;
+
+    #[inline(always)]
+    fn redirect_peer(&self, ifindex: u32) -> i32 {
+        self.forward(ifindex)
     }
 }
 
@@ -407,5 +421,13 @@ impl NetCtx for TcContext {
     fn forward(&self, ifindex: u32) -> i32 {
         // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
         unsafe { bpf_redirect(ifindex, 0) as i32 }
+    }
+
+    const CAN_REDIRECT_PEER: bool = true;
+
+    #[inline(always)]
+    fn redirect_peer(&self, ifindex: u32) -> i32 {
+        // SAFETY: plain helper call (kernel >= 5.10); returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+        unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
     }
 }

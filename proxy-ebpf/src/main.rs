@@ -11,6 +11,7 @@ mod csum;
 mod ct;
 mod ct6;
 mod ctx;
+mod fwd;
 mod icmp;
 mod icmp6;
 mod lb;

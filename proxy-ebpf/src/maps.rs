@@ -62,6 +62,7 @@ const _: () = assert!(name_is("KP_NAT6_REV_V1", names::NAT6_REV));
 const _: () = assert!(name_is("KP_AFF6_V1", names::LB6_AFFINITY));
 const _: () = assert!(name_is("KP_SRCR6_V1", names::LB6_SRC_RANGE));
 const _: () = assert!(name_is("KP_SCTP_CRC_V1", names::SCTP_CRC_SHIFT));
+const _: () = assert!(name_is("KP_PODDEV_V1", names::POD_DEVICES));
 
 #[map(name = "KP_LB4_SVC_V1")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> = HashMap::pinned(names::LB4_SERVICES_MAX, 0);
@@ -159,3 +160,7 @@ pub static LB6_SRC_RANGE: LpmTrie<Lb6SrcRangeKey, u8> =
 /// the agent at load; 0 = not written.
 #[map(name = "KP_SCTP_CRC_V1")]
 pub static SCTP_CRC_SHIFT: Array<u32> = Array::pinned(names::SCTP_CRC_SHIFT_MAX, 0);
+
+/// ifindex -> `proxy_common::devices::POD_DEV_*` flags, written by the agent.
+#[map(name = "KP_PODDEV_V1")]
+pub static POD_DEVICES: HashMap<u32, u32> = HashMap::pinned(names::POD_DEVICES_MAX, 0);

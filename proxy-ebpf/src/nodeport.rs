@@ -29,6 +29,7 @@ use crate::{
         snat4_alloc_port, snat4_port_in_range, tcp_is_syn,
     },
     ctx::{NetCtx, PktErr},
+    fwd::fwd_to_device,
     icmp::icmp4_err_xlate,
     lb::{
         lb4_config, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend,
@@ -436,8 +437,9 @@ fn lb4_flow_get(
 }
 
 /// With CFG_FLAG_XDP_FIB_FORWARD: route the translated packet with `bpf_fib_lookup`,
-/// decrement the TTL, rewrite the Ethernet header and send it out directly. Anything the FIB
-/// cannot resolve (no neighbour yet, local destination, MTU) goes to the stack.
+/// decrement the TTL, rewrite the Ethernet header and send it out directly (from tc, straight
+/// into a local pod's namespace: [`fwd_to_device`]). Anything the FIB cannot resolve (no
+/// neighbour yet, local destination, MTU) goes to the stack.
 #[inline(always)]
 fn nodeport_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt4) -> Result<i32, PktErr> {
     if cfg.flags & CFG_FLAG_XDP_FIB_FORWARD == 0 {
@@ -469,7 +471,7 @@ fn nodeport_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt4) -> Result<i
     ctx.store_l3_u16(pkt.l3_off + IP_OFF_TTL, pkt.l3_csum_off(), old, new)?;
     ctx.store_eth(&params.dmac, &params.smac)?;
     stat_inc(STAT_FIB_FORWARD);
-    Ok(ctx.forward(params.ifindex))
+    Ok(fwd_to_device(ctx, params.ifindex))
 }
 
 /// Headers the tc programs read and write: Ethernet, IPv4 with options, TCP; or for an ICMP

@@ -44,6 +44,7 @@ use crate::{
         nat6_rev_lookup, snat6_alloc_port,
     },
     ctx::{NetCtx, PktErr},
+    fwd::fwd_to_device,
     icmp6::{IPPROTO_ICMPV6, Icmp6Scratch, icmp6_err_xlate},
     lb::lb4_config,
     lb6::{lb6_lookup_backend, lb6_lookup_service},
@@ -484,5 +485,5 @@ fn nodeport6_forward<C: NetCtx>(ctx: &C, cfg: &Lb4Config, pkt: &Pkt6) -> Result<
     ctx.store_raw(IP6_L3_OFF + IP6_OFF_HOP_LIMIT, pkt.hop_limit - 1)?;
     ctx.store_eth(&params.dmac, &params.smac)?;
     stat_inc(STAT_FIB_FORWARD);
-    Ok(ctx.forward(params.ifindex))
+    Ok(fwd_to_device(ctx, params.ifindex))
 }

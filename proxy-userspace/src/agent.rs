@@ -162,6 +162,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             devices: devices.clone(),
             xdp_fib_forward: args.xdp_fib_forward,
             device_ingress_xdp: args.device_ingress == crate::cli::DeviceIngress::Xdp,
+            tc_redirect_peer: args.tc_redirect_peer,
             maglev_table_size: match args.lb_algorithm {
                 crate::cli::LbAlgorithm::Maglev => Some(args.maglev_table_size),
                 crate::cli::LbAlgorithm::Random => None,
@@ -300,6 +301,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        dataplane.follow_links();
         if nodeport_addrs != last_nodeport_addrs {
             last_nodeport_addrs = nodeport_addrs;
             dirty = true;

@@ -211,6 +211,13 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = DeviceIngress::Xdp)]
     pub device_ingress: DeviceIngress,
 
+    /// With tc on a device's ingress: deliver translated packets for a pod on this node
+    /// straight into the pod's network namespace (`bpf_redirect_peer` into its veth or netkit
+    /// device, kernel >= 5.10), skipping the host end's transmit and the backlog queue. Off:
+    /// `bpf_redirect` to the host end, as before. Needs `--xdp-fib-forward`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub tc_redirect_peer: bool,
+
     /// How the eBPF mode picks a backend for traffic entering the node (nodePort, externalIP,
     /// LoadBalancer): `maglev` (consistent hashing: every node picks the same backend for a
     /// flow) or `random`. Socket-level load balancing is always random.

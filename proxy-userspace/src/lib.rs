@@ -12,6 +12,7 @@ pub mod desired_cache;
 pub mod health;
 pub mod healthcheck;
 pub mod inspect;
+pub mod links;
 pub mod mode;
 pub mod netdev;
 

@@ -40,6 +40,7 @@ pub const XDP_TX: u32 = 3;
 pub const XDP_DROP: u32 = 1;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 pub const PROG_XDP: &str = "kproxy_xdp_ingress";
 pub const PROG_TC_INGRESS: &str = "kproxy_tc_ingress";
@@ -634,6 +635,14 @@ impl Fixture {
         };
         svcs.insert(Lb4Key::new(be32(addr), be16(port), proto, 0), master, 0)
             .unwrap();
+    }
+
+    /// Marks `ifindex` in `KP_PODDEV_V1` with `flags` (`POD_DEV_*`), as the agent does for a
+    /// pod's veth.
+    pub fn set_pod_device(&mut self, ifindex: u32, flags: u32) {
+        let mut m: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(self.map(maps::POD_DEVICES)).unwrap();
+        m.insert(ifindex, flags, 0).unwrap();
     }
 
     /// Overwrites the SCTP CRC32c factor of the SCTP length `len` (0 = as never written).

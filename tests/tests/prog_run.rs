@@ -552,6 +552,123 @@ fn fib_forward_falls_back_to_the_stack() {
     assert_eq!((p.saddr, p.daddr, p.dport), (NODE, REMOTE_BE, BE_PORT));
 }
 
+/// Puts the calling thread into the network namespace at `path` until dropped (test runs
+/// use the caller's namespace: its FIB, neighbours and devices).
+struct ThreadNetns {
+    back: std::fs::File,
+}
+
+impl ThreadNetns {
+    fn enter(path: &std::path::Path) -> Self {
+        use std::os::fd::AsRawFd as _;
+        let back = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+        let to = std::fs::File::open(path).unwrap();
+        // SAFETY: setns on fds we own; affects only this thread.
+        assert_eq!(
+            unsafe { libc::setns(to.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        Self { back }
+    }
+}
+
+impl Drop for ThreadNetns {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: as in `enter`.
+        unsafe { libc::setns(self.back.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
+
+/// tc ingress on a node whose FIB routes the local backend through a pod's veth (its peer in
+/// the pod's namespace, the neighbour known): with the veth marked in `KP_PODDEV_V1` the
+/// packet is sent with `bpf_redirect_peer` (TC_ACT_REDIRECT, counted as fib_redirect_peer),
+/// its Ethernet header set from the FIB (the pod's MAC, the veth's MAC) and its TTL
+/// decremented; unmarked, it is redirected the old way (not counted); XDP never uses it.
+#[test]
+fn tc_redirects_into_a_marked_pod_veth_with_redirect_peer() {
+    use kproxy_tests::harness::sys::{NetNs, unique_id};
+    const POD_MAC: &str = "02:00:00:00:00:0a";
+    const VETH_MAC: &str = "02:00:00:00:00:01";
+    let id = unique_id();
+    let node = NetNs::create(&format!("{id}-prnode")).unwrap();
+    let pod = NetNs::create(&format!("{id}-prpod")).unwrap();
+    let be = Ipv4Addr::from(LOCAL_BE).to_string();
+    node.ip(&[
+        "link",
+        "add",
+        "vp0",
+        "address",
+        VETH_MAC,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ])
+    .unwrap();
+    pod.ip(&["link", "set", "eth0", "address", POD_MAC, "up"])
+        .unwrap();
+    node.ip_batch(&[
+        "link set vp0 up".into(),
+        format!("route add {be}/32 dev vp0"),
+        format!("neigh add {be} lladdr {POD_MAC} dev vp0 nud permanent"),
+    ])
+    .unwrap();
+    node.sysctl("net.ipv4.ip_forward", "1").unwrap();
+
+    let mut fx = nodeport_fixture(IPPROTO_TCP, &[local_be()]);
+    fx.set_config(
+        CFG_FLAG_READY | CFG_FLAG_XDP_FIB_FORWARD,
+        SNAT_MIN,
+        SNAT_MAX,
+    );
+    let mac = |s: &str| -> Vec<u8> {
+        s.split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    };
+    let syn = syn_to_nodeport().build();
+    let _in_node = ThreadNetns::enter(&node.path());
+    let vp0 = kproxy::netdev::ifindex("vp0").expect("vp0 in the node namespace");
+
+    // Not marked: redirected through the host end (bpf_redirect), not counted.
+    let before = fx.events();
+    let (ret, _) = fx.run(PROG_TC_INGRESS, &syn);
+    let after = fx.events();
+    assert_eq!(ret, TC_ACT_REDIRECT, "unmarked veth");
+    let d = |a: &[u64], b: &[u64], r: u32| a[r as usize] - b[r as usize];
+    assert_eq!(d(&after, &before, STAT_FIB_FORWARD), 1);
+    assert_eq!(d(&after, &before, STAT_FWD_REDIRECT_PEER), 0);
+
+    fx.set_pod_device(vp0, proxy_common::devices::POD_DEV_PEER);
+    let before = fx.events();
+    let (ret, out) = fx.run(PROG_TC_INGRESS, &syn);
+    let after = fx.events();
+    assert_eq!(ret, TC_ACT_REDIRECT, "marked veth");
+    assert_eq!(d(&after, &before, STAT_FIB_FORWARD), 1);
+    assert_eq!(d(&after, &before, STAT_FWD_REDIRECT_PEER), 1);
+    assert_eq!(out[0..6], mac(POD_MAC)[..], "destination MAC: the pod's");
+    assert_eq!(out[6..12], mac(VETH_MAC)[..], "source MAC: the host end's");
+    assert_eq!(out[ETH_HLEN + 8], syn[ETH_HLEN + 8] - 1, "TTL decremented");
+    assert_checksums(&out, "peer-redirected SYN");
+    let p = parse(&out);
+    assert_eq!(
+        (p.saddr, p.daddr, p.dport),
+        (CLIENT, LOCAL_BE, BE_PORT),
+        "a local backend: DNAT only, the client's address kept"
+    );
+
+    // XDP cannot redirect into a veth: it leaves the packet to the stack.
+    let before = fx.events();
+    let (ret, _) = fx.run(PROG_XDP, &syn);
+    let after = fx.events();
+    assert_eq!(ret, XDP_PASS);
+    assert_eq!(d(&after, &before, STAT_FWD_REDIRECT_PEER), 0);
+}
+
 /// A cgroup2 directory for one test; the program links are dropped before it is removed.
 struct TempCgroup {
     path: PathBuf,

@@ -51,4 +51,9 @@ pub trait Dataplane {
     fn set_devices(&mut self, _devices: &[(String, u32)]) -> anyhow::Result<()> {
         Ok(())
     }
+
+    /// Called on every poll of the agent's loop: backends that keep a view of the node's
+    /// other links (the eBPF mode's pod devices) refresh it when due. Failures are logged
+    /// by the backend; the last view stays.
+    fn follow_links(&mut self) {}
 }

@@ -197,14 +197,15 @@ fn change_latency_main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// ebpf (XDP), ebpf-tc (the same with `--device-ingress tc`), nftables, iptables, and
-/// userspace when the built kproxy has it.
+/// ebpf (XDP), ebpf-tc (the same with `--device-ingress tc`), ebpf-tc-nopeer (tc without the
+/// `bpf_redirect_peer` fast path into local pods), nftables, iptables, and userspace when the
+/// built kproxy has it.
 fn modes() -> Result<Vec<String>> {
     let help = std::process::Command::new(kproxy_bin()?)
         .args(["run", "--help"])
         .output()?;
     let help = String::from_utf8_lossy(&help.stdout);
-    let mut modes: Vec<String> = ["ebpf", "ebpf-tc", "nftables", "iptables"]
+    let mut modes: Vec<String> = ["ebpf", "ebpf-tc", "ebpf-tc-nopeer", "nftables", "iptables"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -371,6 +372,10 @@ fn run_baseline(c: &mut Cluster, s: &Settings) -> Result<ModeResult> {
 fn agent_mode(mode: &str) -> (&str, &'static [&'static str]) {
     match mode {
         "ebpf-tc" => ("ebpf", &["--device-ingress", "tc"]),
+        "ebpf-tc-nopeer" => (
+            "ebpf",
+            &["--device-ingress", "tc", "--tc-redirect-peer", "false"],
+        ),
         other => (other, &[]),
     }
 }
@@ -411,7 +416,11 @@ fn run_mode(c: &mut Cluster, s: &Settings, mode: &str) -> Result<ModeResult> {
     let _ = c.stop_agent(1);
     let _ = c.agent_cleanup(1);
     // The control plane of ebpf-tc is ebpf's: measured once.
-    let scales: &[usize] = if mode == "ebpf-tc" { &[] } else { &s.scales };
+    let scales: &[usize] = if mode.starts_with("ebpf-tc") {
+        &[]
+    } else {
+        &s.scales
+    };
     for &n in scales {
         match program_scale(c, s, mode, n) {
             Ok(sr) => r.scale.push(sr),
@@ -539,12 +548,14 @@ fn udp_rate(c: &mut Cluster, dst: Ipv4Addr, port: u16, secs: u64) -> Result<(f64
     let sink = pod.spawn_piped("udp-sink", &[&me, "udp-sink", &sink_addr, &sink_secs])?;
     std::thread::sleep(Duration::from_millis(300));
     let cpu0 = sys_stats::cpu_busy_seconds();
+    let softirq0 = sys_stats::ksoftirqd_cpu_seconds();
     let target = format!("{dst}:{port}");
     let out = c.client().output_timeout(
         &[&me, "udp-flood", &target, &secs.to_string()],
         Duration::from_secs(secs + 20),
     )?;
     let cpu1 = sys_stats::cpu_busy_seconds();
+    let softirq = sys_stats::ksoftirqd_cpu_seconds() - softirq0;
     let sent: u64 = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
@@ -554,7 +565,16 @@ fn udp_rate(c: &mut Cluster, dst: Ipv4Addr, port: u16, secs: u64) -> Result<(f64
         .trim()
         .parse()
         .context("udp-sink printed no count")?;
-    eprintln!("bench:   UDP to {target}: sent {sent}, delivered {got}");
+    // The packet path's own cost, unaffected by other load on the machine (see
+    // `load::self_cpu_seconds`), with the softirq work deferred to ksoftirqd meanwhile.
+    let own = load::printed_cpu_seconds(&out.stderr)
+        .zip(load::printed_cpu_seconds(&sink_out.stderr))
+        .filter(|_| got > 0)
+        .map(|(a, b)| format!("{:.0}", (a + b + softirq) * 1e9 / got as f64))
+        .unwrap_or_else(|| "?".into());
+    eprintln!(
+        "bench:   UDP to {target}: sent {sent}, delivered {got}, sender+sink+ksoftirqd CPU ns/pkt {own}"
+    );
     let rate = got as f64 / secs as f64;
     let cpu = match (cpu0, cpu1) {
         (Some(a), Some(b)) if got > 0 => Some((b - a) * 1e9 / got as f64),

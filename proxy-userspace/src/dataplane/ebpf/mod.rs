@@ -10,6 +10,7 @@ pub mod layout;
 pub mod maglev;
 pub mod maps;
 pub mod maps6;
+pub mod pod_devices;
 pub mod sctp_crc;
 pub mod sock_destroy;
 pub mod writer;
@@ -43,6 +44,9 @@ pub struct EbpfSettings {
     pub xdp_fib_forward: bool,
     /// XDP on the devices' ingress (else tc, as where native XDP cannot attach).
     pub device_ingress_xdp: bool,
+    /// tc ingress delivers packets for local pods into their namespace with
+    /// `bpf_redirect_peer` (the agent marks the pods' veths in `KP_PODDEV_V1`).
+    pub tc_redirect_peer: bool,
     /// Maglev table size for traffic entering the node; None = random selection.
     pub maglev_table_size: Option<u32>,
     /// max_entries of CT4 and NAT4_REV.
@@ -71,6 +75,7 @@ pub struct EbpfDataplane {
     settings: EbpfSettings,
     writer: MapWriter<PinnedMaps>,
     writer6: MapWriter6<PinnedMaps6>,
+    pod_devices: pod_devices::PodDevices,
     ready: bool,
     pub attachments: Vec<attach::Attachment>,
     /// Set when maps were rebuilt for a new layout while an earlier agent's programs serve
@@ -131,6 +136,10 @@ impl EbpfDataplane {
         writer.set_maglev(settings.maglev_table_size);
         let capacity6 = PinnedMaps6::capacity(&ebpf)?;
         let writer6 = MapWriter6::with_capacity(PinnedMaps6::take(&mut ebpf)?, capacity6);
+        let mut pod_devices = pod_devices::PodDevices::take(&mut ebpf, settings.tc_redirect_peer)?;
+        if let Err(e) = pod_devices.refresh(&settings.devices, true) {
+            tracing::warn!("pod devices for bpf_redirect_peer: {e:#}");
+        }
         for dev in &settings.devices {
             set_accept_local(dev);
         }
@@ -140,6 +149,7 @@ impl EbpfDataplane {
             settings,
             writer,
             writer6,
+            pod_devices,
             ready: false,
             attachments,
             pending_swap,
@@ -353,6 +363,16 @@ impl Dataplane for EbpfDataplane {
             );
         }
         self.settings.devices = devices.iter().map(|(n, _)| n.clone()).collect();
+        // A device now served (or no longer) changes which links are pods' devices.
+        if let Err(e) = self.pod_devices.refresh(&self.settings.devices, true) {
+            tracing::warn!("pod devices for bpf_redirect_peer: {e:#}");
+        }
         Ok(())
+    }
+
+    fn follow_links(&mut self) {
+        if let Err(e) = self.pod_devices.refresh(&self.settings.devices, false) {
+            tracing::warn!("pod devices for bpf_redirect_peer: {e:#}");
+        }
     }
 }
