@@ -281,7 +281,8 @@ pub fn markdown(r: &Report) -> String {
                 s,
                 "| {} | failed: {} | | | | | | | |",
                 m.mode,
-                e.replace('|', "/")
+                // The first line only: the rest is the agent's log, in the JSON.
+                e.lines().next().unwrap_or_default().replace('|', "/")
             );
             continue;
         }

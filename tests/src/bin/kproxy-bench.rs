@@ -26,6 +26,10 @@ const UDP_NODEPORT: u16 = 30900;
 const IPERF_PORT: u16 = 5201;
 const IPERF_NODEPORT: u16 = 30520;
 const WEB_IP: &str = "10.96.50.1";
+/// `kproxy cleanup` after a mode at scale: iptables-nft removes 10,000 Services' chains in
+/// about a minute here; cut short, the next mode's agent would have to finish it before it
+/// is healthy.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Settings {
     quick: bool,
@@ -414,7 +418,7 @@ fn run_mode(c: &mut Cluster, s: &Settings, mode: &str) -> Result<ModeResult> {
         .map_err(|e| eprintln!("bench: connect rate at scale via {mode}: {e:#}"))
         .ok();
     let _ = c.stop_agent(1);
-    let _ = c.agent_cleanup(1);
+    let _ = c.agent_cleanup_within(1, CLEANUP_TIMEOUT);
     // The control plane of ebpf-tc is ebpf's: measured once.
     let scales: &[usize] = if mode.starts_with("ebpf-tc") {
         &[]
@@ -454,7 +458,7 @@ fn program_scale(c: &mut Cluster, s: &Settings, mode: &str, n: usize) -> Result<
         .map_err(|e| eprintln!("bench: {mode}: latency at {n} services: {e:#}"))
         .ok();
     let _ = c.stop_agent(1);
-    let _ = c.agent_cleanup(1);
+    let _ = c.agent_cleanup_within(1, CLEANUP_TIMEOUT);
     let _ = c.remove_manifest("fill.yaml");
     Ok(ScaleResult {
         services: n,

@@ -1090,6 +1090,16 @@ impl Cluster {
 
     /// Runs `kproxy cleanup --bpf-root <node's bpf root>` in node `n`.
     pub fn agent_cleanup(&self, n: u8) -> Result<std::process::Output> {
+        self.agent_cleanup_within(n, Duration::from_secs(30))
+    }
+
+    /// `kproxy cleanup` given up to `timeout` (removing a rule mode's 10,000 Services takes
+    /// longer than the default 30 s; a cleanup cut short leaves the next agent to finish it).
+    pub fn agent_cleanup_within(
+        &self,
+        n: u8,
+        timeout: Duration,
+    ) -> Result<std::process::Output> {
         let bin = kproxy_bin()?;
         let root = self.node_bpf_root(n);
         self.node(n).output_timeout(
@@ -1099,7 +1109,7 @@ impl Cluster {
                 "--bpf-root",
                 root.to_str().unwrap(),
             ],
-            Duration::from_secs(30),
+            timeout,
         )
     }
 
