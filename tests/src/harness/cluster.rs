@@ -1095,11 +1095,7 @@ impl Cluster {
 
     /// `kproxy cleanup` given up to `timeout` (removing a rule mode's 10,000 Services takes
     /// longer than the default 30 s; a cleanup cut short leaves the next agent to finish it).
-    pub fn agent_cleanup_within(
-        &self,
-        n: u8,
-        timeout: Duration,
-    ) -> Result<std::process::Output> {
+    pub fn agent_cleanup_within(&self, n: u8, timeout: Duration) -> Result<std::process::Output> {
         let bin = kproxy_bin()?;
         let root = self.node_bpf_root(n);
         self.node(n).output_timeout(
