@@ -306,7 +306,7 @@ where
                 self.relist = Some(Relist::default());
                 false
             }
-            Event::InitApply(mut obj) => {
+            Event::InitApply(obj) => {
                 // Handed on at once, not buffered until `InitDone`: 10,000 buffered objects
                 // were the agent's peak memory, and their release left the heap in holes.
                 // The agent programs nothing before the first list is done; during a later
@@ -314,16 +314,10 @@ where
                 let key = Self::key(&obj);
                 let relist = self.relist.get_or_insert_with(Relist::default);
                 relist.listed.insert(key.clone());
-                if self.changed(&key, &obj) {
-                    Self::strip(&mut obj);
-                    let old = self
-                        .known
-                        .insert(key.clone(), fingerprint(&obj))
-                        .map(|_| self.tombstone(&key));
-                    on_change(old.as_ref(), Some(&obj));
-                    if let Some(r) = self.relist.as_mut() {
-                        r.changed = true;
-                    }
+                if self.apply(key, obj, on_change)
+                    && let Some(r) = self.relist.as_mut()
+                {
+                    r.changed = true;
                 }
                 // The caller is woken once, at `InitDone`.
                 false
@@ -364,19 +358,7 @@ where
                 }
                 changed || first
             }
-            Event::Apply(mut obj) => {
-                let key = Self::key(&obj);
-                if !self.changed(&key, &obj) {
-                    return false;
-                }
-                Self::strip(&mut obj);
-                let old = self
-                    .known
-                    .insert(key.clone(), fingerprint(&obj))
-                    .map(|_| self.tombstone(&key));
-                on_change(old.as_ref(), Some(&obj));
-                true
-            }
+            Event::Apply(obj) => self.apply(Self::key(&obj), obj, on_change),
             Event::Delete(obj) => {
                 let key = Self::key(&obj);
                 match self.known.remove(&key) {
@@ -388,6 +370,26 @@ where
                 }
             }
         }
+    }
+
+    /// An added or updated object: reported (stripped) unless its resourceVersion is the one
+    /// known. Returns whether it was reported.
+    fn apply(
+        &mut self,
+        key: NamespacedName,
+        mut obj: K,
+        on_change: &mut dyn FnMut(Option<&K>, Option<&K>),
+    ) -> bool {
+        if !self.changed(&key, &obj) {
+            return false;
+        }
+        Self::strip(&mut obj);
+        let old = self
+            .known
+            .insert(key.clone(), fingerprint(&obj))
+            .map(|_| self.tombstone(&key));
+        on_change(old.as_ref(), Some(&obj));
+        true
     }
 
     fn failure(&mut self, err: &watcher::Error) {
