@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod links;
 pub mod mode;
 pub mod netdev;
+pub mod netlink;
 
 pub mod model;
 pub mod source;

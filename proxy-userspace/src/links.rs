@@ -5,6 +5,8 @@
 
 use std::io;
 
+use crate::netlink::{NLMSG_HDR_LEN, NetlinkSocket, align4, attributes, message};
+
 /// One link of the dump.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
@@ -26,7 +28,6 @@ impl Link {
     }
 }
 
-const NLMSG_HDR_LEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -39,12 +40,10 @@ const IFLA_LINK_NETNSID: u16 = 37;
 const IFLA_INFO_KIND: u16 = 1;
 /// Leaves the per-link statistics out of the dump (most of its bytes).
 const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
-/// `nla_type` without NLA_F_NESTED / NLA_F_NET_BYTEORDER.
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// Every link of this network namespace.
 pub fn links() -> io::Result<Vec<Link>> {
-    let sock = RouteSocket::open()?;
+    let sock = NetlinkSocket::open(libc::NETLINK_ROUTE)?;
     sock.send(&getlink_dump_request())?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -61,20 +60,12 @@ pub fn links() -> io::Result<Vec<Link>> {
 
 /// RTM_GETLINK, NLM_F_DUMP, without statistics.
 fn getlink_dump_request() -> Vec<u8> {
-    let attr_len = 8;
-    let len = NLMSG_HDR_LEN + IFINFOMSG_LEN + attr_len;
+    let mut body = vec![0u8; IFINFOMSG_LEN]; // AF_UNSPEC, every link
+    body.extend_from_slice(&8u16.to_ne_bytes());
+    body.extend_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
+    body.extend_from_slice(&RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    m.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    m.extend_from_slice(&[0u8; IFINFOMSG_LEN]); // AF_UNSPEC, every link
-    m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
-    m.extend_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
-    m.extend_from_slice(&RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
-    m
+    message(RTM_GETLINK, flags, 1, &body)
 }
 
 /// Parses one datagram of the dump into `out`; returns whether the dump is done.
@@ -133,86 +124,9 @@ fn parse_link(body: &[u8]) -> Option<Link> {
     Some(link)
 }
 
-/// The (type, payload) of each attribute in `buf`; stops at the first malformed one.
-fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let data = &buf[4..len];
-        buf = &buf[align4(len).min(buf.len())..];
-        Some((kind, data))
-    })
-}
-
 fn c_string(data: &[u8]) -> String {
     let end = data.iter().position(|b| *b == 0).unwrap_or(data.len());
     String::from_utf8_lossy(&data[..end]).into_owned()
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-struct RouteSocket(i32);
-
-impl Drop for RouteSocket {
-    fn drop(&mut self) {
-        // SAFETY: closing our own fd.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-impl RouteSocket {
-    fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2).
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self(fd))
-    }
-
-    fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: all-zero is a valid sockaddr_nl (the kernel: nl_pid 0).
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: sending our own buffer to our own address struct.
-        let rc = unsafe {
-            libc::sendto(
-                self.0,
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: receiving into our own buffer.
-        let rc = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(rc as usize)
-    }
 }
 
 #[cfg(test)]

@@ -7,14 +7,12 @@
 //! packets un-NATed after endpoints appear. kube-proxy deletes both kinds with
 //! `conntrack -D`; we dump the table once and delete the matching entries by tuple.
 
-use std::{
-    collections::HashSet,
-    io,
-    net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::{collections::HashSet, io, net::Ipv4Addr};
 
-use crate::desired::{DesiredState, FrontendKind, Protocol};
+use crate::{
+    desired::{DesiredState, FrontendKind, Protocol},
+    netlink::{NLMSG_HDR_LEN, NetlinkSocket, align4, attributes, message},
+};
 
 /// Which conntrack entries to delete. All matches are on UDP entries of the original
 /// direction's destination (the frontend) and, for NATed ones, the reply source (the backend).
@@ -150,7 +148,6 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_ZONE: u16 = 18;
@@ -161,7 +158,6 @@ const CTA_IP_V4_DST: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
-const NLMSG_HDR_LEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,33 +188,12 @@ struct Entry {
     zone: Option<u16>,
 }
 
-const fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// Iterates over netlink attributes: (type without flags, payload).
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let payload = &buf[4..len];
-        buf = &buf[align4(len).min(buf.len())..];
-        Some((ty, payload))
-    })
-}
-
 fn parse_tuple(buf: &[u8]) -> Tuple {
     let mut t = Tuple::default();
-    for (ty, p) in attrs(buf) {
+    for (ty, p) in attributes(buf) {
         match ty {
             CTA_TUPLE_IP => {
-                for (ty, p) in attrs(p) {
+                for (ty, p) in attributes(p) {
                     if p.len() == 4 {
                         let a = Ipv4Addr::new(p[0], p[1], p[2], p[3]);
                         match ty {
@@ -230,7 +205,7 @@ fn parse_tuple(buf: &[u8]) -> Tuple {
                 }
             }
             CTA_TUPLE_PROTO => {
-                for (ty, p) in attrs(p) {
+                for (ty, p) in attributes(p) {
                     match (ty, p.len()) {
                         (CTA_PROTO_NUM, 1) => t.proto = p[0],
                         (CTA_PROTO_SRC_PORT, 2) => t.sport = u16::from_be_bytes([p[0], p[1]]),
@@ -248,7 +223,7 @@ fn parse_tuple(buf: &[u8]) -> Tuple {
 /// Parses the attributes of one ctnetlink conntrack message (after the nfgenmsg).
 fn parse_entry(buf: &[u8]) -> Entry {
     let mut e = Entry::default();
-    for (ty, p) in attrs(buf) {
+    for (ty, p) in attributes(buf) {
         match ty {
             CTA_TUPLE_ORIG => e.orig = parse_tuple(p),
             CTA_TUPLE_REPLY => e.reply = parse_tuple(p),
@@ -299,42 +274,17 @@ fn delete_body(e: &Entry) -> Vec<u8> {
 }
 
 struct Netlink {
-    fd: OwnedFd,
+    sock: NetlinkSocket,
     seq: std::cell::Cell<u32>,
 }
 
 impl Netlink {
     fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh, valid descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // Receive timeout, so a kernel that never answers cannot hang a sync.
-        let tv = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt with a valid timeval of the right size.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            );
-        }
+        let sock = NetlinkSocket::open(NETLINK_NETFILTER)?;
+        // So a kernel that never answers cannot hang a sync.
+        sock.set_recv_timeout(std::time::Duration::from_secs(5))?;
         Ok(Self {
-            fd,
+            sock,
             seq: std::cell::Cell::new(1),
         })
     }
@@ -342,30 +292,8 @@ impl Netlink {
     fn send(&self, msg_type: u16, flags: u16, body: &[u8]) -> io::Result<u32> {
         let seq = self.seq.get();
         self.seq.set(seq.wrapping_add(1));
-        let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + body.len());
-        msg.extend_from_slice(&((NLMSG_HDR_LEN + body.len()) as u32).to_ne_bytes());
-        msg.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg_type).to_ne_bytes());
-        msg.extend_from_slice(&flags.to_ne_bytes());
-        msg.extend_from_slice(&seq.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes());
-        msg.extend_from_slice(body);
-        // SAFETY: the kernel address (all zero) and a buffer we own.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: valid buffer and address for the duration of the call.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | msg_type;
+        self.sock.send(&message(msg_type, flags, seq, body))?;
         Ok(seq)
     }
 
@@ -374,17 +302,8 @@ impl Netlink {
     fn recv_until_done(&self, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<()> {
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            // SAFETY: buf is valid for writes of its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            let mut data = &buf[..n as usize];
+            let n = self.sock.recv(&mut buf)?;
+            let mut data = &buf[..n];
             while data.len() >= NLMSG_HDR_LEN {
                 let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
                 let ty = u16::from_ne_bytes([data[4], data[5]]);

@@ -17,9 +17,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::netlink::{NLMSG_HDR_LEN, NetlinkSocket, align4, message};
+
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const NLMSG_HDR_LEN: usize = 16;
 const REQ_LEN: usize = 56; // struct inet_diag_req_v2
 const MSG_MIN_LEN: usize = 72; // struct inet_diag_msg
 
@@ -112,78 +113,15 @@ fn in_each_netns(
     Ok(total)
 }
 
-struct DiagSocket(i32);
-
-impl Drop for DiagSocket {
-    fn drop(&mut self) {
-        // SAFETY: closing our own fd.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-impl DiagSocket {
-    fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2).
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self(fd))
-    }
-
-    fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: sending our own buffer to the kernel (nl_pid 0).
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        let rc = unsafe {
-            libc::sendto(
-                self.0,
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: receiving into our own buffer.
-        let rc = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(rc as usize)
-        }
-    }
-}
-
 fn request_family(family: u8, msg_type: u16, flags: u16, sockid: &[u8; 48]) -> Vec<u8> {
-    let len = NLMSG_HDR_LEN + REQ_LEN;
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&msg_type.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    m.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    m.push(family); // sdiag_family
-    m.push(libc::IPPROTO_UDP as u8); // sdiag_protocol
-    m.push(0); // idiag_ext
-    m.push(0); // pad
-    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // idiag_states: all
-    m.extend_from_slice(sockid);
-    m
+    let mut req = Vec::with_capacity(REQ_LEN);
+    req.push(family); // sdiag_family
+    req.push(libc::IPPROTO_UDP as u8); // sdiag_protocol
+    req.push(0); // idiag_ext
+    req.push(0); // pad
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // idiag_states: all
+    req.extend_from_slice(sockid);
+    message(msg_type, flags, 1, &req)
 }
 
 /// One UDP socket from a dump: its `inet_diag_sockid` (48 bytes) and what we match on.
@@ -196,7 +134,7 @@ struct DumpedSocket {
     cookie: u64,
 }
 
-fn dump_udp_family(sock: &DiagSocket, family: u8) -> io::Result<Vec<DumpedSocket>> {
+fn dump_udp_family(sock: &NetlinkSocket, family: u8) -> io::Result<Vec<DumpedSocket>> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     sock.send(&request_family(
         family,
@@ -236,7 +174,7 @@ fn dump_udp_family(sock: &DiagSocket, family: u8) -> io::Result<Vec<DumpedSocket
                     cookie: (u64::from(hi) << 32) | u64::from(lo),
                 });
             }
-            off += (len + 3) & !3;
+            off += align4(len);
         }
     }
 }
@@ -255,7 +193,7 @@ fn destroy_matching(
     family: u8,
     matches: &(impl Fn(&DumpedSocket) -> bool + Sync),
 ) -> io::Result<usize> {
-    let sock = DiagSocket::open()?;
+    let sock = NetlinkSocket::open(libc::NETLINK_SOCK_DIAG)?;
     let victims: Vec<DumpedSocket> = dump_udp_family(&sock, family)?
         .into_iter()
         .filter(|s| matches(s))

@@ -8,20 +8,18 @@
 //! dependencies small. A kernel without the `dummy` driver gets an empty bridge instead
 //! (equally inert for this use).
 
-use std::{
-    io,
-    net::IpAddr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::{io, net::IpAddr};
 
 use anyhow::{Context as _, bail};
 
-use crate::netdev;
+use crate::{
+    netdev,
+    netlink::{NLMSG_HDR_LEN, NetlinkSocket, align4, message},
+};
 
 /// The name of the interface the userspace mode owns.
 pub const RELAY_INTERFACE: &str = netdev::RELAY_INTERFACE;
 
-const NLMSG_HDR_LEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 const IFADDRMSG_LEN: usize = 8;
 const IFLA_IFNAME: u16 = 3;
@@ -30,10 +28,6 @@ const IFLA_INFO_KIND: u16 = 1;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_F_NODAD: u8 = 0x02;
-
-const fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
 
 fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     let len = 4 + payload.len();
@@ -61,53 +55,27 @@ fn ifinfomsg(index: u32) -> Vec<u8> {
 
 /// A NETLINK_ROUTE socket doing one request at a time, each acknowledged.
 struct Rtnl {
-    fd: OwnedFd,
+    sock: NetlinkSocket,
     seq: u32,
 }
 
 impl Rtnl {
     fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the result is checked before it is owned.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd, seq: 0 })
+        Ok(Self {
+            sock: NetlinkSocket::open(libc::NETLINK_ROUTE)?,
+            seq: 0,
+        })
     }
 
     /// Sends one request with NLM_F_ACK and returns the kernel's answer (Ok on ack).
     fn request(&mut self, msg_type: u16, flags: u16, body: &[u8]) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
-        let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + body.len());
-        msg.extend_from_slice(&((NLMSG_HDR_LEN + body.len()) as u32).to_ne_bytes());
-        msg.extend_from_slice(&msg_type.to_ne_bytes());
         let flags = flags | libc::NLM_F_REQUEST as u16 | libc::NLM_F_ACK as u16;
-        msg.extend_from_slice(&flags.to_ne_bytes());
-        msg.extend_from_slice(&self.seq.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes());
-        msg.extend_from_slice(body);
-        // SAFETY: sends `msg`, which outlives the call, to the kernel (pid 0 by default).
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        self.sock.send(&message(msg_type, flags, self.seq, body))?;
         let mut buf = vec![0u8; 8192];
         loop {
-            // SAFETY: receives into `buf`, which we own, at most its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut rest = &buf[..n as usize];
+            let n = self.sock.recv(&mut buf)?;
+            let mut rest = &buf[..n];
             while rest.len() >= NLMSG_HDR_LEN {
                 let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap_or_default()) as usize;
                 let ty = u16::from_ne_bytes(rest[4..6].try_into().unwrap_or_default());
