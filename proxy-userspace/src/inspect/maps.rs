@@ -201,6 +201,7 @@ fn fill_level(root: &Path, name: &str) -> anyhow::Result<MapFill> {
         names::NAT6_REV => count_keys::<Ct6Key, Nat6RevEntry>(map),
         names::LB6_AFFINITY => count_keys::<Lb6AffinityKey, Lb6AffinityValue>(map),
         names::LB6_SRC_RANGE => count_lpm_keys::<Lb6SrcRangeKey, u8>(map),
+        names::POD_DEVICES => count_keys::<u32, u32>(map),
         // An array always holds max_entries elements.
         _ if matches!(map, Map::Array(_) | Map::PerCpuArray(_)) => {
             Ok(u64::from(info.max_entries()))
