@@ -75,6 +75,11 @@ fn counter(m: &BTreeMap<String, f64>, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} missing from the metrics"))
 }
 
+/// How much `series` grew from the scrape `before` to the scrape `after`.
+fn grew(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, series: &str) -> f64 {
+    counter(after, series) - counter(before, series)
+}
+
 fn wait_served(c: &Cluster, url: &str) {
     let client = c.client();
     let ok = sys::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
@@ -161,7 +166,7 @@ fn tc_ingress_delivers_local_backends_into_the_pod() {
         "{url}: externalTrafficPolicy Local keeps node 1's pod only"
     );
     let after = c.metrics(1);
-    let peer_tcp = counter(&after, REDIRECT_PEER) - counter(&before, REDIRECT_PEER);
+    let peer_tcp = grew(&before, &after, REDIRECT_PEER);
     // At least the SYN and the request of each of the 30 connections.
     assert!(
         peer_tcp >= 60.0,
@@ -172,7 +177,7 @@ fn tc_ingress_delivers_local_backends_into_the_pod() {
     let before = after;
     assert_eq!(udp_queries(&c, 12), both, "UDP to node 1's nodePort");
     let after = c.metrics(1);
-    let peer_udp = counter(&after, REDIRECT_PEER) - counter(&before, REDIRECT_PEER);
+    let peer_udp = grew(&before, &after, REDIRECT_PEER);
     assert!(
         peer_udp >= 12.0,
         "fib_redirect_peer grew by {peer_udp} for 12 UDP queries to local pods"
@@ -189,7 +194,7 @@ fn tc_ingress_delivers_local_backends_into_the_pod() {
         "{url}"
     );
     let after = c.metrics(1);
-    let peer6 = counter(&after, REDIRECT_PEER) - counter(&before, REDIRECT_PEER);
+    let peer6 = grew(&before, &after, REDIRECT_PEER);
     assert!(
         peer6 >= 40.0,
         "fib_redirect_peer grew by {peer6} for 20 IPv6 TCP requests to local pods"
@@ -200,8 +205,8 @@ fn tc_ingress_delivers_local_backends_into_the_pod() {
     let url = format!("http://{node1}:30002/");
     assert_eq!(answered_by(&c, &url, 10, &node1), set(&["pod-r"]), "{url}");
     let after = c.metrics(1);
-    let fwd = counter(&after, FIB_FORWARD) - counter(&before, FIB_FORWARD);
-    let peer_remote = counter(&after, REDIRECT_PEER) - counter(&before, REDIRECT_PEER);
+    let fwd = grew(&before, &after, FIB_FORWARD);
+    let peer_remote = grew(&before, &after, REDIRECT_PEER);
     assert!(
         fwd >= 20.0,
         "fib_forward grew by {fwd} for 10 remote requests"
@@ -244,8 +249,8 @@ fn tc_redirect_peer_can_be_turned_off() {
         "{url} without the peer redirect"
     );
     let after = c.metrics(1);
-    let fwd = counter(&after, FIB_FORWARD) - counter(&before, FIB_FORWARD);
-    let peer = counter(&after, REDIRECT_PEER) - counter(&before, REDIRECT_PEER);
+    let fwd = grew(&before, &after, FIB_FORWARD);
+    let peer = grew(&before, &after, REDIRECT_PEER);
     assert!(fwd >= 40.0, "fib_forward grew by {fwd} for 20 requests");
     assert_eq!(peer, 0.0, "peer redirects with --tc-redirect-peer false");
 }
